@@ -1,0 +1,114 @@
+//! The error type shared by every layer of kvvm.
+
+use crate::vmm::{BackendKind, BackendOp};
+
+/// Result alias used throughout kvvm.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in kvvm.
+///
+/// Every variant leaves the object that returned it in the state it had before the call, unless
+/// the variant's documentation says otherwise.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A backend call failed (a system call on the host backend, a driver call on CUDA).
+    #[error("{op} failed on the {backend} backend: {message}")]
+    Backend {
+        /// Which backend.
+        backend: BackendKind,
+        /// Which operation.
+        op: BackendOp,
+        /// The OS `errno` (host) or `CUresult` (CUDA), 0 when not applicable.
+        code: i64,
+        /// Human readable description, including the driver's error name on CUDA.
+        message: String,
+    },
+    /// The CUDA driver could not be loaded or used.
+    #[error(transparent)]
+    Driver(#[from] kvvm_sys::DriverError),
+    /// The physical page budget cannot supply the pages that were asked for.
+    #[error(
+        "page budget exhausted: {needed} pages needed, {available} available \
+         (budget {budget_bytes} bytes, page {page_size} bytes)"
+    )]
+    BudgetExhausted {
+        /// Pages asked for.
+        needed: usize,
+        /// Pages that could still be supplied (free plus creatable within the budget).
+        available: usize,
+        /// The pool's budget in bytes.
+        budget_bytes: u64,
+        /// The pool's page size in bytes.
+        page_size: usize,
+    },
+    /// Mapping more would exceed `vm.max_map_count` (host backend).
+    #[error(
+        "vm.max_map_count headroom exhausted: {in_use} mappings in use, {needed} more needed, \
+         limit {limit} (raise it with `sysctl vm.max_map_count`, or use larger pages)"
+    )]
+    MapCountExhausted {
+        /// Mappings (VMAs) the process holds now.
+        in_use: usize,
+        /// Mappings the operation would add at most.
+        needed: usize,
+        /// The effective limit (the sysctl minus a safety reserve for the rest of the process).
+        limit: usize,
+    },
+    /// The pinned host arena cannot hold what was asked.
+    #[error("host memory budget exhausted: {needed} bytes needed, {available} available (budget {budget_bytes} bytes)")]
+    HostBudgetExhausted {
+        /// Bytes asked for.
+        needed: u64,
+        /// Bytes that could be supplied after evicting everything evictable.
+        available: u64,
+        /// The arena's budget in bytes.
+        budget_bytes: u64,
+    },
+    /// Growing a slot failed; nothing was changed.
+    #[error("slot {slot}: {missing_pages} pages missing: {source}")]
+    Grow {
+        /// The slot that could not grow.
+        slot: u32,
+        /// How many pages it lacked.
+        missing_pages: usize,
+        /// Why they could not be mapped.
+        source: Box<Error>,
+    },
+    /// A configuration that cannot work.
+    #[error("invalid configuration: {0}")]
+    InvalidConfig(String),
+    /// An argument out of range or an object in the wrong state for the call.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    /// The operation is not supported by this backend or build.
+    #[error("unsupported: {0}")]
+    Unsupported(String),
+    /// A failure injected by [`crate::vmm::faulty::FaultyBackend`].
+    #[error("injected fault in {op}")]
+    Injected {
+        /// The operation that was made to fail.
+        op: BackendOp,
+    },
+    /// An error from reading or parsing input (traces, configuration files).
+    #[error("{0}")]
+    Input(String),
+}
+
+impl Error {
+    /// True for the errors that mean "out of a resource" (budget, map count, host arena, device
+    /// memory): the caller may free something and retry.
+    pub fn is_exhaustion(&self) -> bool {
+        match self {
+            Error::BudgetExhausted { .. }
+            | Error::MapCountExhausted { .. }
+            | Error::HostBudgetExhausted { .. } => true,
+            Error::Backend { code, backend, .. } => match backend {
+                BackendKind::Host => *code == libc::ENOMEM as i64,
+                BackendKind::Cuda => *code == kvvm_sys::CUDA_ERROR_OUT_OF_MEMORY as i64,
+            },
+            Error::Grow { source, .. } => source.is_exhaustion(),
+            _ => false,
+        }
+    }
+}

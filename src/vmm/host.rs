@@ -1,0 +1,689 @@
+//! The host backend: Linux memfd "physical pages" mapped with `mmap(MAP_FIXED)` into anonymous
+//! `PROT_NONE` reservations.
+//!
+//! - A page is an extent of one memfd arena. Creating it allocates its memory with `fallocate`
+//!   (like `cuMemCreate`, it is committed, not lazily faulted); releasing it punches a hole, which
+//!   gives the memory back to the system.
+//! - Mapping a run of pages whose arena offsets are consecutive takes one `mmap` call.
+//! - Unmapping maps fresh `PROT_NONE` anonymous memory over the range, which the kernel merges back
+//!   into the reservation.
+//! - Every non-adjacent mapping is one kernel VMA and the process may hold at most
+//!   `vm.max_map_count` of them; [`HostBackend`] checks the headroom before each map and refuses
+//!   with [`Error::MapCountExhausted`] instead of letting `mmap` fail deep inside an operation.
+//! - Copies run on worker threads.
+
+use std::collections::{BTreeMap, HashMap};
+use std::num::NonZeroUsize;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::thread::JoinHandle;
+
+use nix::errno::Errno;
+use nix::fcntl::{fallocate, FallocateFlags};
+use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
+use nix::sys::mman::{mmap, mmap_anonymous, munmap, MapFlags, ProtFlags};
+
+use super::{
+    check_multiple, Backend, BackendInfo, BackendKind, BackendOp, Completion, CopyKind,
+    CopyRegion, HostBuffer, PageHandle, VaRange,
+};
+use crate::error::{Error, Result};
+
+/// Default mapping unit of the host backend: 2 MiB, like CUDA's minimum granularity.
+pub const DEFAULT_GRANULARITY: usize = 2 << 20;
+
+/// Default number of mappings left to the rest of the process below `vm.max_map_count`.
+pub const DEFAULT_MAP_COUNT_RESERVE: usize = 1024;
+
+/// Regions larger than this are split between copy workers.
+const COPY_SPLIT: usize = 4 << 20;
+
+/// Arena growth step (the memfd is sparse: growth costs nothing until pages are allocated).
+const ARENA_GROWTH: u64 = 64 << 30;
+
+/// Options of the host backend.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct HostConfig {
+    /// Mapping unit in bytes; a positive multiple of the OS page size. Default 2 MiB.
+    pub granularity: usize,
+    /// Worker threads for [`Backend::copy_async`]. Default 4; at least 1 is used.
+    pub copy_threads: usize,
+    /// Overrides `vm.max_map_count` (read from `/proc/sys/vm/max_map_count` otherwise).
+    pub max_map_count: Option<usize>,
+    /// Mappings left for the rest of the process: maps are refused once the process would hold
+    /// more than `max_map_count - map_count_reserve`. Default 1024.
+    pub map_count_reserve: usize,
+    /// Allocate a page's memory when it is created (default), like `cuMemCreate`. When false the
+    /// memory is allocated on first touch.
+    pub populate: bool,
+}
+
+impl Default for HostConfig {
+    fn default() -> Self {
+        HostConfig {
+            granularity: DEFAULT_GRANULARITY,
+            copy_threads: 4,
+            max_map_count: None,
+            map_count_reserve: DEFAULT_MAP_COUNT_RESERVE,
+            populate: true,
+        }
+    }
+}
+
+/// The OS page size.
+pub fn os_page_size() -> usize {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let v = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if v > 0 {
+        v as usize
+    } else {
+        4096
+    }
+}
+
+/// `vm.max_map_count` as the kernel reports it, or the kernel's default (65530) if unreadable.
+pub fn system_max_map_count() -> usize {
+    std::fs::read_to_string("/proc/sys/vm/max_map_count")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(65530)
+}
+
+/// Number of mappings (VMAs) this process holds now, from `/proc/self/maps`.
+///
+/// # Errors
+/// [`Error::Backend`] if the file cannot be read.
+pub fn process_map_count() -> Result<usize> {
+    let data = std::fs::read("/proc/self/maps").map_err(|e| Error::Backend {
+        backend: BackendKind::Host,
+        op: BackendOp::Map,
+        code: e.raw_os_error().unwrap_or(0) as i64,
+        message: format!("reading /proc/self/maps: {e}"),
+    })?;
+    Ok(data.iter().filter(|&&b| b == b'\n').count())
+}
+
+fn sys_err(op: BackendOp, what: &str, e: Errno) -> Error {
+    Error::Backend {
+        backend: BackendKind::Host,
+        op,
+        code: e as i64,
+        message: format!("{what}: {} ({})", e.desc(), e),
+    }
+}
+
+#[derive(Debug)]
+struct Arena {
+    /// Current size of the memfd.
+    len: u64,
+    /// Next never-used offset.
+    next: u64,
+    /// Released extents available for reuse, by size.
+    free: HashMap<usize, Vec<u64>>,
+    /// Live pages: offset → size.
+    live: HashMap<u64, usize>,
+}
+
+/// The host backend. See the [module documentation](self).
+#[derive(Debug)]
+pub struct HostBackend {
+    config: HostConfig,
+    memfd: OwnedFd,
+    arena: Mutex<Arena>,
+    /// Live reservations: address → length.
+    reservations: RwLock<BTreeMap<u64, usize>>,
+    /// Pessimistic estimate of the process's mapping count (recounted when near the limit).
+    vma_estimate: AtomicUsize,
+    /// Maps are refused beyond this many process mappings.
+    map_limit: usize,
+    max_map_count: usize,
+    host_buffers: Mutex<HashMap<u64, memmap2::MmapMut>>,
+    copier: CopyPool,
+}
+
+impl HostBackend {
+    /// Creates a host backend.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] if the granularity is not a positive multiple of the OS page size;
+    /// a backend error if the memfd cannot be created.
+    pub fn new(config: HostConfig) -> Result<Self> {
+        let os_page = os_page_size();
+        if config.granularity == 0 || config.granularity % os_page != 0 {
+            return Err(Error::InvalidConfig(format!(
+                "host granularity {} is not a positive multiple of the OS page size {os_page}",
+                config.granularity
+            )));
+        }
+        let memfd = memfd_create(c"kvvm-arena", MemFdCreateFlag::MFD_CLOEXEC)
+            .map_err(|e| sys_err(BackendOp::CreatePage, "memfd_create", e))?;
+        let copier = CopyPool::new(config.copy_threads.max(1))?;
+        let max_map_count = config.max_map_count.unwrap_or_else(system_max_map_count);
+        let map_limit = max_map_count.saturating_sub(config.map_count_reserve);
+        let backend = HostBackend {
+            vma_estimate: AtomicUsize::new(process_map_count()?),
+            config,
+            memfd,
+            arena: Mutex::new(Arena {
+                len: 0,
+                next: 0,
+                free: HashMap::new(),
+                live: HashMap::new(),
+            }),
+            reservations: RwLock::new(BTreeMap::new()),
+            map_limit,
+            max_map_count,
+            host_buffers: Mutex::new(HashMap::new()),
+            copier,
+        };
+        Ok(backend)
+    }
+
+    /// The configuration this backend was created with.
+    pub fn config(&self) -> &HostConfig {
+        &self.config
+    }
+
+    /// Pages created and not yet released.
+    pub fn live_pages(&self) -> usize {
+        self.arena.lock().unwrap_or_else(|p| p.into_inner()).live.len()
+    }
+
+    /// Bytes of memory the arena holds now (the memfd's allocated blocks).
+    ///
+    /// # Errors
+    /// A backend error if `fstat` fails.
+    pub fn arena_resident_bytes(&self) -> Result<u64> {
+        let st = nix::sys::stat::fstat(self.memfd.as_raw_fd())
+            .map_err(|e| sys_err(BackendOp::CreatePage, "fstat", e))?;
+        Ok(st.st_blocks as u64 * 512)
+    }
+
+    /// Checks that `[va, va+len)` is granularity-aligned and inside one reservation.
+    fn check_range(&self, va: u64, len: usize) -> Result<()> {
+        let g = self.config.granularity as u64;
+        if va % g != 0 || len == 0 || len as u64 % g != 0 {
+            return Err(Error::InvalidArgument(format!(
+                "range {va:#x}+{len:#x} is not aligned to the granularity {g:#x}"
+            )));
+        }
+        let res = self.reservations.read().unwrap_or_else(|p| p.into_inner());
+        match res.range(..=va).next_back() {
+            Some((&base, &rlen)) if (VaRange { addr: base, len: rlen }).contains(va, len) => Ok(()),
+            _ => Err(Error::InvalidArgument(format!(
+                "range {va:#x}+{len:#x} is not inside a reservation of this backend"
+            ))),
+        }
+    }
+
+    /// Refuses with [`Error::MapCountExhausted`] if `needed` more mappings would pass the limit.
+    fn check_headroom(&self, needed: usize) -> Result<()> {
+        if self.vma_estimate.load(Ordering::Relaxed) + needed <= self.map_limit {
+            return Ok(());
+        }
+        let actual = process_map_count()?;
+        self.vma_estimate.store(actual, Ordering::Relaxed);
+        if actual + needed <= self.map_limit {
+            Ok(())
+        } else {
+            Err(Error::MapCountExhausted {
+                in_use: actual,
+                needed,
+                limit: self.map_limit,
+            })
+        }
+    }
+
+    /// Maps `[va, va+len)` back to reserved, inaccessible memory.
+    fn unmap_raw(&self, va: u64, len: usize) -> Result<()> {
+        let addr = NonZeroUsize::new(va as usize)
+            .ok_or_else(|| Error::InvalidArgument("null address".into()))?;
+        let length = NonZeroUsize::new(len)
+            .ok_or_else(|| Error::InvalidArgument("zero-length unmap".into()))?;
+        // SAFETY: the range lies inside a reservation this backend owns (checked by the callers),
+        // so replacing it with inaccessible anonymous memory cannot clobber memory owned by anyone
+        // else; callers guarantee no Rust reference into the range outlives the mapping.
+        unsafe {
+            mmap_anonymous(
+                Some(addr),
+                length,
+                ProtFlags::PROT_NONE,
+                MapFlags::MAP_PRIVATE | MapFlags::MAP_FIXED | MapFlags::MAP_NORESERVE,
+            )
+        }
+        .map_err(|e| sys_err(BackendOp::Unmap, "mmap(PROT_NONE, MAP_FIXED)", e))?;
+        Ok(())
+    }
+}
+
+impl Drop for HostBackend {
+    fn drop(&mut self) {
+        let res = std::mem::take(self.reservations.get_mut().unwrap_or_else(|p| p.into_inner()));
+        for (addr, len) in res {
+            if let Some(ptr) = NonNull::new(addr as usize as *mut libc::c_void) {
+                // SAFETY: the reservation was created by `reserve` and is owned by this backend;
+                // no one can use it after the backend is dropped.
+                let _ = unsafe { munmap(ptr, len) };
+            }
+        }
+    }
+}
+
+impl Backend for HostBackend {
+    fn info(&self) -> BackendInfo {
+        let cpu = std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("model name"))
+                    .and_then(|l| l.split(':').nth(1))
+                    .map(|v| v.trim().to_string())
+            })
+            .unwrap_or_else(|| std::env::consts::ARCH.to_string());
+        // SAFETY: sysconf has no memory-safety preconditions.
+        let pages = unsafe { libc::sysconf(libc::_SC_PHYS_PAGES) }.max(0) as u64;
+        BackendInfo {
+            kind: BackendKind::Host,
+            device_name: format!("host ({cpu})"),
+            device_ordinal: 0,
+            granularity: self.config.granularity,
+            total_memory: pages * os_page_size() as u64,
+            max_map_count: Some(self.max_map_count),
+            map_headroom: self.map_headroom(),
+        }
+    }
+
+    fn kind(&self) -> BackendKind {
+        BackendKind::Host
+    }
+
+    fn granularity(&self) -> usize {
+        self.config.granularity
+    }
+
+    fn reserve(&self, len: usize) -> Result<VaRange> {
+        check_multiple("reservation", len, self.config.granularity)?;
+        self.check_headroom(1)?;
+        // Over-reserve by one granule and trim, so that the range is aligned to the granularity.
+        let g = self.config.granularity;
+        let padded = len
+            .checked_add(g)
+            .and_then(NonZeroUsize::new)
+            .ok_or_else(|| Error::InvalidArgument(format!("reservation of {len} bytes overflows")))?;
+        // SAFETY: a fresh anonymous mapping at an address the kernel chooses touches no existing
+        // memory.
+        let ptr = unsafe {
+            mmap_anonymous(
+                None,
+                padded,
+                ProtFlags::PROT_NONE,
+                MapFlags::MAP_PRIVATE | MapFlags::MAP_NORESERVE,
+            )
+        }
+        .map_err(|e| sys_err(BackendOp::Reserve, "mmap(PROT_NONE)", e))?;
+        let raw = ptr.as_ptr() as usize;
+        let aligned = raw.next_multiple_of(g);
+        let head = aligned - raw;
+        let tail = g - head;
+        for (at, n) in [(raw, head), (aligned + len, tail)] {
+            if let Some(p) = NonNull::new(at as *mut libc::c_void) {
+                if n > 0 {
+                    // SAFETY: `[at, at+n)` is slack of the mapping made just above, outside the
+                    // range handed out; nothing uses it.
+                    let _ = unsafe { munmap(p, n) };
+                }
+            }
+        }
+        let addr = aligned as u64;
+        self.vma_estimate.fetch_add(1, Ordering::Relaxed);
+        self.reservations
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(addr, len);
+        Ok(VaRange { addr, len })
+    }
+
+    fn free_reservation(&self, range: VaRange) -> Result<()> {
+        let mut res = self.reservations.write().unwrap_or_else(|p| p.into_inner());
+        if res.get(&range.addr) != Some(&range.len) {
+            return Err(Error::InvalidArgument(format!(
+                "{:#x}+{:#x} is not a reservation of this backend",
+                range.addr, range.len
+            )));
+        }
+        let ptr = NonNull::new(range.addr as usize as *mut libc::c_void)
+            .ok_or_else(|| Error::InvalidArgument("null reservation".into()))?;
+        // SAFETY: the range is exactly a reservation made by `reserve` (checked above) and the
+        // caller gives it up; nothing else lives there.
+        unsafe { munmap(ptr, range.len) }
+            .map_err(|e| sys_err(BackendOp::FreeReservation, "munmap", e))?;
+        res.remove(&range.addr);
+        Ok(())
+    }
+
+    fn create_page(&self, size: usize) -> Result<PageHandle> {
+        check_multiple("page", size, self.config.granularity)?;
+        let mut arena = self.arena.lock().unwrap_or_else(|p| p.into_inner());
+        let reused = arena.free.get_mut(&size).and_then(|v| v.pop());
+        let offset = match reused {
+            Some(off) => off,
+            None => {
+                let off = arena.next;
+                let end = off + size as u64;
+                if end > arena.len {
+                    let new_len = end.max(arena.len + ARENA_GROWTH);
+                    nix::unistd::ftruncate(&self.memfd, new_len as i64)
+                        .map_err(|e| sys_err(BackendOp::CreatePage, "ftruncate(memfd)", e))?;
+                    arena.len = new_len;
+                }
+                arena.next = end;
+                off
+            }
+        };
+        if self.config.populate {
+            if let Err(e) = fallocate(
+                self.memfd.as_raw_fd(),
+                FallocateFlags::empty(),
+                offset as i64,
+                size as i64,
+            ) {
+                // Give the extent back: it holds nothing worth keeping.
+                let _ = fallocate(
+                    self.memfd.as_raw_fd(),
+                    FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
+                    offset as i64,
+                    size as i64,
+                );
+                arena.free.entry(size).or_default().push(offset);
+                return Err(sys_err(BackendOp::CreatePage, "fallocate(memfd)", e));
+            }
+        }
+        arena.live.insert(offset, size);
+        Ok(PageHandle::from_raw(offset, size))
+    }
+
+    fn release_page(&self, page: PageHandle) -> std::result::Result<(), (PageHandle, Error)> {
+        let mut arena = self.arena.lock().unwrap_or_else(|p| p.into_inner());
+        if arena.live.get(&page.raw()) != Some(&page.size()) {
+            let e = Error::InvalidArgument(format!(
+                "page at arena offset {:#x} ({} bytes) is not a live page of this backend",
+                page.raw(),
+                page.size()
+            ));
+            return Err((page, e));
+        }
+        if let Err(e) = fallocate(
+            self.memfd.as_raw_fd(),
+            FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
+            page.raw() as i64,
+            page.size() as i64,
+        ) {
+            return Err((
+                page,
+                sys_err(BackendOp::ReleasePage, "fallocate(PUNCH_HOLE)", e),
+            ));
+        }
+        arena.live.remove(&page.raw());
+        arena.free.entry(page.size()).or_default().push(page.raw());
+        Ok(())
+    }
+
+    fn map(&self, va: u64, pages: &[&PageHandle]) -> Result<()> {
+        if pages.is_empty() {
+            return Ok(());
+        }
+        let total: usize = pages.iter().map(|p| p.size()).sum();
+        self.check_range(va, total)?;
+        // Group consecutive arena offsets into runs, validating every page.
+        let mut runs: Vec<(u64, usize)> = Vec::new(); // (arena offset, len)
+        {
+            let arena = self.arena.lock().unwrap_or_else(|p| p.into_inner());
+            for p in pages {
+                if arena.live.get(&p.raw()) != Some(&p.size()) {
+                    return Err(Error::InvalidArgument(format!(
+                        "page at arena offset {:#x} is not a live page of this backend",
+                        p.raw()
+                    )));
+                }
+                match runs.last_mut() {
+                    Some((off, len)) if *off + *len as u64 == p.raw() => *len += p.size(),
+                    _ => runs.push((p.raw(), p.size())),
+                }
+            }
+        }
+        // Each run may split the surrounding reservation mapping in three.
+        self.check_headroom(2 * runs.len())?;
+        let mut addr = va;
+        for (i, &(off, len)) in runs.iter().enumerate() {
+            let at = NonZeroUsize::new(addr as usize);
+            let length = NonZeroUsize::new(len);
+            let result = match (at, length) {
+                (Some(at), Some(length)) => {
+                    // SAFETY: `[addr, addr+len)` lies inside a reservation of this backend
+                    // (check_range), which holds no Rust-visible memory; MAP_FIXED replaces only
+                    // that reserved range with the memfd extent `[off, off+len)`, which is live.
+                    unsafe {
+                        mmap(
+                            Some(at),
+                            length,
+                            ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                            MapFlags::MAP_SHARED | MapFlags::MAP_FIXED,
+                            &self.memfd,
+                            off as i64,
+                        )
+                    }
+                    .map(|_| ())
+                }
+                _ => Err(Errno::EINVAL),
+            };
+            if let Err(e) = result {
+                // Undo the runs already mapped so that the range is left as it was.
+                if addr > va {
+                    let _ = self.unmap_raw(va, (addr - va) as usize);
+                }
+                let err = if e == Errno::ENOMEM {
+                    Error::MapCountExhausted {
+                        in_use: process_map_count().unwrap_or(0),
+                        needed: 2 * (runs.len() - i),
+                        limit: self.map_limit,
+                    }
+                } else {
+                    sys_err(BackendOp::Map, "mmap(MAP_FIXED|MAP_SHARED, memfd)", e)
+                };
+                return Err(err);
+            }
+            addr += len as u64;
+        }
+        self.vma_estimate
+            .fetch_add(2 * runs.len(), Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn unmap(&self, va: u64, len: usize) -> Result<()> {
+        self.check_range(va, len)?;
+        self.unmap_raw(va, len)
+    }
+
+    fn alloc_host(&self, len: usize) -> Result<HostBuffer> {
+        if len == 0 {
+            return Err(Error::InvalidArgument("zero-length host buffer".into()));
+        }
+        let map = memmap2::MmapOptions::new()
+            .len(len)
+            .map_anon()
+            .map_err(|e| Error::Backend {
+                backend: BackendKind::Host,
+                op: BackendOp::AllocHost,
+                code: e.raw_os_error().unwrap_or(0) as i64,
+                message: format!("anonymous mmap of {len} bytes: {e}"),
+            })?;
+        let addr = map.as_ptr() as usize as u64;
+        self.host_buffers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(addr, map);
+        Ok(HostBuffer::from_raw(addr, len))
+    }
+
+    fn free_host(&self, buf: HostBuffer) -> std::result::Result<(), (HostBuffer, Error)> {
+        let mut bufs = self.host_buffers.lock().unwrap_or_else(|p| p.into_inner());
+        match bufs.get(&buf.addr()) {
+            Some(m) if m.len() == buf.len() => {
+                bufs.remove(&buf.addr());
+                Ok(())
+            }
+            _ => {
+                let e = Error::InvalidArgument(format!(
+                    "{:#x}+{} is not a host buffer of this backend",
+                    buf.addr(),
+                    buf.len()
+                ));
+                Err((buf, e))
+            }
+        }
+    }
+
+    unsafe fn copy_async(
+        &self,
+        _kind: CopyKind,
+        regions: &[CopyRegion],
+    ) -> Result<Box<dyn Completion>> {
+        // Split large regions so that several workers share them.
+        let mut jobs = Vec::new();
+        for r in regions {
+            let mut done = 0;
+            while done < r.len {
+                let n = (r.len - done).min(COPY_SPLIT);
+                jobs.push(CopyRegion {
+                    dst: r.dst + done as u64,
+                    src: r.src + done as u64,
+                    len: n,
+                });
+                done += n;
+            }
+        }
+        Ok(Box::new(self.copier.submit(jobs)))
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
+
+    fn map_headroom(&self) -> Option<usize> {
+        let actual = process_map_count().ok()?;
+        self.vma_estimate.store(actual, Ordering::Relaxed);
+        Some(self.map_limit.saturating_sub(actual))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Copy workers
+
+#[derive(Debug, Default)]
+struct CopyState {
+    remaining: Mutex<usize>,
+    cv: Condvar,
+}
+
+/// Completion of a host copy.
+#[derive(Debug)]
+pub struct HostCompletion {
+    state: Arc<CopyState>,
+}
+
+impl Completion for HostCompletion {
+    fn poll(&self) -> Result<bool> {
+        Ok(*self.state.remaining.lock().unwrap_or_else(|p| p.into_inner()) == 0)
+    }
+
+    fn wait(&self) -> Result<()> {
+        let mut rem = self.state.remaining.lock().unwrap_or_else(|p| p.into_inner());
+        while *rem > 0 {
+            rem = self.state.cv.wait(rem).unwrap_or_else(|p| p.into_inner());
+        }
+        Ok(())
+    }
+}
+
+struct CopyJob {
+    region: CopyRegion,
+    state: Arc<CopyState>,
+}
+
+#[derive(Debug)]
+struct CopyPool {
+    tx: Option<crossbeam_channel::Sender<CopyJob>>,
+    workers: Vec<JoinHandle<()>>,
+}
+
+impl CopyPool {
+    fn new(threads: usize) -> Result<Self> {
+        let (tx, rx) = crossbeam_channel::unbounded::<CopyJob>();
+        let mut workers = Vec::with_capacity(threads);
+        for i in 0..threads {
+            let rx = rx.clone();
+            let h = std::thread::Builder::new()
+                .name(format!("kvvm-copy-{i}"))
+                .spawn(move || {
+                    for job in rx {
+                        let r = job.region;
+                        // SAFETY: `copy_async`'s contract makes the submitter guarantee that both
+                        // ranges are valid, non-overlapping and untouched by anyone else until the
+                        // completion reports done, which happens only after this copy.
+                        unsafe {
+                            std::ptr::copy_nonoverlapping(
+                                r.src as usize as *const u8,
+                                r.dst as usize as *mut u8,
+                                r.len,
+                            )
+                        };
+                        let mut rem = job.state.remaining.lock().unwrap_or_else(|p| p.into_inner());
+                        *rem -= 1;
+                        if *rem == 0 {
+                            job.state.cv.notify_all();
+                        }
+                    }
+                })
+                .map_err(|e| Error::Backend {
+                    backend: BackendKind::Host,
+                    op: BackendOp::Copy,
+                    code: e.raw_os_error().unwrap_or(0) as i64,
+                    message: format!("spawning a copy worker: {e}"),
+                })?;
+            workers.push(h);
+        }
+        Ok(CopyPool {
+            tx: Some(tx),
+            workers,
+        })
+    }
+
+    fn submit(&self, jobs: Vec<CopyRegion>) -> HostCompletion {
+        let state = Arc::new(CopyState {
+            remaining: Mutex::new(jobs.len()),
+            cv: Condvar::new(),
+        });
+        if let Some(tx) = &self.tx {
+            for region in jobs {
+                // The receivers live as long as `self`, so sending cannot fail while we exist.
+                let _ = tx.send(CopyJob {
+                    region,
+                    state: state.clone(),
+                });
+            }
+        }
+        HostCompletion { state }
+    }
+}
+
+impl Drop for CopyPool {
+    fn drop(&mut self) {
+        // Closing the channel lets the workers finish queued copies and exit.
+        self.tx.take();
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+    }
+}

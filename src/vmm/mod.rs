@@ -1,0 +1,459 @@
+//! Virtual-memory backends: the one interface the rest of kvvm uses to reserve address space,
+//! create physical pages, map and unmap them, allocate pinned host buffers and copy bytes.
+//!
+//! The contract mirrors the CUDA driver's virtual-memory management API, so that the host backend
+//! exercises exactly the logic that runs on a GPU:
+//!
+//! | call | CUDA ([`cuda`]) | host ([`host`]) |
+//! | --- | --- | --- |
+//! | [`Backend::granularity`] | `cuMemGetAllocationGranularity(MINIMUM)` | configured, multiple of the OS page |
+//! | [`Backend::reserve`] | `cuMemAddressReserve` | `mmap(PROT_NONE, MAP_NORESERVE)` |
+//! | [`Backend::create_page`] | `cuMemCreate` | an extent of one memfd arena |
+//! | [`Backend::map`] | `cuMemMap` per page + one `cuMemSetAccess` per run | one `mmap(MAP_FIXED)` per run of consecutive arena offsets |
+//! | [`Backend::unmap`] | `cuMemUnmap` | `mmap(PROT_NONE, MAP_FIXED)` over the range |
+//! | [`Backend::release_page`] | `cuMemRelease` | `fallocate(PUNCH_HOLE)` |
+//! | [`Backend::alloc_host`] | `cuMemHostAlloc` | anonymous memory |
+//! | [`Backend::copy_async`] | `cuMemcpy*Async` on a stream + event | worker threads |
+//!
+//! Contract common to all backends:
+//! - Every method returns a typed [`Error`] on failure and then has changed nothing (a failed
+//!   [`Backend::map`] leaves the whole range unmapped; a failed [`Backend::unmap`] leaves it as it
+//!   was as far as the platform allows and reports it).
+//! - A page may be mapped at several addresses at once (aliasing); bytes written through one
+//!   mapping are visible through every other.
+//! - Unmapping never destroys a page's contents; releasing does.
+//! - All methods may be called from several threads at once.
+//!
+//! [`faulty::FaultyBackend`] wraps any backend and makes chosen calls fail, for tests.
+
+pub mod cuda;
+pub mod faulty;
+pub mod host;
+
+use std::fmt;
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+
+/// Which implementation a backend is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    /// Linux memfd pages mapped into anonymous reservations.
+    Host,
+    /// CUDA driver virtual-memory management.
+    Cuda,
+}
+
+impl fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            BackendKind::Host => "host",
+            BackendKind::Cuda => "cuda",
+        })
+    }
+}
+
+/// The kinds of backend call, for statistics and fault injection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[repr(u8)]
+pub enum BackendOp {
+    /// [`Backend::reserve`]
+    Reserve = 0,
+    /// [`Backend::free_reservation`]
+    FreeReservation = 1,
+    /// [`Backend::create_page`]
+    CreatePage = 2,
+    /// [`Backend::release_page`]
+    ReleasePage = 3,
+    /// [`Backend::map`]
+    Map = 4,
+    /// [`Backend::unmap`]
+    Unmap = 5,
+    /// [`Backend::alloc_host`]
+    AllocHost = 6,
+    /// [`Backend::free_host`]
+    FreeHost = 7,
+    /// [`Backend::copy_async`] (submission and completion)
+    Copy = 8,
+    /// [`Backend::synchronize`]
+    Synchronize = 9,
+}
+
+impl BackendOp {
+    /// Number of kinds.
+    pub const COUNT: usize = 10;
+    /// All kinds, in numeric order.
+    pub const ALL: [BackendOp; Self::COUNT] = [
+        BackendOp::Reserve,
+        BackendOp::FreeReservation,
+        BackendOp::CreatePage,
+        BackendOp::ReleasePage,
+        BackendOp::Map,
+        BackendOp::Unmap,
+        BackendOp::AllocHost,
+        BackendOp::FreeHost,
+        BackendOp::Copy,
+        BackendOp::Synchronize,
+    ];
+    /// The snake_case name used in statistics and JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            BackendOp::Reserve => "reserve",
+            BackendOp::FreeReservation => "free_reservation",
+            BackendOp::CreatePage => "create_page",
+            BackendOp::ReleasePage => "release_page",
+            BackendOp::Map => "map",
+            BackendOp::Unmap => "unmap",
+            BackendOp::AllocHost => "alloc_host",
+            BackendOp::FreeHost => "free_host",
+            BackendOp::Copy => "copy",
+            BackendOp::Synchronize => "synchronize",
+        }
+    }
+}
+
+impl fmt::Display for BackendOp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A range of virtual addresses returned by [`Backend::reserve`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct VaRange {
+    /// First address (device address on CUDA, process address on host).
+    pub addr: u64,
+    /// Length in bytes, a multiple of the granularity.
+    pub len: usize,
+}
+
+impl VaRange {
+    /// One past the last address.
+    pub fn end(&self) -> u64 {
+        self.addr + self.len as u64
+    }
+    /// Whether `[addr, addr+len)` lies inside this range.
+    pub fn contains(&self, addr: u64, len: usize) -> bool {
+        addr >= self.addr
+            && (len as u64) <= self.len as u64
+            && addr - self.addr <= (self.len - len) as u64
+    }
+}
+
+/// A physical page created by [`Backend::create_page`].
+///
+/// The handle is an identifier, not a capability: using a handle with a backend that did not
+/// create it, or after releasing it, gives an error or maps meaningless bytes, never undefined
+/// behaviour. It is deliberately neither `Copy` nor `Clone`, so that ownership of a page is
+/// tracked by the type system inside kvvm.
+#[derive(Debug, PartialEq, Eq, Hash)]
+pub struct PageHandle {
+    raw: u64,
+    size: usize,
+}
+
+impl PageHandle {
+    /// Wraps a backend-specific identifier (host: arena offset; CUDA:
+    /// `CUmemGenericAllocationHandle`).
+    pub fn from_raw(raw: u64, size: usize) -> Self {
+        PageHandle { raw, size }
+    }
+    /// The backend-specific identifier.
+    pub fn raw(&self) -> u64 {
+        self.raw
+    }
+    /// Size in bytes.
+    pub fn size(&self) -> usize {
+        self.size
+    }
+}
+
+/// A host buffer from [`Backend::alloc_host`]: page-locked on CUDA, ordinary memory on host.
+#[derive(Debug, PartialEq, Eq, Hash)]
+pub struct HostBuffer {
+    ptr: u64,
+    len: usize,
+}
+
+impl HostBuffer {
+    /// Wraps a pointer returned by a backend's allocator.
+    pub fn from_raw(ptr: u64, len: usize) -> Self {
+        HostBuffer { ptr, len }
+    }
+    /// Address of the first byte, valid in this process.
+    pub fn addr(&self) -> u64 {
+        self.ptr
+    }
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    /// True when the buffer is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// Direction of a copy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum CopyKind {
+    /// From mapped device memory to a host buffer.
+    DeviceToHost,
+    /// From a host buffer to mapped device memory.
+    HostToDevice,
+    /// Between two device ranges.
+    DeviceToDevice,
+}
+
+/// One contiguous copy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CopyRegion {
+    /// Destination address.
+    pub dst: u64,
+    /// Source address.
+    pub src: u64,
+    /// Bytes to copy.
+    pub len: usize,
+}
+
+/// Completion of an asynchronous copy submitted with [`Backend::copy_async`].
+pub trait Completion: Send + Sync + fmt::Debug {
+    /// `Ok(true)` once every region has been copied, `Ok(false)` while in flight, the error if any
+    /// region failed. Never blocks.
+    fn poll(&self) -> Result<bool>;
+    /// Blocks until the copy is complete; returns its error if it failed.
+    fn wait(&self) -> Result<()>;
+    /// On CUDA, the raw `CUevent` recorded after the copy, which a caller's stream may wait on
+    /// with `cuStreamWaitEvent`. `None` on backends without events.
+    fn event(&self) -> Option<u64> {
+        None
+    }
+}
+
+/// Facts about a backend, for `kvvm info` and statistics.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct BackendInfo {
+    /// Which backend.
+    pub kind: BackendKind,
+    /// Device name (CPU model on host).
+    pub device_name: String,
+    /// Device ordinal (0 on host).
+    pub device_ordinal: i32,
+    /// Mapping unit in bytes.
+    pub granularity: usize,
+    /// Total device memory in bytes (physical RAM on host).
+    pub total_memory: u64,
+    /// `vm.max_map_count` on host, `None` where the limit does not apply.
+    pub max_map_count: Option<usize>,
+    /// Mappings the process may still add before the backend refuses, `None` where it does not apply.
+    pub map_headroom: Option<usize>,
+}
+
+/// A virtual-memory backend. See the [module documentation](self) for the contract.
+pub trait Backend: Send + Sync + fmt::Debug {
+    /// Describes the backend and its device.
+    fn info(&self) -> BackendInfo;
+
+    /// Which backend this is.
+    fn kind(&self) -> BackendKind;
+
+    /// The mapping unit in bytes: every reservation, page and mapping is a multiple of it.
+    fn granularity(&self) -> usize;
+
+    /// Reserves `len` bytes of virtual address space with no memory behind it.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] when `len` is zero or not a multiple of the granularity; a
+    /// backend error when the address space is exhausted.
+    fn reserve(&self, len: usize) -> Result<VaRange>;
+
+    /// Gives a reservation back. Everything mapped in it must have been unmapped.
+    ///
+    /// # Errors
+    /// A backend error; the reservation is then still held.
+    fn free_reservation(&self, range: VaRange) -> Result<()>;
+
+    /// Creates a physical page of `size` bytes (a multiple of the granularity).
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for a bad size; a backend error when memory is exhausted.
+    fn create_page(&self, size: usize) -> Result<PageHandle>;
+
+    /// Returns a page's memory to the system. The page must not be mapped anywhere.
+    ///
+    /// # Errors
+    /// A backend error; the page is then still valid and owned by the caller, who may retry.
+    fn release_page(&self, page: PageHandle) -> std::result::Result<(), (PageHandle, Error)>;
+
+    /// Maps `pages` at consecutive addresses starting at `va`, with read/write access.
+    ///
+    /// `va` must lie in a reservation of this backend, be aligned to the granularity, and the
+    /// range `[va, va + sum of sizes)` must be currently unmapped.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for a misaligned or unreserved range,
+    /// [`Error::MapCountExhausted`] (host) before the kernel's limit is reached, or a backend
+    /// error. On error nothing of the range is mapped.
+    fn map(&self, va: u64, pages: &[&PageHandle]) -> Result<()>;
+
+    /// Unmaps `[va, va+len)`, which must consist of whole mappings made by [`Backend::map`]. The
+    /// range reverts to reserved-without-access. Page contents are kept.
+    ///
+    /// On CUDA the caller must make sure no kernel still reads the range.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for a misaligned or unreserved range, or a backend error.
+    fn unmap(&self, va: u64, len: usize) -> Result<()>;
+
+    /// Allocates a host buffer usable as the host side of [`Backend::copy_async`] (page-locked on
+    /// CUDA).
+    ///
+    /// # Errors
+    /// A backend error when host memory is exhausted.
+    fn alloc_host(&self, len: usize) -> Result<HostBuffer>;
+
+    /// Frees a buffer from [`Backend::alloc_host`]. No copy may be in flight on it.
+    ///
+    /// # Errors
+    /// A backend error; the buffer is then still allocated and returned.
+    fn free_host(&self, buf: HostBuffer) -> std::result::Result<(), (HostBuffer, Error)>;
+
+    /// Starts copying `regions` asynchronously and returns its completion.
+    ///
+    /// Regions are copied in any order and possibly in parallel; they must not overlap each other's
+    /// destinations.
+    ///
+    /// # Safety
+    /// Until the returned completion reports done (or is waited on), every source range must stay
+    /// mapped and readable, every destination range mapped and writable, and no one else may write
+    /// the destination ranges or the source ranges. Device ranges must be mapped by this backend;
+    /// host ranges must lie in buffers from [`Backend::alloc_host`] (host backend: any memory of this
+    /// process).
+    ///
+    /// # Errors
+    /// A backend error if the copy cannot be submitted; failures during the copy are reported by
+    /// the completion.
+    unsafe fn copy_async(&self, kind: CopyKind, regions: &[CopyRegion])
+        -> Result<Box<dyn Completion>>;
+
+    /// Waits until all work this backend submitted to the device is finished (CUDA:
+    /// `cuCtxSynchronize`; host: a no-op, copies are tracked by their completions).
+    ///
+    /// # Errors
+    /// A backend error.
+    fn synchronize(&self) -> Result<()>;
+
+    /// How many more mappings the process may make before [`Backend::map`] refuses; `None` where
+    /// no such limit applies.
+    fn map_headroom(&self) -> Option<usize> {
+        None
+    }
+}
+
+/// Which backend to open.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendChoice {
+    /// CUDA when the driver loads and a device with virtual-memory management exists, else host.
+    /// The environment variable `KVVM_BACKEND=host|cuda` overrides `Auto`.
+    #[default]
+    Auto,
+    /// The host backend.
+    Host,
+    /// The CUDA backend; fails if no usable device exists.
+    Cuda,
+}
+
+impl std::str::FromStr for BackendChoice {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" | "" => Ok(BackendChoice::Auto),
+            "host" | "cpu" => Ok(BackendChoice::Host),
+            "cuda" | "gpu" => Ok(BackendChoice::Cuda),
+            other => Err(Error::InvalidConfig(format!(
+                "unknown backend {other:?} (expected auto, host or cuda)"
+            ))),
+        }
+    }
+}
+
+/// Options for [`open`].
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct BackendConfig {
+    /// Which backend.
+    pub choice: BackendChoice,
+    /// Host backend: mapping unit in bytes (a multiple of the OS page). Default 2 MiB.
+    pub host_granularity: usize,
+    /// CUDA backend: device ordinal. Default 0.
+    pub device: i32,
+    /// Host backend: worker threads for copies. Default: 4.
+    pub copy_threads: usize,
+}
+
+impl Default for BackendConfig {
+    fn default() -> Self {
+        BackendConfig {
+            choice: BackendChoice::Auto,
+            host_granularity: host::DEFAULT_GRANULARITY,
+            device: 0,
+            copy_threads: 4,
+        }
+    }
+}
+
+/// The environment variable that overrides [`BackendChoice::Auto`].
+pub const BACKEND_ENV: &str = "KVVM_BACKEND";
+
+/// Resolves [`BackendChoice::Auto`] through [`BACKEND_ENV`].
+///
+/// # Errors
+/// [`Error::InvalidConfig`] if the variable holds an unknown name.
+pub fn resolve_choice(choice: BackendChoice) -> Result<BackendChoice> {
+    if choice != BackendChoice::Auto {
+        return Ok(choice);
+    }
+    match std::env::var(BACKEND_ENV) {
+        Ok(v) => v.parse(),
+        Err(_) => Ok(BackendChoice::Auto),
+    }
+}
+
+/// Opens the backend `config` asks for.
+///
+/// `Auto` (after the environment override) tries CUDA and falls back to host when the driver does
+/// not load or no device supports virtual-memory management.
+///
+/// # Errors
+/// Any error of the chosen backend's constructor; with `Auto`, only the host backend's.
+pub fn open(config: &BackendConfig) -> Result<Arc<dyn Backend>> {
+    match resolve_choice(config.choice)? {
+        BackendChoice::Host => Ok(Arc::new(host::HostBackend::new(host::HostConfig {
+            granularity: config.host_granularity,
+            copy_threads: config.copy_threads,
+            ..host::HostConfig::default()
+        })?)),
+        BackendChoice::Cuda => Ok(Arc::new(cuda::CudaBackend::new(config.device)?)),
+        BackendChoice::Auto => match cuda::CudaBackend::new(config.device) {
+            Ok(b) => Ok(Arc::new(b)),
+            Err(e) => {
+                tracing::debug!("CUDA backend unavailable ({e}); using the host backend");
+                open(&BackendConfig {
+                    choice: BackendChoice::Host,
+                    ..config.clone()
+                })
+            }
+        },
+    }
+}
+
+/// Checks that `len` is a positive multiple of `granularity`.
+pub(crate) fn check_multiple(what: &str, len: usize, granularity: usize) -> Result<()> {
+    if len == 0 || len % granularity != 0 {
+        return Err(Error::InvalidArgument(format!(
+            "{what} of {len} bytes is not a positive multiple of the granularity {granularity}"
+        )));
+    }
+    Ok(())
+}
