@@ -75,6 +75,12 @@ pub enum Error {
         /// Why they could not be mapped.
         source: Box<Error>,
     },
+    /// Every slot is allocated.
+    #[error("no free slot: all {max_slots} slots are allocated")]
+    SlotsExhausted {
+        /// The cache's slot count.
+        max_slots: usize,
+    },
     /// A configuration that cannot work.
     #[error("invalid configuration: {0}")]
     InvalidConfig(String),

@@ -10,12 +10,15 @@
 //!   virtual-memory management, loaded at run time) and [`vmm::host`] (Linux memfd pages), plus
 //!   [`vmm::faulty`] for fault injection in tests.
 //! - [`pool`]: the physical page pool (budget, reuse, watermarks).
+//! - [`cache`]: [`cache::KvCache`], contiguous virtual KV tensors with on-demand pages.
 //!
 //! See `ARCHITECTURE.md` in the repository for the whole picture.
 #![warn(missing_docs)]
 
+pub mod cache;
 pub mod error;
 pub mod pool;
+pub mod testing;
 pub mod vmm;
 
 pub use error::{Error, Result};

@@ -218,8 +218,8 @@ impl PagePool {
                 config.page_size
             )));
         }
-        let budget_pages = usize::try_from(config.budget_bytes / config.page_size as u64)
-            .unwrap_or(usize::MAX);
+        let budget_pages =
+            usize::try_from(config.budget_bytes / config.page_size as u64).unwrap_or(usize::MAX);
         if budget_pages == 0 {
             return Err(Error::InvalidConfig(format!(
                 "budget of {} bytes holds no page of {} bytes",
@@ -256,7 +256,10 @@ impl PagePool {
             let inner = pool.inner.clone();
             let handle = std::thread::Builder::new()
                 .name("kvvm-pool".into())
-                .spawn(move || inner.background())
+                .spawn(move || {
+                    crate::cache::stats::mark_background_thread();
+                    inner.background()
+                })
                 .map_err(|e| Error::InvalidConfig(format!("cannot start the pool thread: {e}")))?;
             pool.worker = Some(handle);
         }

@@ -80,7 +80,10 @@ fn aliasing_and_remap_keep_bytes() {
     b.map(r1.addr + PAGE as u64, &[&p]).unwrap();
     b.map(r2.addr + 3 * PAGE as u64, &[&p]).unwrap();
     fill(r1.addr + PAGE as u64, PAGE, 7);
-    assert!(check(r2.addr + 3 * PAGE as u64, PAGE, 7), "alias sees the bytes");
+    assert!(
+        check(r2.addr + 3 * PAGE as u64, PAGE, 7),
+        "alias sees the bytes"
+    );
     b.unmap(r1.addr + PAGE as u64, PAGE).unwrap();
     b.unmap(r2.addr + 3 * PAGE as u64, PAGE).unwrap();
     // Remap the same page elsewhere: contents survive unmap.
@@ -105,7 +108,10 @@ fn consecutive_pages_map_as_one_run() {
     b.map(r.addr, &pages.iter().collect::<Vec<_>>()).unwrap();
     let after = process_map_count().unwrap();
     // One run: the reservation splits into at most [mapping][rest].
-    assert!(after <= before + 2, "one mmap for a run ({before} -> {after})");
+    assert!(
+        after <= before + 2,
+        "one mmap for a run ({before} -> {after})"
+    );
     for (i, _) in pages.iter().enumerate() {
         fill(r.addr + (i * PAGE) as u64, PAGE, i as u8);
     }
@@ -149,12 +155,18 @@ fn released_pages_free_memory() {
     let b = host(PAGE);
     let pages: Vec<_> = (0..16).map(|_| b.create_page(PAGE).unwrap()).collect();
     let held = b.arena_resident_bytes().unwrap();
-    assert!(held >= 16 * PAGE as u64, "created pages are allocated: {held}");
+    assert!(
+        held >= 16 * PAGE as u64,
+        "created pages are allocated: {held}"
+    );
     for p in pages {
         b.release_page(p).map_err(|(_, e)| e).unwrap();
     }
     let after = b.arena_resident_bytes().unwrap();
-    assert!(after < held, "punching holes frees memory: {held} -> {after}");
+    assert!(
+        after < held,
+        "punching holes frees memory: {held} -> {after}"
+    );
     assert_eq!(after, 0);
     assert_eq!(b.live_pages(), 0);
 }
@@ -163,12 +175,18 @@ fn released_pages_free_memory() {
 fn bad_arguments_are_typed_errors() {
     let b = host(PAGE);
     assert!(matches!(b.reserve(0), Err(Error::InvalidArgument(_))));
-    assert!(matches!(b.reserve(PAGE + 1), Err(Error::InvalidArgument(_))));
+    assert!(matches!(
+        b.reserve(PAGE + 1),
+        Err(Error::InvalidArgument(_))
+    ));
     assert!(matches!(b.create_page(100), Err(Error::InvalidArgument(_))));
     let r = b.reserve(2 * PAGE).unwrap();
     let p = b.create_page(PAGE).unwrap();
     // Outside the reservation, misaligned, and past its end.
-    assert!(matches!(b.map(0x1000, &[&p]), Err(Error::InvalidArgument(_))));
+    assert!(matches!(
+        b.map(0x1000, &[&p]),
+        Err(Error::InvalidArgument(_))
+    ));
     assert!(matches!(
         b.map(r.addr + 1, &[&p]),
         Err(Error::InvalidArgument(_))
@@ -349,7 +367,12 @@ fn injected_failures_leak_nothing() {
         let a = pool.acquire(2).unwrap();
         faulty.fail_nth(BackendOp::CreatePage, n);
         let err = pool.acquire(6).unwrap_err();
-        assert!(matches!(err, Error::Injected { op: BackendOp::CreatePage }));
+        assert!(matches!(
+            err,
+            Error::Injected {
+                op: BackendOp::CreatePage
+            }
+        ));
         let s = pool.stats();
         assert_eq!(s.in_use, 2);
         assert_eq!(s.live, host.live_pages(), "pool and backend agree");

@@ -26,8 +26,8 @@ use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
 use nix::sys::mman::{mmap, mmap_anonymous, munmap, MapFlags, ProtFlags};
 
 use super::{
-    check_multiple, Backend, BackendInfo, BackendKind, BackendOp, Completion, CopyKind,
-    CopyRegion, HostBuffer, PageHandle, VaRange,
+    check_multiple, Backend, BackendInfo, BackendKind, BackendOp, Completion, CopyKind, CopyRegion,
+    HostBuffer, PageHandle, VaRange,
 };
 use crate::error::{Error, Result};
 
@@ -188,7 +188,11 @@ impl HostBackend {
 
     /// Pages created and not yet released.
     pub fn live_pages(&self) -> usize {
-        self.arena.lock().unwrap_or_else(|p| p.into_inner()).live.len()
+        self.arena
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .live
+            .len()
     }
 
     /// Bytes of memory the arena holds now (the memfd's allocated blocks).
@@ -211,7 +215,15 @@ impl HostBackend {
         }
         let res = self.reservations.read().unwrap_or_else(|p| p.into_inner());
         match res.range(..=va).next_back() {
-            Some((&base, &rlen)) if (VaRange { addr: base, len: rlen }).contains(va, len) => Ok(()),
+            Some((&base, &rlen))
+                if (VaRange {
+                    addr: base,
+                    len: rlen,
+                })
+                .contains(va, len) =>
+            {
+                Ok(())
+            }
             _ => Err(Error::InvalidArgument(format!(
                 "range {va:#x}+{len:#x} is not inside a reservation of this backend"
             ))),
@@ -260,7 +272,11 @@ impl HostBackend {
 
 impl Drop for HostBackend {
     fn drop(&mut self) {
-        let res = std::mem::take(self.reservations.get_mut().unwrap_or_else(|p| p.into_inner()));
+        let res = std::mem::take(
+            self.reservations
+                .get_mut()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
         for (addr, len) in res {
             if let Some(ptr) = NonNull::new(addr as usize as *mut libc::c_void) {
                 // SAFETY: the reservation was created by `reserve` and is owned by this backend;
@@ -311,7 +327,9 @@ impl Backend for HostBackend {
         let padded = len
             .checked_add(g)
             .and_then(NonZeroUsize::new)
-            .ok_or_else(|| Error::InvalidArgument(format!("reservation of {len} bytes overflows")))?;
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!("reservation of {len} bytes overflows"))
+            })?;
         // SAFETY: a fresh anonymous mapping at an address the kernel chooses touches no existing
         // memory.
         let ptr = unsafe {
@@ -595,11 +613,20 @@ pub struct HostCompletion {
 
 impl Completion for HostCompletion {
     fn poll(&self) -> Result<bool> {
-        Ok(*self.state.remaining.lock().unwrap_or_else(|p| p.into_inner()) == 0)
+        Ok(*self
+            .state
+            .remaining
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            == 0)
     }
 
     fn wait(&self) -> Result<()> {
-        let mut rem = self.state.remaining.lock().unwrap_or_else(|p| p.into_inner());
+        let mut rem = self
+            .state
+            .remaining
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         while *rem > 0 {
             rem = self.state.cv.wait(rem).unwrap_or_else(|p| p.into_inner());
         }
@@ -639,7 +666,11 @@ impl CopyPool {
                                 r.len,
                             )
                         };
-                        let mut rem = job.state.remaining.lock().unwrap_or_else(|p| p.into_inner());
+                        let mut rem = job
+                            .state
+                            .remaining
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner());
                         *rem -= 1;
                         if *rem == 0 {
                             job.state.cv.notify_all();

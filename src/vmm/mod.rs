@@ -297,8 +297,9 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// error. On error nothing of the range is mapped.
     fn map(&self, va: u64, pages: &[&PageHandle]) -> Result<()>;
 
-    /// Unmaps `[va, va+len)`, which must consist of whole mappings made by [`Backend::map`]. The
-    /// range reverts to reserved-without-access. Page contents are kept.
+    /// Unmaps `[va, va+len)`, which must consist of whole pages mapped by [`Backend::map`] (the
+    /// pages of one `map` call may be unmapped in several parts). The range reverts to
+    /// reserved-without-access. Page contents are kept.
     ///
     /// On CUDA the caller must make sure no kernel still reads the range.
     ///
@@ -334,8 +335,11 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// # Errors
     /// A backend error if the copy cannot be submitted; failures during the copy are reported by
     /// the completion.
-    unsafe fn copy_async(&self, kind: CopyKind, regions: &[CopyRegion])
-        -> Result<Box<dyn Completion>>;
+    unsafe fn copy_async(
+        &self,
+        kind: CopyKind,
+        regions: &[CopyRegion],
+    ) -> Result<Box<dyn Completion>>;
 
     /// Waits until all work this backend submitted to the device is finished (CUDA:
     /// `cuCtxSynchronize`; host: a no-op, copies are tracked by their completions).
@@ -352,7 +356,9 @@ pub trait Backend: Send + Sync + fmt::Debug {
 }
 
 /// Which backend to open.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum BackendChoice {
     /// CUDA when the driver loads and a device with virtual-memory management exists, else host.

@@ -1,0 +1,913 @@
+//! `KvCache`: contiguous virtual KV tensors with physical pages mapped on demand (vAttention).
+//!
+//! Every slot (one request) owns a contiguous, page-aligned region in every buffer of the cache.
+//! Pages are mapped behind a slot only as its tokens need them, from a [`PagePool`] under a byte
+//! budget, so an attention kernel reads a slot's KV at fixed strides without a block table.
+//!
+//! # A decode loop
+//!
+//! ```
+//! use kvvm::cache::{CacheConfig, KvCache, Kv, Layout};
+//! use kvvm::vmm::{BackendChoice, BackendConfig};
+//!
+//! let mut config = CacheConfig::for_model("llama-3-8b", 4, 1024, 64 << 20)?;
+//! config.layers = 2; // keep the doctest small
+//! config.layout = Layout::Interleaved;
+//! config.backend = BackendConfig { choice: BackendChoice::Host, host_granularity: 64 << 10, ..Default::default() };
+//! let cache = KvCache::new(config)?;
+//!
+//! // Admit two requests and prefill their prompts.
+//! let a = cache.alloc_slot()?;
+//! let b = cache.alloc_slot()?;
+//! cache.ensure(a, 100)?;
+//! cache.ensure(b, 37)?;
+//! let (mut la, mut lb) = (100, 37);
+//! // Decode: one token per request per step; the kernels read layer l's K/V through
+//! // `cache.layer_view(l, Kv::K)` at the slot's row.
+//! for _ in 0..50 {
+//!     la += 1;
+//!     lb += 1;
+//!     cache.step(&[(a, la), (b, lb)])?;
+//!     let k0 = cache.layer_view(0, Kv::K)?;
+//!     let _row = k0.row_addr(a as usize, la - 1, 0); // where the new token's K goes
+//! }
+//! assert_eq!(cache.tokens(a)?, 150);
+//! cache.free_slot(b)?; // its pages stay mapped for the next request (deferred reclamation)
+//! let c = cache.alloc_slot_for(40)?;
+//! assert_eq!(c, b); // reuses the slot whose pages are already mapped
+//! # Ok::<(), kvvm::Error>(())
+//! ```
+//!
+//! # Concurrency
+//!
+//! [`KvCache`] is `Send + Sync` and every method takes `&self`. Calls on different slots run
+//! concurrently: backend calls happen outside the cache's lock. Calls that change the same slot's
+//! mappings (`ensure`, `step`, `shrink`, `free_slot`, and the background mapper) are serialized
+//! per slot. Views and statistics may be read at any time.
+
+pub mod config;
+mod mapper;
+pub mod stats;
+pub mod view;
+
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+
+pub use config::{CacheConfig, DType, Geometry, Layout, ModelShape, PRESETS};
+pub use stats::{CacheStats, MeteredBackend, OpStats};
+pub use view::{ByteRange, Device, Kv, TensorView};
+
+use crate::error::{Error, Result};
+use crate::pool::{PagePool, PoolConfig};
+use crate::vmm::{Backend, BackendOp, PageHandle, VaRange};
+
+/// Index of a slot, `0..max_slots`.
+pub type SlotId = u32;
+
+#[derive(Debug, Default)]
+struct Slot {
+    allocated: bool,
+    /// Live tokens (allocated slots only).
+    tokens: usize,
+    /// Mapped pages per buffer, in address order from the slot's start.
+    pages: Vec<Vec<PageHandle>>,
+    /// A thread is changing this slot's mappings outside the lock.
+    busy: bool,
+    /// Tokens the background mapper should make room for.
+    ahead: usize,
+}
+
+impl Slot {
+    /// Pages mapped in every buffer.
+    fn mapped(&self) -> usize {
+        self.pages.iter().map(Vec::len).min().unwrap_or(0)
+    }
+    fn total_pages(&self) -> usize {
+        self.pages.iter().map(Vec::len).sum()
+    }
+    /// Pool pages needed so that every buffer has `target` pages.
+    fn missing(&self, target: usize) -> usize {
+        self.pages
+            .iter()
+            .map(|p| target.saturating_sub(p.len()))
+            .sum()
+    }
+}
+
+#[derive(Debug, Default)]
+struct State {
+    slots: Vec<Slot>,
+    shutdown: bool,
+    /// The mapper has new hints to look at.
+    mapper_wake: bool,
+    /// The mapper holds pages or busy slots.
+    mapper_active: bool,
+    mapper_batches: u64,
+    mapper_pages: u64,
+    reclaimed_pages: u64,
+}
+
+/// A planned mapping: `pages` go into buffer `buffer` of `slot` starting at page index `start`.
+#[derive(Debug)]
+struct Piece {
+    slot: usize,
+    buffer: usize,
+    start: usize,
+    pages: Vec<PageHandle>,
+}
+
+#[derive(Debug)]
+pub(crate) struct Shared {
+    geometry: Geometry,
+    device: Device,
+    backend: Arc<MeteredBackend>,
+    pool: PagePool,
+    buffers: Vec<VaRange>,
+    lookahead: usize,
+    state: Mutex<State>,
+    /// Signalled when a slot stops being busy.
+    changed: Condvar,
+    /// Wakes the background mapper.
+    mapper_cv: Condvar,
+}
+
+/// A KV cache of contiguous virtual tensors. See the [module documentation](self).
+#[derive(Debug)]
+pub struct KvCache {
+    shared: Arc<Shared>,
+    mapper: Option<JoinHandle<()>>,
+}
+
+impl KvCache {
+    /// Opens the backend `config.backend` asks for and creates a cache on it.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] for an impossible configuration; the backend's errors.
+    pub fn new(config: CacheConfig) -> Result<Self> {
+        let backend = crate::vmm::open(&config.backend)?;
+        Self::with_backend(config, backend)
+    }
+
+    /// Creates a cache on an existing backend (`config.backend` is ignored).
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] for an impossible configuration; the backend's errors when
+    /// reserving address space or creating pages up front.
+    pub fn with_backend(config: CacheConfig, backend: Arc<dyn Backend>) -> Result<Self> {
+        let geometry = Geometry::new(&config, backend.granularity())?;
+        let metered = Arc::new(MeteredBackend::new(backend));
+        let mut buffers = Vec::with_capacity(geometry.buffers);
+        for _ in 0..geometry.buffers {
+            match metered.reserve(geometry.buffer_bytes()) {
+                Ok(r) => buffers.push(r),
+                Err(e) => {
+                    for r in buffers {
+                        let _ = metered.free_reservation(r);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        let pool_config = PoolConfig {
+            create_all: config.create_all_pages,
+            low_watermark: 2 * geometry.buffers,
+            ..PoolConfig::with_budget(geometry.page_size, config.budget_bytes)
+        };
+        let pool = match PagePool::new(metered.clone(), pool_config) {
+            Ok(p) => p,
+            Err(e) => {
+                for r in buffers {
+                    let _ = metered.free_reservation(r);
+                }
+                return Err(e);
+            }
+        };
+        let slots = (0..geometry.max_slots)
+            .map(|_| Slot {
+                pages: (0..geometry.buffers).map(|_| Vec::new()).collect(),
+                ..Slot::default()
+            })
+            .collect();
+        let info = metered.info();
+        let shared = Arc::new(Shared {
+            geometry,
+            device: Device {
+                kind: info.kind,
+                ordinal: info.device_ordinal,
+            },
+            backend: metered,
+            pool,
+            buffers,
+            lookahead: config.lookahead_steps,
+            state: Mutex::new(State {
+                slots,
+                ..State::default()
+            }),
+            changed: Condvar::new(),
+            mapper_cv: Condvar::new(),
+        });
+        let mapper = if config.lookahead_steps > 0 {
+            let s = shared.clone();
+            Some(
+                std::thread::Builder::new()
+                    .name("kvvm-mapper".into())
+                    .spawn(move || mapper::run(s))
+                    .map_err(|e| {
+                        Error::InvalidConfig(format!("cannot start the mapper thread: {e}"))
+                    })?,
+            )
+        } else {
+            None
+        };
+        Ok(KvCache { shared, mapper })
+    }
+
+    /// The derived sizes.
+    pub fn geometry(&self) -> &Geometry {
+        &self.shared.geometry
+    }
+
+    /// The backend (metered: its counters are part of [`KvCache::stats`]).
+    pub fn backend(&self) -> &Arc<MeteredBackend> {
+        &self.shared.backend
+    }
+
+    /// The page pool.
+    pub fn pool(&self) -> &PagePool {
+        &self.shared.pool
+    }
+
+    /// The reserved range of every buffer.
+    pub fn buffers(&self) -> &[VaRange] {
+        &self.shared.buffers
+    }
+
+    /// Allocates a free slot, preferring the one with the most pages already mapped.
+    ///
+    /// # Errors
+    /// [`Error::SlotsExhausted`] when every slot is allocated.
+    pub fn alloc_slot(&self) -> Result<SlotId> {
+        self.alloc_slot_for(self.shared.geometry.max_tokens)
+    }
+
+    /// Allocates a free slot for a request expected to need `tokens` tokens: the free slot with
+    /// the most pages mapped up to what `tokens` needs (ties go to the slot with fewer pages, so
+    /// that large mapped slots stay for large requests).
+    ///
+    /// # Errors
+    /// [`Error::SlotsExhausted`] when every slot is allocated.
+    pub fn alloc_slot_for(&self, tokens: usize) -> Result<SlotId> {
+        let want = self
+            .shared
+            .geometry
+            .pages_for(tokens.min(self.shared.geometry.max_tokens));
+        let mut st = self.shared.lock();
+        let best = st
+            .slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| !s.allocated)
+            .max_by_key(|(i, s)| {
+                let m = s.mapped();
+                (m.min(want), std::cmp::Reverse(m), std::cmp::Reverse(*i))
+            })
+            .map(|(i, _)| i);
+        let i = best.ok_or(Error::SlotsExhausted {
+            max_slots: self.shared.geometry.max_slots,
+        })?;
+        let s = &mut st.slots[i];
+        s.allocated = true;
+        s.tokens = 0;
+        s.ahead = 0;
+        Ok(i as SlotId)
+    }
+
+    /// Frees a slot. Its pages stay mapped (deferred reclamation): a later request can reuse them,
+    /// and they are taken back only when the pool runs short.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] if the slot is out of range or not allocated.
+    pub fn free_slot(&self, slot: SlotId) -> Result<()> {
+        let sh = &*self.shared;
+        let mut st = sh.lock();
+        let i = sh.check_slot(&st, slot)?;
+        while st.slots[i].busy {
+            st = sh.changed.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+        let i = sh.check_slot(&st, slot)?;
+        let s = &mut st.slots[i];
+        s.allocated = false;
+        s.tokens = 0;
+        s.ahead = 0;
+        Ok(())
+    }
+
+    /// Makes sure `slot` can hold `tokens` tokens, mapping what is missing. All or nothing.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for a bad slot or `tokens > max_tokens`; [`Error::Grow`] naming
+    /// the slot and the missing pages when the budget or the backend cannot supply them. On error
+    /// nothing changed.
+    pub fn ensure(&self, slot: SlotId, tokens: usize) -> Result<()> {
+        self.step(&[(slot, tokens)])
+    }
+
+    /// [`KvCache::ensure`] for a batch: every `(slot, tokens)` pair, all or nothing. In steady
+    /// state the background mapper has mapped the pages ahead, and `step` makes no backend call.
+    ///
+    /// # Errors
+    /// As [`KvCache::ensure`]; the error names the first slot that could not be served. On error
+    /// no slot changed.
+    pub fn step(&self, batch: &[(SlotId, usize)]) -> Result<()> {
+        self.shared.grow(batch)
+    }
+
+    /// Cuts `slot` to `tokens` tokens and unmaps the pages beyond them.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for a bad slot; a backend error if unmapping fails, in which case
+    /// the slot holds `min(tokens, current)` tokens and the pages that could not be unmapped stay
+    /// mapped to it (nothing leaks).
+    pub fn shrink(&self, slot: SlotId, tokens: usize) -> Result<()> {
+        let sh = &*self.shared;
+        let mut st = sh.lock();
+        let i = sh.check_slot(&st, slot)?;
+        while st.slots[i].busy {
+            st = sh.changed.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+        let i = sh.check_slot(&st, slot)?;
+        let keep = sh.geometry.pages_for(tokens);
+        let s = &mut st.slots[i];
+        s.tokens = s.tokens.min(tokens);
+        s.ahead = 0;
+        if s.pages.iter().all(|p| p.len() <= keep) {
+            return Ok(());
+        }
+        s.busy = true;
+        let tails: Vec<(usize, usize)> = s
+            .pages
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.len() > keep)
+            .map(|(b, p)| (b, p.len()))
+            .collect();
+        drop(st);
+        let r = sh.unmap_tails(i, keep, &tails);
+        sh.finish(&[i]);
+        r
+    }
+
+    /// Takes every page back from every free slot, and the pages allocated slots have mapped
+    /// ahead of their tokens (for example before handing memory to another user of the device).
+    /// Returns how many pages went back to the pool.
+    ///
+    /// # Errors
+    /// A backend error if unmapping fails; the pages concerned stay mapped.
+    pub fn reclaim_free_slots(&self) -> Result<usize> {
+        self.shared.reclaim(usize::MAX)
+    }
+
+    /// Live tokens of an allocated slot.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for a bad slot.
+    pub fn tokens(&self, slot: SlotId) -> Result<usize> {
+        let st = self.shared.lock();
+        let i = self.shared.check_slot(&st, slot)?;
+        Ok(st.slots[i].tokens)
+    }
+
+    /// Tokens the slot's mapped pages can hold now (at least [`KvCache::tokens`]).
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for a slot out of range.
+    pub fn capacity(&self, slot: SlotId) -> Result<usize> {
+        let st = self.shared.lock();
+        let s = st
+            .slots
+            .get(slot as usize)
+            .ok_or_else(|| Error::InvalidArgument(format!("slot {slot} out of range")))?;
+        Ok(self.shared.geometry.tokens_in(s.mapped()))
+    }
+
+    /// Whether a slot is allocated.
+    pub fn is_allocated(&self, slot: SlotId) -> bool {
+        let st = self.shared.lock();
+        st.slots.get(slot as usize).is_some_and(|s| s.allocated)
+    }
+
+    /// The view of layer `layer`'s K or V for the whole batch.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] if `layer` is out of range.
+    pub fn layer_view(&self, layer: usize, kv: Kv) -> Result<TensorView> {
+        let g = &self.shared.geometry;
+        if layer >= g.layers {
+            return Err(Error::InvalidArgument(format!(
+                "layer {layer} out of range (the model has {})",
+                g.layers
+            )));
+        }
+        let (b, off) = g.locate(layer, kv.is_v());
+        let e = g.dtype.size();
+        Ok(TensorView {
+            addr: self.shared.buffers[b].addr + off as u64,
+            shape: [g.max_slots, g.max_tokens, g.kv_heads, g.head_dim],
+            strides: [g.slot_bytes / e, g.token_bytes / e, g.head_dim, 1],
+            dtype: g.dtype,
+            device: self.shared.device,
+        })
+    }
+
+    /// The byte ranges that hold the first `tokens` tokens of `slot`: one per buffer (interleaved:
+    /// one in all). This is what the swap engine copies.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for a slot out of range or `tokens > max_tokens`.
+    pub fn slot_ranges(&self, slot: SlotId, tokens: usize) -> Result<Vec<ByteRange>> {
+        let g = &self.shared.geometry;
+        if slot as usize >= g.max_slots || tokens > g.max_tokens {
+            return Err(Error::InvalidArgument(format!(
+                "slot {slot} / {tokens} tokens out of range"
+            )));
+        }
+        Ok(self
+            .shared
+            .buffers
+            .iter()
+            .map(|b| ByteRange {
+                addr: b.addr + (slot as usize * g.slot_bytes) as u64,
+                len: tokens * g.token_bytes,
+            })
+            .collect())
+    }
+
+    /// Address and length of the `[kv_heads, head_dim]` row of `token` in `layer`'s K or V of
+    /// `slot`, checking that the token lies in mapped memory.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] if anything is out of range or the token is not mapped.
+    pub fn row(&self, slot: SlotId, token: usize, layer: usize, kv: Kv) -> Result<ByteRange> {
+        let cap = self.capacity(slot)?;
+        if token >= cap {
+            return Err(Error::InvalidArgument(format!(
+                "token {token} of slot {slot} is not mapped (capacity {cap})"
+            )));
+        }
+        let v = self.layer_view(layer, kv)?;
+        Ok(ByteRange {
+            addr: v.row_addr(slot as usize, token, 0),
+            len: self.shared.geometry.row_bytes(),
+        })
+    }
+
+    /// A snapshot of the statistics.
+    pub fn stats(&self) -> CacheStats {
+        let sh = &*self.shared;
+        let g = &sh.geometry;
+        let st = sh.lock();
+        let mut stats = CacheStats {
+            pages_per_slot: st.slots.iter().map(Slot::mapped).collect(),
+            mapped_bytes: st
+                .slots
+                .iter()
+                .map(|s| (s.total_pages() * g.page_size) as u64)
+                .sum(),
+            live_bytes: st
+                .slots
+                .iter()
+                .filter(|s| s.allocated)
+                .map(|s| (s.tokens * g.bytes_per_token()) as u64)
+                .sum(),
+            allocated_slots: st.slots.iter().filter(|s| s.allocated).count(),
+            mapper_batches: st.mapper_batches,
+            mapper_pages: st.mapper_pages,
+            reclaimed_pages: st.reclaimed_pages,
+            ..CacheStats::default()
+        };
+        drop(st);
+        stats.pool = sh.pool.stats();
+        stats.free_pool_pages = stats.pool.free;
+        stats.backend_calls = BackendOp::ALL
+            .iter()
+            .map(|&o| (o.name(), sh.backend.op(o)))
+            .collect();
+        stats.foreground_calls = sh.backend.foreground_calls();
+        stats
+    }
+
+    /// Waits until the background mapper has nothing left to do (for tests and benchmarks).
+    pub fn quiesce(&self) {
+        let sh = &*self.shared;
+        let mut st = sh.lock();
+        while st.mapper_wake || st.mapper_active || st.slots.iter().any(|s| s.busy) {
+            st = sh.changed.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+impl Drop for KvCache {
+    fn drop(&mut self) {
+        self.shared.lock().shutdown = true;
+        self.shared.mapper_cv.notify_all();
+        if let Some(h) = self.mapper.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn check_slot(&self, st: &State, slot: SlotId) -> Result<usize> {
+        match st.slots.get(slot as usize) {
+            Some(s) if s.allocated => Ok(slot as usize),
+            Some(_) => Err(Error::InvalidArgument(format!(
+                "slot {slot} is not allocated"
+            ))),
+            None => Err(Error::InvalidArgument(format!(
+                "slot {slot} out of range (max_slots {})",
+                st.slots.len()
+            ))),
+        }
+    }
+
+    fn va(&self, buffer: usize, slot: usize, page: usize) -> u64 {
+        self.buffers[buffer].addr
+            + (slot * self.geometry.slot_bytes + page * self.geometry.page_size) as u64
+    }
+
+    /// Clears the busy flag of `slots` and wakes waiters.
+    fn finish(&self, slots: &[usize]) {
+        let mut st = self.lock();
+        for &i in slots {
+            st.slots[i].busy = false;
+        }
+        drop(st);
+        self.changed.notify_all();
+    }
+
+    /// The foreground growth path of `ensure` and `step`.
+    fn grow(&self, batch: &[(SlotId, usize)]) -> Result<()> {
+        let g = &self.geometry;
+        let mut st = self.lock();
+        // Validate and merge duplicates (the largest target wins).
+        let mut targets: Vec<(usize, usize)> = Vec::with_capacity(batch.len());
+        for &(slot, tokens) in batch {
+            let i = self.check_slot(&st, slot)?;
+            if tokens > g.max_tokens {
+                return Err(Error::InvalidArgument(format!(
+                    "slot {slot}: {tokens} tokens exceed max_tokens {}",
+                    g.max_tokens
+                )));
+            }
+            match targets.iter_mut().find(|(j, _)| *j == i) {
+                Some(t) => t.1 = t.1.max(tokens),
+                None => targets.push((i, tokens)),
+            }
+        }
+        // Wait until no slot that needs pages is busy, then claim them all at once (no
+        // hold-and-wait, so concurrent steps cannot deadlock).
+        let work: Vec<(usize, usize, usize)> = loop {
+            let work: Vec<(usize, usize, usize)> = targets
+                .iter()
+                .filter_map(|&(i, t)| {
+                    let need = g.pages_for(t);
+                    let missing = st.slots[i].missing(need);
+                    (missing > 0).then_some((i, need, missing))
+                })
+                .collect();
+            if work.iter().all(|&(i, _, _)| !st.slots[i].busy) {
+                break work;
+            }
+            st = self.changed.wait(st).unwrap_or_else(|p| p.into_inner());
+            // Slots may have been freed meanwhile.
+            for &(i, _) in &targets {
+                self.check_slot(&st, i as SlotId)?;
+            }
+        };
+        if work.is_empty() {
+            self.commit_tokens(&mut st, &targets);
+            return Ok(());
+        }
+        for &(i, _, _) in &work {
+            st.slots[i].busy = true;
+        }
+        let total: usize = work.iter().map(|w| w.2).sum();
+        drop(st);
+        let busy: Vec<usize> = work.iter().map(|w| w.0).collect();
+
+        let pages = match self.acquire(total, true) {
+            Ok(p) => p,
+            Err(e) => {
+                self.finish(&busy);
+                let (slot, missing) = blame(&work, &e);
+                return Err(Error::Grow {
+                    slot: slot as SlotId,
+                    missing_pages: missing,
+                    source: Box::new(e),
+                });
+            }
+        };
+        let plan = self.plan(&work, pages);
+        match self.map_pieces(plan) {
+            Ok(done) => {
+                let mut st = self.lock();
+                attach(&mut st, done);
+                for &i in &busy {
+                    st.slots[i].busy = false;
+                }
+                self.commit_tokens(&mut st, &targets);
+                drop(st);
+                self.changed.notify_all();
+                Ok(())
+            }
+            Err((failed_slot, e, kept)) => {
+                let mut st = self.lock();
+                attach(&mut st, kept);
+                for &i in &busy {
+                    st.slots[i].busy = false;
+                }
+                drop(st);
+                self.changed.notify_all();
+                let missing = work.iter().find(|w| w.0 == failed_slot).map_or(0, |w| w.2);
+                Err(Error::Grow {
+                    slot: failed_slot as SlotId,
+                    missing_pages: missing,
+                    source: Box::new(e),
+                })
+            }
+        }
+    }
+
+    /// Records the new token counts after a successful growth and wakes the mapper.
+    fn commit_tokens(&self, st: &mut State, targets: &[(usize, usize)]) {
+        for &(i, t) in targets {
+            let s = &mut st.slots[i];
+            s.tokens = s.tokens.max(t);
+            if self.lookahead > 0 {
+                s.ahead = (s.tokens + self.lookahead).min(self.geometry.max_tokens);
+            }
+        }
+        if self.lookahead > 0 {
+            st.mapper_wake = true;
+            self.mapper_cv.notify_one();
+        }
+    }
+
+    /// Splits `pages` into per-(slot, buffer) pieces for `work` = (slot, target pages, missing).
+    fn plan(&self, work: &[(usize, usize, usize)], mut pages: Vec<PageHandle>) -> Vec<Piece> {
+        let st = self.lock();
+        let mut plan = Vec::new();
+        for &(i, need, _) in work {
+            for (b, have) in st.slots[i].pages.iter().enumerate() {
+                let n = need.saturating_sub(have.len());
+                if n > 0 {
+                    let rest = pages.split_off(pages.len() - n);
+                    plan.push(Piece {
+                        slot: i,
+                        buffer: b,
+                        start: have.len(),
+                        pages: rest,
+                    });
+                }
+            }
+        }
+        plan
+    }
+
+    /// Maps every piece. On failure unmaps what this call mapped, gives the pages back, and
+    /// returns the failing slot, the error, and the pieces that could not be rolled back (still
+    /// mapped; they must be attached to their slots).
+    #[allow(clippy::type_complexity)]
+    fn map_pieces(
+        &self,
+        plan: Vec<Piece>,
+    ) -> std::result::Result<Vec<Piece>, (usize, Error, Vec<Piece>)> {
+        let mut done: Vec<Piece> = Vec::with_capacity(plan.len());
+        let mut it = plan.into_iter();
+        while let Some(p) = it.next() {
+            let refs: Vec<&PageHandle> = p.pages.iter().collect();
+            if let Err(e) = self.backend.map(self.va(p.buffer, p.slot, p.start), &refs) {
+                let failed = p.slot;
+                let mut back = p.pages;
+                for q in it {
+                    back.extend(q.pages);
+                }
+                let mut kept = Vec::new();
+                for q in done.into_iter().rev() {
+                    let len = q.pages.len() * self.geometry.page_size;
+                    match self.backend.unmap(self.va(q.buffer, q.slot, q.start), len) {
+                        Ok(()) => back.extend(q.pages),
+                        Err(u) => {
+                            tracing::warn!("rollback unmap failed, pages stay mapped: {u}");
+                            kept.push(q);
+                        }
+                    }
+                }
+                self.pool.give_back(back);
+                return Err((failed, e, kept));
+            }
+            done.push(p);
+        }
+        Ok(done)
+    }
+
+    /// Takes `n` pages from the pool; with `reclaim`, takes pages back from free slots when the
+    /// pool runs short (only if that makes the request succeed).
+    fn acquire(&self, n: usize, reclaim: bool) -> Result<Vec<PageHandle>> {
+        let mut attempts = 0;
+        loop {
+            match self.pool.acquire(n) {
+                Ok(p) => return Ok(p),
+                Err(Error::BudgetExhausted { available, .. }) if reclaim && attempts < 4 => {
+                    attempts += 1;
+                    let deficit = n - available.min(n);
+                    let reclaimable: usize = {
+                        let st = self.lock();
+                        self.victims(&st).iter().map(|v| v.2).sum()
+                    };
+                    if reclaimable < deficit {
+                        // Pages the background mapper holds right now become reclaimable once
+                        // it is done: wait for it rather than fail.
+                        let mut st = self.lock();
+                        if st.mapper_active {
+                            while st.mapper_active {
+                                st = self.changed.wait(st).unwrap_or_else(|p| p.into_inner());
+                            }
+                            continue;
+                        }
+                        drop(st);
+                        return self.pool.acquire(n);
+                    }
+                    self.reclaim(deficit)?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Candidates for reclamation: (slot, floor) where `floor` is the page count the slot must
+    /// keep per buffer; free slots first (largest first), then allocated slots' pages mapped ahead
+    /// of their tokens. Busy slots are skipped.
+    fn victims(&self, st: &State) -> Vec<(usize, usize, usize)> {
+        let mut free = Vec::new();
+        let mut ahead = Vec::new();
+        for (i, s) in st.slots.iter().enumerate() {
+            if s.busy {
+                continue;
+            }
+            let floor = if s.allocated {
+                self.geometry.pages_for(s.tokens)
+            } else {
+                0
+            };
+            let excess: usize = s.pages.iter().map(|p| p.len().saturating_sub(floor)).sum();
+            if excess == 0 {
+                continue;
+            }
+            if s.allocated {
+                ahead.push((i, floor, excess));
+            } else {
+                free.push((i, floor, excess));
+            }
+        }
+        free.sort_by_key(|&(i, _, n)| (std::cmp::Reverse(n), i));
+        ahead.sort_by_key(|&(i, _, n)| (std::cmp::Reverse(n), i));
+        free.extend(ahead);
+        free
+    }
+
+    /// Unmaps pages of free slots (largest first), then pages mapped ahead by allocated slots,
+    /// until `pages` pool pages were returned or nothing is left. Returns how many were returned.
+    fn reclaim(&self, pages: usize) -> Result<usize> {
+        let mut st = self.lock();
+        let mut remaining = pages;
+        let mut plan: Vec<Shrink> = Vec::new();
+        for (i, floor, _) in self.victims(&st) {
+            if remaining == 0 {
+                break;
+            }
+            let s = &mut st.slots[i];
+            let freed_at = |keep: usize| -> usize {
+                s.pages.iter().map(|p| p.len().saturating_sub(keep)).sum()
+            };
+            // Keep as many leading pages as possible while freeing enough.
+            let mut keep = s.pages.iter().map(Vec::len).max().unwrap_or(0);
+            while keep > floor && freed_at(keep) < remaining {
+                keep -= 1;
+            }
+            let freed = freed_at(keep);
+            if freed == 0 {
+                continue;
+            }
+            let tails: Vec<(usize, usize)> = s
+                .pages
+                .iter()
+                .enumerate()
+                .filter(|(_, p)| p.len() > keep)
+                .map(|(b, p)| (b, p.len()))
+                .collect();
+            remaining = remaining.saturating_sub(freed);
+            s.busy = true;
+            if s.allocated {
+                s.ahead = 0;
+            }
+            plan.push((i, keep, tails));
+        }
+        drop(st);
+        let mut result = Ok(());
+        let mut total = 0;
+        for (i, keep, tails) in &plan {
+            let before: usize = tails.iter().map(|&(_, l)| l - keep).sum();
+            match self.unmap_tails(*i, *keep, tails) {
+                Ok(()) => total += before,
+                Err(e) => result = Err(e),
+            }
+        }
+        let slots: Vec<usize> = plan.iter().map(|p| p.0).collect();
+        self.lock().reclaimed_pages += total as u64;
+        self.finish(&slots);
+        result.map(|()| total)
+    }
+
+    /// Unmaps, in every buffer listed in `tails` (buffer, current length), the pages of slot `i`
+    /// beyond `keep`, and gives them to the pool. The slot must be marked busy by the caller.
+    fn unmap_tails(&self, i: usize, keep: usize, tails: &[(usize, usize)]) -> Result<()> {
+        let mut first_err = None;
+        for &(b, len) in tails {
+            let bytes = (len - keep) * self.geometry.page_size;
+            match self.backend.unmap(self.va(b, i, keep), bytes) {
+                Ok(()) => {
+                    let pages = {
+                        let mut st = self.lock();
+                        st.slots[i].pages[b].split_off(keep)
+                    };
+                    self.pool.give_back(pages);
+                }
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+}
+
+/// A planned shrink: (slot, pages to keep per buffer, (buffer, current length) of each tail).
+type Shrink = (usize, usize, Vec<(usize, usize)>);
+
+/// Attaches mapped pieces to their slots.
+fn attach(st: &mut State, pieces: Vec<Piece>) {
+    for p in pieces {
+        let v = &mut st.slots[p.slot].pages[p.buffer];
+        debug_assert_eq!(v.len(), p.start);
+        v.extend(p.pages);
+    }
+}
+
+/// Which slot a budget failure is charged to: the first whose cumulative need passes what was
+/// available.
+fn blame(work: &[(usize, usize, usize)], e: &Error) -> (usize, usize) {
+    if let Error::BudgetExhausted { available, .. } = e {
+        let mut sum = 0;
+        for &(i, _, m) in work {
+            sum += m;
+            if sum > *available {
+                return (i, m);
+            }
+        }
+    }
+    work.first().map_or((0, 0), |w| (w.0, w.2))
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        let slots = std::mem::take(
+            &mut self
+                .state
+                .get_mut()
+                .unwrap_or_else(|p| p.into_inner())
+                .slots,
+        );
+        for (i, s) in slots.into_iter().enumerate() {
+            for (b, pages) in s.pages.into_iter().enumerate() {
+                if pages.is_empty() {
+                    continue;
+                }
+                let len = pages.len() * self.geometry.page_size;
+                match self.backend.unmap(self.va(b, i, 0), len) {
+                    Ok(()) => self.pool.give_back(pages),
+                    Err(e) => tracing::warn!("unmapping slot {i} at drop failed: {e}"),
+                }
+            }
+        }
+        for r in std::mem::take(&mut self.buffers) {
+            if let Err(e) = self.backend.free_reservation(r) {
+                tracing::warn!("freeing a reservation at drop failed: {e}");
+            }
+        }
+    }
+}

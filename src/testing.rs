@@ -1,0 +1,471 @@
+//! A model-checking harness for [`KvCache`], shared by the property tests, the fuzz targets and
+//! anyone who wants to test kvvm against their own operation sequences.
+//!
+//! [`Harness`] drives a cache on the host backend with small pages (optionally through a
+//! [`FaultyBackend`]) and keeps a shadow model of the allocated slots. Every token that a slot
+//! gains is stamped with a byte pattern derived from (allocation, token, layer, K/V); after every
+//! operation [`Harness::check`] verifies the model's invariants and that **every live token's K
+//! and V bytes read back exactly as written**.
+
+use std::sync::Arc;
+
+use crate::cache::{CacheConfig, DType, Kv, KvCache, Layout, SlotId};
+use crate::error::Error;
+use crate::vmm::faulty::FaultyBackend;
+use crate::vmm::host::{os_page_size, HostBackend, HostConfig};
+use crate::vmm::{Backend, BackendConfig, BackendOp};
+
+/// One operation on the cache. Slot references `k` index the live slots in allocation order
+/// (modulo their number), token counts are taken modulo `max_tokens + 1`, so that any value is
+/// meaningful.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+pub enum Op {
+    /// Allocate a slot for about `hint` tokens.
+    Alloc {
+        /// Expected tokens.
+        hint: u16,
+    },
+    /// Free the `k`-th live slot.
+    Free {
+        /// Live slot index.
+        k: u8,
+    },
+    /// Ensure the `k`-th live slot holds `tokens` tokens.
+    Ensure {
+        /// Live slot index.
+        k: u8,
+        /// Target tokens.
+        tokens: u16,
+    },
+    /// Grow every live slot by `by` tokens (a decode step), capped at `max_tokens`.
+    Decode {
+        /// Tokens per slot.
+        by: u8,
+    },
+    /// A batch of explicit targets.
+    Step {
+        /// (live slot index, target tokens).
+        items: Vec<(u8, u16)>,
+    },
+    /// Shrink the `k`-th live slot to `tokens`.
+    Shrink {
+        /// Live slot index.
+        k: u8,
+        /// Target tokens.
+        tokens: u16,
+    },
+    /// Take back every free slot's pages.
+    Reclaim,
+    /// Arm a fault: the `nth` next call of a kind fails (only with faults enabled).
+    Fault {
+        /// 0 map, 1 unmap, 2 create page, 3 release page.
+        kind: u8,
+        /// 1-based call number from now.
+        nth: u8,
+    },
+}
+
+#[derive(Clone, Debug)]
+struct Live {
+    slot: SlotId,
+    tokens: usize,
+    generation: u32,
+}
+
+/// The harness. See the [module documentation](self).
+#[derive(Debug)]
+pub struct Harness {
+    cache: Option<KvCache>,
+    host: Arc<HostBackend>,
+    faulty: Option<Arc<FaultyBackend>>,
+    live: Vec<Live>,
+    next_generation: u32,
+    budget_pages: usize,
+}
+
+/// Options of a [`Harness`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct HarnessConfig {
+    /// Layout under test.
+    pub layout: Layout,
+    /// Background mapper lookahead (0: inline mapping only).
+    pub lookahead: usize,
+    /// Route backend calls through a [`FaultyBackend`] and honour [`Op::Fault`].
+    pub faults: bool,
+    /// Slots.
+    pub max_slots: usize,
+    /// Tokens per slot.
+    pub max_tokens: usize,
+    /// Budget in pages of the OS page size.
+    pub budget_pages: usize,
+}
+
+impl Default for HarnessConfig {
+    fn default() -> Self {
+        HarnessConfig {
+            layout: Layout::Interleaved,
+            lookahead: 0,
+            faults: false,
+            max_slots: 4,
+            max_tokens: 200,
+            budget_pages: 36,
+        }
+    }
+}
+
+fn stamp(generation: u32, token: usize, layer: usize, kv: Kv, word: usize) -> u32 {
+    // A cheap mix (splitmix-like) of the coordinates, never constant across tokens.
+    let mut x = (u64::from(generation) << 40)
+        ^ ((token as u64) << 20)
+        ^ ((layer as u64) << 8)
+        ^ ((kv.is_v() as u64) << 7)
+        ^ word as u64;
+    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    (x ^ (x >> 31)) as u32
+}
+
+impl Harness {
+    /// A cache with 2 layers, 2 KV heads, head_dim 8, f32, pages of the OS page size.
+    ///
+    /// # Errors
+    /// Any error creating the backend or the cache.
+    pub fn new(config: HarnessConfig) -> crate::Result<Self> {
+        let page = os_page_size();
+        let host = Arc::new(HostBackend::new(HostConfig {
+            granularity: page,
+            copy_threads: 1,
+            ..HostConfig::default()
+        })?);
+        let faulty = config
+            .faults
+            .then(|| Arc::new(FaultyBackend::new(host.clone())));
+        let backend: Arc<dyn Backend> = match &faulty {
+            Some(f) => f.clone(),
+            None => host.clone(),
+        };
+        let cache = KvCache::with_backend(
+            CacheConfig {
+                layers: 2,
+                kv_heads: 2,
+                head_dim: 8,
+                dtype: DType::F32,
+                max_slots: config.max_slots,
+                max_tokens: config.max_tokens,
+                layout: config.layout,
+                page_size: None,
+                budget_bytes: (config.budget_pages * page) as u64,
+                backend: BackendConfig::default(),
+                lookahead_steps: config.lookahead,
+                create_all_pages: false,
+            },
+            backend,
+        )?;
+        Ok(Harness {
+            cache: Some(cache),
+            host,
+            faulty,
+            live: Vec::new(),
+            next_generation: 1,
+            budget_pages: config.budget_pages,
+        })
+    }
+
+    /// The cache under test.
+    ///
+    /// # Panics
+    /// Never: the cache is present until [`Harness::finish`] consumes the harness.
+    pub fn cache(&self) -> &KvCache {
+        self.cache.as_ref().expect("cache present until finish")
+    }
+
+    /// Slots the model holds: (slot, tokens).
+    pub fn live(&self) -> Vec<(SlotId, usize)> {
+        self.live.iter().map(|l| (l.slot, l.tokens)).collect()
+    }
+
+    fn row_ptr(
+        &self,
+        slot: SlotId,
+        token: usize,
+        layer: usize,
+        kv: Kv,
+    ) -> Result<*mut u32, String> {
+        let r = self
+            .cache()
+            .row(slot, token, layer, kv)
+            .map_err(|e| format!("row({slot}, {token}, {layer}, {kv:?}): {e}"))?;
+        Ok(r.addr as usize as *mut u32)
+    }
+
+    fn words(&self) -> usize {
+        self.cache().geometry().row_bytes() / 4
+    }
+
+    fn write_tokens(&self, l: &Live, from: usize, to: usize) -> Result<(), String> {
+        let layers = self.cache().geometry().layers;
+        for t in from..to {
+            for layer in 0..layers {
+                for kv in [Kv::K, Kv::V] {
+                    let p = self.row_ptr(l.slot, t, layer, kv)?;
+                    for w in 0..self.words() {
+                        // SAFETY: `row` checked that the token lies in pages mapped read/write
+                        // for this slot; the row holds `words()` aligned u32s; only this thread
+                        // writes this allocated slot's rows.
+                        unsafe {
+                            p.add(w)
+                                .write_volatile(stamp(l.generation, t, layer, kv, w))
+                        };
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn verify_slot(&self, l: &Live) -> Result<(), String> {
+        let layers = self.cache().geometry().layers;
+        for t in 0..l.tokens {
+            for layer in 0..layers {
+                for kv in [Kv::K, Kv::V] {
+                    let p = self.row_ptr(l.slot, t, layer, kv)?;
+                    for w in 0..self.words() {
+                        // SAFETY: as in `write_tokens`: the row is mapped and readable.
+                        let got = unsafe { p.add(w).read_volatile() };
+                        let want = stamp(l.generation, t, layer, kv, w);
+                        if got != want {
+                            return Err(format!(
+                                "slot {} token {t} layer {layer} {kv:?} word {w}: read {got:#x}, wrote {want:#x}",
+                                l.slot
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether a growth failure is legitimate: injected, or the live tokens after the operation
+    /// would not fit the budget.
+    fn legit_failure(&self, e: &Error, targets: &[(usize, usize)]) -> Result<(), String> {
+        let root = match e {
+            Error::Grow { source, .. } => &**source,
+            other => return Err(format!("growth failed with a non-Grow error: {other}")),
+        };
+        if matches!(root, Error::Injected { .. }) && self.faulty.is_some() {
+            return Ok(());
+        }
+        if let Error::BudgetExhausted { .. } = root {
+            let g = self.cache().geometry();
+            let need: usize = self
+                .live
+                .iter()
+                .enumerate()
+                .map(|(k, l)| {
+                    let t = targets
+                        .iter()
+                        .filter(|(j, _)| *j == k)
+                        .map(|&(_, t)| t)
+                        .max()
+                        .unwrap_or(0)
+                        .max(l.tokens);
+                    g.pages_for(t) * g.buffers
+                })
+                .sum();
+            if need > self.budget_pages {
+                return Ok(());
+            }
+            return Err(format!(
+                "budget refused although the live tokens need {need} of {} pages: {e}",
+                self.budget_pages
+            ));
+        }
+        Err(format!("unexpected growth error: {e}"))
+    }
+
+    /// Applies one operation and checks the outcome against the model.
+    ///
+    /// # Errors
+    /// A description of the first divergence from the model.
+    pub fn apply(&mut self, op: &Op) -> Result<(), String> {
+        let max_tokens = self.cache().geometry().max_tokens;
+        let clamp = |t: u16| usize::from(t) % (max_tokens + 1);
+        let n = self.live.len();
+        match op {
+            Op::Alloc { hint } => match self.cache().alloc_slot_for(clamp(*hint)) {
+                Ok(slot) => {
+                    if self.live.iter().any(|l| l.slot == slot) {
+                        return Err(format!("alloc returned live slot {slot}"));
+                    }
+                    self.live.push(Live {
+                        slot,
+                        tokens: 0,
+                        generation: self.next_generation,
+                    });
+                    self.next_generation += 1;
+                }
+                Err(Error::SlotsExhausted { .. }) if n == self.cache().geometry().max_slots => {}
+                Err(e) => return Err(format!("alloc failed with {n} live slots: {e}")),
+            },
+            Op::Free { k } if n > 0 => {
+                let l = self.live.remove(usize::from(*k) % n);
+                self.cache()
+                    .free_slot(l.slot)
+                    .map_err(|e| format!("free {}: {e}", l.slot))?;
+            }
+            Op::Ensure { k, tokens } if n > 0 => {
+                self.grow(&[(usize::from(*k) % n, clamp(*tokens))])?;
+            }
+            Op::Decode { by } if n > 0 => {
+                let items: Vec<(usize, usize)> = (0..n)
+                    .map(|k| (k, (self.live[k].tokens + usize::from(*by)).min(max_tokens)))
+                    .collect();
+                self.grow(&items)?;
+            }
+            Op::Step { items } if n > 0 => {
+                let items: Vec<(usize, usize)> = items
+                    .iter()
+                    .map(|&(k, t)| (usize::from(k) % n, clamp(t)))
+                    .collect();
+                self.grow(&items)?;
+            }
+            Op::Shrink { k, tokens } if n > 0 => {
+                let k = usize::from(*k) % n;
+                let t = clamp(*tokens);
+                let r = self.cache().shrink(self.live[k].slot, t);
+                self.live[k].tokens = self.live[k].tokens.min(t);
+                if let Err(e) = r {
+                    if !(self.faulty.is_some() && matches!(e, Error::Injected { .. })) {
+                        return Err(format!("shrink failed: {e}"));
+                    }
+                }
+            }
+            Op::Reclaim => {
+                if let Err(e) = self.cache().reclaim_free_slots() {
+                    if !(self.faulty.is_some() && matches!(e, Error::Injected { .. })) {
+                        return Err(format!("reclaim failed: {e}"));
+                    }
+                }
+            }
+            Op::Fault { kind, nth } => {
+                if let Some(f) = &self.faulty {
+                    let op = match kind % 4 {
+                        0 => BackendOp::Map,
+                        1 => BackendOp::Unmap,
+                        2 => BackendOp::CreatePage,
+                        _ => BackendOp::ReleasePage,
+                    };
+                    f.fail_nth(op, u64::from(*nth % 8) + 1);
+                }
+            }
+            _ => {}
+        }
+        self.check()
+    }
+
+    fn grow(&mut self, items: &[(usize, usize)]) -> Result<(), String> {
+        let batch: Vec<(SlotId, usize)> =
+            items.iter().map(|&(k, t)| (self.live[k].slot, t)).collect();
+        let before: Vec<usize> = self.live.iter().map(|l| l.tokens).collect();
+        match self.cache().step(&batch) {
+            Ok(()) => {
+                for &(k, t) in items {
+                    let old = self.live[k].tokens;
+                    if t > old {
+                        self.live[k].tokens = t;
+                        let l = self.live[k].clone();
+                        self.write_tokens(&l, old, t)?;
+                    }
+                }
+                Ok(())
+            }
+            Err(e) => {
+                self.legit_failure(&e, items)?;
+                // Nothing changed: the model stays as it was.
+                debug_assert_eq!(
+                    before,
+                    self.live.iter().map(|l| l.tokens).collect::<Vec<_>>()
+                );
+                Ok(())
+            }
+        }
+    }
+
+    /// Checks every invariant and every live byte.
+    ///
+    /// # Errors
+    /// A description of the first violation.
+    pub fn check(&self) -> Result<(), String> {
+        let cache = self.cache();
+        cache.quiesce();
+        let g = cache.geometry();
+        for l in &self.live {
+            let t = cache
+                .tokens(l.slot)
+                .map_err(|e| format!("tokens({}): {e}", l.slot))?;
+            if t != l.tokens {
+                return Err(format!(
+                    "slot {} holds {t} tokens, model {}",
+                    l.slot, l.tokens
+                ));
+            }
+            let cap = cache.capacity(l.slot).map_err(|e| e.to_string())?;
+            if cap < t {
+                return Err(format!(
+                    "slot {} capacity {cap} below its {t} tokens",
+                    l.slot
+                ));
+            }
+            self.verify_slot(l)?;
+        }
+        let stats = cache.stats();
+        if stats.allocated_slots != self.live.len() {
+            return Err(format!(
+                "{} slots allocated, model {}",
+                stats.allocated_slots,
+                self.live.len()
+            ));
+        }
+        let live_bytes: u64 = self
+            .live
+            .iter()
+            .map(|l| (l.tokens * g.bytes_per_token()) as u64)
+            .sum();
+        if stats.live_bytes != live_bytes {
+            return Err(format!(
+                "live bytes {} != model {live_bytes}",
+                stats.live_bytes
+            ));
+        }
+        let mapped_pages = stats.mapped_bytes / g.page_size as u64;
+        if stats.pool.in_use as u64 != mapped_pages {
+            return Err(format!(
+                "pool has {} pages in use but {mapped_pages} are mapped",
+                stats.pool.in_use
+            ));
+        }
+        if stats.pool.live > stats.pool.budget_pages {
+            return Err(format!("pool over budget: {:?}", stats.pool));
+        }
+        Ok(())
+    }
+
+    /// Drops the cache and checks that every page went back to the system.
+    ///
+    /// # Errors
+    /// A description of the leak.
+    pub fn finish(mut self) -> Result<(), String> {
+        if let Some(f) = &self.faulty {
+            f.clear();
+        }
+        self.cache.take();
+        let left = self.host.live_pages();
+        if left != 0 {
+            return Err(format!("{left} pages leaked after the cache was dropped"));
+        }
+        Ok(())
+    }
+}
