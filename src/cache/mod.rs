@@ -75,12 +75,18 @@ struct Slot {
     busy: bool,
     /// Tokens the background mapper should make room for.
     ahead: usize,
+    /// Cached smallest page count over the buffers (kept by `refresh`).
+    min_pages: usize,
 }
 
 impl Slot {
     /// Pages mapped in every buffer.
     fn mapped(&self) -> usize {
-        self.pages.iter().map(Vec::len).min().unwrap_or(0)
+        self.min_pages
+    }
+    /// Recomputes the cached page count after the page lists changed.
+    fn refresh(&mut self) {
+        self.min_pages = self.pages.iter().map(Vec::len).min().unwrap_or(0);
     }
     fn total_pages(&self) -> usize {
         self.pages.iter().map(Vec::len).sum()
@@ -563,10 +569,13 @@ impl Shared {
                     g.max_tokens
                 )));
             }
-            match targets.iter_mut().find(|(j, _)| *j == i) {
-                Some(t) => t.1 = t.1.max(tokens),
-                None => targets.push((i, tokens)),
-            }
+            targets.push((i, tokens));
+        }
+        if !targets.windows(2).all(|w| w[0].0 < w[1].0) {
+            targets.sort_unstable();
+            // Sorted by (slot, tokens): keep the last, largest entry of each slot.
+            targets.reverse();
+            targets.dedup_by_key(|t| t.0);
         }
         // Wait until no slot that needs pages is busy, then claim them all at once (no
         // hold-and-wait, so concurrent steps cannot deadlock).
@@ -589,7 +598,9 @@ impl Shared {
             }
         };
         if work.is_empty() {
-            self.commit_tokens(&mut st, &targets);
+            let wake = self.commit_tokens(&mut st, &targets);
+            drop(st);
+            self.wake_mapper(wake);
             return Ok(());
         }
         for &(i, _, _) in &work {
@@ -619,9 +630,10 @@ impl Shared {
                 for &i in &busy {
                     st.slots[i].busy = false;
                 }
-                self.commit_tokens(&mut st, &targets);
+                let wake = self.commit_tokens(&mut st, &targets);
                 drop(st);
                 self.changed.notify_all();
+                self.wake_mapper(wake);
                 Ok(())
             }
             Err((failed_slot, e, kept)) => {
@@ -643,16 +655,28 @@ impl Shared {
     }
 
     /// Records the new token counts after a successful growth and wakes the mapper.
-    fn commit_tokens(&self, st: &mut State, targets: &[(usize, usize)]) {
+    /// Returns whether the mapper was given work: the caller must then call
+    /// [`Shared::wake_mapper`] after releasing the lock.
+    #[must_use]
+    fn commit_tokens(&self, st: &mut State, targets: &[(usize, usize)]) -> bool {
+        let mut wake = false;
         for &(i, t) in targets {
             let s = &mut st.slots[i];
             s.tokens = s.tokens.max(t);
             if self.lookahead > 0 {
                 s.ahead = (s.tokens + self.lookahead).min(self.geometry.max_tokens);
+                wake |= self.geometry.pages_for(s.ahead) > s.min_pages;
             }
         }
-        if self.lookahead > 0 {
+        if wake {
             st.mapper_wake = true;
+        }
+        wake
+    }
+
+    /// Wakes the background mapper (call without holding the lock).
+    fn wake_mapper(&self, wake: bool) {
+        if wake {
             self.mapper_cv.notify_one();
         }
     }
@@ -843,7 +867,10 @@ impl Shared {
                 Ok(()) => {
                     let pages = {
                         let mut st = self.lock();
-                        st.slots[i].pages[b].split_off(keep)
+                        let s = &mut st.slots[i];
+                        let tail = s.pages[b].split_off(keep);
+                        s.refresh();
+                        tail
                     };
                     self.pool.give_back(pages);
                 }
@@ -862,9 +889,10 @@ type Shrink = (usize, usize, Vec<(usize, usize)>);
 /// Attaches mapped pieces to their slots.
 fn attach(st: &mut State, pieces: Vec<Piece>) {
     for p in pieces {
-        let v = &mut st.slots[p.slot].pages[p.buffer];
-        debug_assert_eq!(v.len(), p.start);
-        v.extend(p.pages);
+        let s = &mut st.slots[p.slot];
+        debug_assert_eq!(s.pages[p.buffer].len(), p.start);
+        s.pages[p.buffer].extend(p.pages);
+        s.refresh();
     }
 }
 

@@ -239,8 +239,8 @@ pub struct StepArgs {
     /// Tokens per slot at most (slots stop growing there).
     #[arg(long, default_value_t = 2048)]
     max_tokens: usize,
-    /// Simulated compute between steps, in microseconds (a real decode step of this batch takes
-    /// tens of milliseconds on a GPU).
+    /// Simulated compute between steps, in microseconds, spent busy-waiting like a host thread
+    /// waiting for the GPU (a real decode step of this batch takes tens of milliseconds).
     #[arg(long, default_value_t = 1000)]
     compute_us: u64,
     /// Background mapper lookahead in steps.
@@ -296,7 +296,12 @@ fn step_run(a: &StepArgs, layout: Layout, lookahead: usize) -> Result<StepRun> {
         cache.step(&tokens)?;
         lat.push(start.elapsed().as_nanos() as u64);
         if a.compute_us > 0 {
-            std::thread::sleep(Duration::from_micros(a.compute_us));
+            // Busy-wait, as a serving engine's host thread does while it waits for the GPU
+            // (CUDA's default synchronization spins); sleeping would measure wake-up latency.
+            let until = Instant::now() + Duration::from_micros(a.compute_us);
+            while Instant::now() < until {
+                std::hint::spin_loop();
+            }
         }
     }
     cache.quiesce();
