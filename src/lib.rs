@@ -17,7 +17,10 @@
 
 pub mod cache;
 pub mod error;
+pub mod ffi;
 pub mod pool;
+pub mod replay;
+pub mod swap;
 pub mod testing;
 pub mod vmm;
 

@@ -22,12 +22,19 @@ pub enum BenchCommand {
     /// A decode loop growing every slot one token per step, with the background mapper and with
     /// mapping inline.
     Step(StepArgs),
+    /// Swap whole requests out to host memory and back in: coarse transfers against the
+    /// fine-grained (16-token block per layer) baseline and a plain copy of the same bytes.
+    Swap(crate::bench_swap::SwapArgs),
+    /// Decode attention over contiguous (both layouts) and paged KV, same data.
+    Attention(crate::bench_attention::AttentionArgs),
 }
 
 pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Map(a) => bench_map(a),
         BenchCommand::Step(a) => bench_step(a),
+        BenchCommand::Swap(a) => crate::bench_swap::run(a),
+        BenchCommand::Attention(a) => crate::bench_attention::run(a),
     }
 }
 

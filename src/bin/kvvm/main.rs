@@ -1,6 +1,9 @@
 //! `kvvm`: inspect the backend, replay serving traces, and run the benchmarks.
 
 mod bench;
+mod bench_attention;
+mod bench_swap;
+mod replay;
 
 use clap::{Args, Parser, Subcommand};
 use kvvm::vmm::{self, BackendChoice, BackendConfig};
@@ -20,6 +23,8 @@ struct Cli {
 enum Command {
     /// Show the backend kvvm would use, its device, granularity and limits.
     Info(InfoArgs),
+    /// Replay a serving trace through kvvm and the baseline allocators (the main job).
+    Replay(replay::ReplayArgs),
     /// Run a benchmark against its baseline in the same run.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -107,6 +112,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Info(a) => info(a),
+        Command::Replay(a) => replay::run(a),
         Command::Bench(b) => bench::run(b),
     };
     if let Err(e) = result {

@@ -1,0 +1,17 @@
+//! `kvvm replay` (being written).
+
+use clap::Args;
+use kvvm::{Error, Result};
+
+/// Options.
+#[derive(Args, Debug)]
+pub struct ReplayArgs {
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(args: ReplayArgs) -> Result<()> {
+    let _ = args.json;
+    Err(Error::Unsupported("not yet implemented".into()))
+}

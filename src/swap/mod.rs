@@ -1,0 +1,1 @@
+//! SwapEngine: asynchronous, coarse-grained KV swapping between device and pinned host memory (being written).
