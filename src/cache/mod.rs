@@ -77,6 +77,9 @@ struct Slot {
     ahead: usize,
     /// Cached smallest page count over the buffers (kept by `refresh`).
     min_pages: usize,
+    /// Tokens promised by a growth call in flight (0 when none): reclamation keeps the pages
+    /// they need even before the call commits its new token count.
+    pending: usize,
 }
 
 impl Slot {
@@ -606,13 +609,44 @@ impl Shared {
         for &(i, _, _) in &work {
             st.slots[i].busy = true;
         }
+        // Slots of this batch that already have their pages must keep them while the pages of
+        // the others are acquired (reclamation would otherwise take them as "mapped ahead").
+        for &(i, t) in &targets {
+            let s = &mut st.slots[i];
+            s.pending = s.pending.max(t);
+        }
         let total: usize = work.iter().map(|w| w.2).sum();
+        // A slot left uneven by an earlier failed unmap may hold pages beyond its target in one
+        // buffer while missing some in another; the surplus holds no live token, so when pages
+        // are short it goes back to the pool first (the slot is ours: it is marked busy).
+        let surplus: Vec<(usize, usize, Vec<(usize, usize)>)> = if self.pool.available() < total {
+            work.iter()
+                .filter_map(|&(i, need, _)| {
+                    let tails: Vec<(usize, usize)> = st.slots[i]
+                        .pages
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, p)| p.len() > need)
+                        .map(|(b, p)| (b, p.len()))
+                        .collect();
+                    (!tails.is_empty()).then_some((i, need, tails))
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
         drop(st);
+        for (i, need, tails) in surplus {
+            if let Err(e) = self.unmap_tails(i, need, &tails) {
+                tracing::debug!("could not return surplus pages of slot {i}: {e}");
+            }
+        }
         let busy: Vec<usize> = work.iter().map(|w| w.0).collect();
 
         let pages = match self.acquire(total, true) {
             Ok(p) => p,
             Err(e) => {
+                self.clear_pending(&targets);
                 self.finish(&busy);
                 let (slot, missing) = blame(&work, &e);
                 return Err(Error::Grow {
@@ -631,6 +665,7 @@ impl Shared {
                     st.slots[i].busy = false;
                 }
                 let wake = self.commit_tokens(&mut st, &targets);
+                clear_pending(&mut st, &targets);
                 drop(st);
                 self.changed.notify_all();
                 self.wake_mapper(wake);
@@ -642,6 +677,7 @@ impl Shared {
                 for &i in &busy {
                     st.slots[i].busy = false;
                 }
+                clear_pending(&mut st, &targets);
                 drop(st);
                 self.changed.notify_all();
                 let missing = work.iter().find(|w| w.0 == failed_slot).map_or(0, |w| w.2);
@@ -652,6 +688,11 @@ impl Shared {
                 })
             }
         }
+    }
+
+    /// Forgets the promise of a growth call that gave up (see [`Slot::pending`]).
+    fn clear_pending(&self, targets: &[(usize, usize)]) {
+        clear_pending(&mut self.lock(), targets);
     }
 
     /// Records the new token counts after a successful growth and wakes the mapper.
@@ -784,7 +825,7 @@ impl Shared {
                 continue;
             }
             let floor = if s.allocated {
-                self.geometry.pages_for(s.tokens)
+                self.geometry.pages_for(s.tokens.max(s.pending))
             } else {
                 0
             };
@@ -885,6 +926,17 @@ impl Shared {
 
 /// A planned shrink: (slot, pages to keep per buffer, (buffer, current length) of each tail).
 type Shrink = (usize, usize, Vec<(usize, usize)>);
+
+/// Forgets the promises of a growth call that has finished: a slot's promise is cleared unless a
+/// concurrent call on the same slot promised more.
+fn clear_pending(st: &mut State, targets: &[(usize, usize)]) {
+    for &(i, t) in targets {
+        let s = &mut st.slots[i];
+        if s.pending <= t {
+            s.pending = 0;
+        }
+    }
+}
 
 /// Attaches mapped pieces to their slots.
 fn attach(st: &mut State, pieces: Vec<Piece>) {
