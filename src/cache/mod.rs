@@ -619,7 +619,7 @@ impl Shared {
         // A slot left uneven by an earlier failed unmap may hold pages beyond its target in one
         // buffer while missing some in another; the surplus holds no live token, so when pages
         // are short it goes back to the pool first (the slot is ours: it is marked busy).
-        let surplus: Vec<(usize, usize, Vec<(usize, usize)>)> = if self.pool.available() < total {
+        let surplus: Vec<Shrink> = if self.pool.available() < total {
             work.iter()
                 .filter_map(|&(i, need, _)| {
                     let tails: Vec<(usize, usize)> = st.slots[i]
