@@ -73,6 +73,12 @@ struct Slot {
     pages: Vec<Vec<PageHandle>>,
     /// A thread is changing this slot's mappings outside the lock.
     busy: bool,
+    /// Of `busy`: the change takes pages away (shrink, reclamation), so pages the slot lists now
+    /// may be gone when it ends; growth must wait even if it needs no new page.
+    shrinking: bool,
+    /// Tokens a growth in progress (outside the lock) will commit: reclamation keeps the pages
+    /// they need even if the slot's own pages are not being changed by that growth.
+    pending: usize,
     /// Tokens the background mapper should make room for.
     ahead: usize,
     /// Cached smallest page count over the buffers (kept by `refresh`).
@@ -350,6 +356,7 @@ impl KvCache {
             return Ok(());
         }
         s.busy = true;
+        s.shrinking = true;
         let tails: Vec<(usize, usize)> = s
             .pages
             .iter()
@@ -550,6 +557,7 @@ impl Shared {
         let mut st = self.lock();
         for &i in slots {
             st.slots[i].busy = false;
+            st.slots[i].shrinking = false;
         }
         drop(st);
         self.changed.notify_all();
@@ -588,7 +596,11 @@ impl Shared {
                     (missing > 0).then_some((i, need, missing))
                 })
                 .collect();
-            if work.iter().all(|&(i, _, _)| !st.slots[i].busy) {
+            // A slot losing pages (reclamation of its mapped-ahead tail) must be waited for
+            // even when its target fits the pages it lists now: they may be unmapped under us.
+            if work.iter().all(|&(i, _, _)| !st.slots[i].busy)
+                && targets.iter().all(|&(i, _)| !st.slots[i].shrinking)
+            {
                 break work;
             }
             st = self.changed.wait(st).unwrap_or_else(|p| p.into_inner());
@@ -606,13 +618,24 @@ impl Shared {
         for &(i, _, _) in &work {
             st.slots[i].busy = true;
         }
+        // Slots of the batch that need no new page are not busy: protect the pages their
+        // targets need from the reclamation `acquire` may start.
+        for &(i, t) in &targets {
+            st.slots[i].pending = t;
+        }
         let total: usize = work.iter().map(|w| w.2).sum();
         drop(st);
         let busy: Vec<usize> = work.iter().map(|w| w.0).collect();
+        let clear_pending = |st: &mut State| {
+            for &(i, _) in &targets {
+                st.slots[i].pending = 0;
+            }
+        };
 
         let pages = match self.acquire(total, true) {
             Ok(p) => p,
             Err(e) => {
+                clear_pending(&mut self.lock());
                 self.finish(&busy);
                 let (slot, missing) = blame(&work, &e);
                 return Err(Error::Grow {
@@ -630,6 +653,7 @@ impl Shared {
                 for &i in &busy {
                     st.slots[i].busy = false;
                 }
+                clear_pending(&mut st);
                 let wake = self.commit_tokens(&mut st, &targets);
                 drop(st);
                 self.changed.notify_all();
@@ -642,6 +666,7 @@ impl Shared {
                 for &i in &busy {
                     st.slots[i].busy = false;
                 }
+                clear_pending(&mut st);
                 drop(st);
                 self.changed.notify_all();
                 let missing = work.iter().find(|w| w.0 == failed_slot).map_or(0, |w| w.2);
@@ -784,7 +809,7 @@ impl Shared {
                 continue;
             }
             let floor = if s.allocated {
-                self.geometry.pages_for(s.tokens)
+                self.geometry.pages_for(s.tokens.max(s.pending))
             } else {
                 0
             };
@@ -836,6 +861,7 @@ impl Shared {
                 .collect();
             remaining = remaining.saturating_sub(freed);
             s.busy = true;
+            s.shrinking = true;
             if s.allocated {
                 s.ahead = 0;
             }
