@@ -73,6 +73,9 @@ struct Slot {
     pages: Vec<Vec<PageHandle>>,
     /// A thread is changing this slot's mappings outside the lock.
     busy: bool,
+    /// Of `busy`: the change takes pages away (shrink, reclamation), so pages the slot lists now
+    /// may be gone when it ends; growth must wait even if it needs no new page.
+    shrinking: bool,
     /// Tokens the background mapper should make room for.
     ahead: usize,
     /// Cached smallest page count over the buffers (kept by `refresh`).
@@ -353,6 +356,7 @@ impl KvCache {
             return Ok(());
         }
         s.busy = true;
+        s.shrinking = true;
         let tails: Vec<(usize, usize)> = s
             .pages
             .iter()
@@ -553,6 +557,7 @@ impl Shared {
         let mut st = self.lock();
         for &i in slots {
             st.slots[i].busy = false;
+            st.slots[i].shrinking = false;
         }
         drop(st);
         self.changed.notify_all();
@@ -591,7 +596,11 @@ impl Shared {
                     (missing > 0).then_some((i, need, missing))
                 })
                 .collect();
-            if work.iter().all(|&(i, _, _)| !st.slots[i].busy) {
+            // A slot losing pages (reclamation of its mapped-ahead tail) must be waited for
+            // even when its target fits the pages it lists now: they may be unmapped under us.
+            if work.iter().all(|&(i, _, _)| !st.slots[i].busy)
+                && targets.iter().all(|&(i, _)| !st.slots[i].shrinking)
+            {
                 break work;
             }
             st = self.changed.wait(st).unwrap_or_else(|p| p.into_inner());
@@ -877,6 +886,7 @@ impl Shared {
                 .collect();
             remaining = remaining.saturating_sub(freed);
             s.busy = true;
+            s.shrinking = true;
             if s.allocated {
                 s.ahead = 0;
             }
