@@ -114,7 +114,8 @@ impl Default for HarnessConfig {
     }
 }
 
-fn stamp(generation: u32, token: usize, layer: usize, kv: Kv, word: usize) -> u32 {
+/// The 32-bit word the pattern puts at `word` of the row of (`generation`, `token`, `layer`, `kv`).
+pub fn stamp(generation: u32, token: usize, layer: usize, kv: Kv, word: usize) -> u32 {
     // A cheap mix (splitmix-like) of the coordinates, never constant across tokens.
     let mut x = (u64::from(generation) << 40)
         ^ ((token as u64) << 20)
