@@ -1079,3 +1079,55 @@ fn kv_cache_and_swap_round_trip_on_the_fake() {
     }
     s.finish();
 }
+
+#[test]
+fn background_mapper_grows_slots_on_the_fake() {
+    // The mapper maps from its own thread, where the fake, like the driver, needs the context
+    // made current.
+    let s = session!();
+    for layout in [Layout::Interleaved, Layout::PerLayer] {
+        let b = Arc::new(backend());
+        let cache = KvCache::with_backend(
+            CacheConfig {
+                layers: 2,
+                kv_heads: 2,
+                head_dim: 64,
+                dtype: DType::F16,
+                max_slots: 3,
+                max_tokens: 512,
+                layout,
+                page_size: None,
+                budget_bytes: 32 * G as u64,
+                backend: BackendConfig::default(),
+                lookahead_steps: 4,
+                create_all_pages: false,
+            },
+            b.clone() as Arc<dyn Backend>,
+        )
+        .unwrap();
+        let slots: Vec<SlotId> = (0..3).map(|_| cache.alloc_slot().unwrap()).collect();
+        for step in 1..=300 {
+            // Slots grow at different rates, so their pages run out at different steps.
+            let batch: Vec<(SlotId, usize)> = slots
+                .iter()
+                .enumerate()
+                .map(|(i, &slot)| (slot, step * (i + 1) / 3 + 1))
+                .collect();
+            let before: Vec<usize> = slots.iter().map(|&x| cache.tokens(x).unwrap()).collect();
+            cache.step(&batch).unwrap();
+            for (&(slot, tokens), from) in batch.iter().zip(before) {
+                stamp(&cache, slot, slot + 1, from, tokens);
+            }
+        }
+        for (i, &slot) in slots.iter().enumerate() {
+            verify(&cache, slot, slot + 1, 300 * (i + 1) / 3 + 1);
+        }
+        cache.quiesce();
+        drop(cache);
+        drop(b);
+        for (kind, n) in s.live_counts() {
+            assert_eq!(n, 0, "{layout:?}: {n} {kind} left in the fake driver");
+        }
+    }
+    s.finish();
+}
