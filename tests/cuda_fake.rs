@@ -148,8 +148,12 @@ fn build() -> Result<Option<PathBuf>, String> {
         return Ok(Some(out));
     }
     let tmp = dir.join(format!(".libfakecuda-{}.so.tmp", std::process::id()));
-    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".to_string());
-    let output = match Command::new(&cc)
+    // `CC` may carry arguments (`ccache cc`, `cc -m64`).
+    let cc = std::env::var("CC").unwrap_or_default();
+    let mut words = cc.split_whitespace();
+    let program = words.next().unwrap_or("cc");
+    let output = match Command::new(program)
+        .args(words)
         .args(["-shared", "-fPIC", "-O1", "-Wall", "-Wextra", "-o"])
         .arg(&tmp)
         .arg(&src)
@@ -158,11 +162,11 @@ fn build() -> Result<Option<PathBuf>, String> {
     {
         Ok(o) => o,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(format!("running {cc}: {e}")),
+        Err(e) => return Err(format!("running {program}: {e}")),
     };
     if !output.status.success() {
         return Err(format!(
-            "{cc} failed to build {}:\n{}",
+            "{program} failed to build {}:\n{}",
             src.display(),
             String::from_utf8_lossy(&output.stderr)
         ));
