@@ -61,6 +61,7 @@ struct Fake {
     fail_from: FailFn,
     clear_faults: unsafe extern "C" fn(),
     hold: unsafe extern "C" fn(c_int),
+    set_async: unsafe extern "C" fn(c_int) -> c_int,
     set_granularity: unsafe extern "C" fn(usize) -> c_int,
     set_total_mem: unsafe extern "C" fn(usize),
     set_vmm_supported: unsafe extern "C" fn(c_int),
@@ -115,6 +116,14 @@ impl Fake {
     fn hold(&self, on: bool) {
         // SAFETY: takes a plain integer; only touches the fake's own state.
         unsafe { (self.hold)(c_int::from(on)) }
+    }
+
+    /// With `on`, queued copies run on the fake's device thread at unpredictable times instead
+    /// of at submission.
+    fn set_async(&self, on: bool) {
+        // SAFETY: takes a plain integer; only touches the fake's own state.
+        let rc = unsafe { (self.set_async)(c_int::from(on)) };
+        assert_eq!(rc, 0, "the fake's device thread cannot start");
     }
 
     fn set_total_mem(&self, bytes: usize) {
@@ -206,6 +215,7 @@ fn load() -> Option<Fake> {
         fail_from: sym!("fakecuda_fail_from"),
         clear_faults: sym!("fakecuda_clear_faults"),
         hold: sym!("fakecuda_hold"),
+        set_async: sym!("fakecuda_set_async"),
         set_granularity: sym!("fakecuda_set_granularity"),
         set_total_mem: sym!("fakecuda_set_total_mem"),
         set_vmm_supported: sym!("fakecuda_set_vmm_supported"),
@@ -247,6 +257,7 @@ impl Session {
         let fake = FAKE.get_or_init(load).as_ref()?;
         fake.clear_faults();
         fake.hold(false);
+        fake.set_async(false);
         fake.set_vmm_supported(true);
         fake.set_total_mem(TOTAL_MEM);
         Some(Session {
@@ -262,6 +273,7 @@ impl Session {
     fn finish(self) {
         self.clear_faults();
         self.hold(false);
+        self.set_async(false);
         for (kind, n) in self.live_counts() {
             assert_eq!(n, 0, "{n} {kind} left in the fake driver");
         }
@@ -925,24 +937,35 @@ fn verify(cache: &KvCache, slot: SlotId, generation: u32, tokens: usize) {
     unsafe { kvvm::testing::verify_tokens(cache, slot, generation, tokens) }.unwrap();
 }
 
+/// A cache of 2 layers, 2 KV heads, head_dim 64, f16 (1 KiB a token) with 512 tokens a slot,
+/// on pages of the fake's granularity.
+fn cache_config(
+    layout: Layout,
+    max_slots: usize,
+    budget_pages: usize,
+    lookahead_steps: usize,
+) -> CacheConfig {
+    CacheConfig {
+        layers: 2,
+        kv_heads: 2,
+        head_dim: 64,
+        dtype: DType::F16,
+        max_slots,
+        max_tokens: 512,
+        layout,
+        page_size: None,
+        budget_bytes: (budget_pages * G) as u64,
+        backend: BackendConfig::default(),
+        lookahead_steps,
+        create_all_pages: false,
+    }
+}
+
 fn swap_round_trip(s: &Session, layout: Layout) {
     let b = Arc::new(backend());
     let cache = Arc::new(
         KvCache::with_backend(
-            CacheConfig {
-                layers: 2,
-                kv_heads: 2,
-                head_dim: 64,
-                dtype: DType::F16,
-                max_slots: 3,
-                max_tokens: 512,
-                layout,
-                page_size: None,
-                budget_bytes: 32 * G as u64,
-                backend: BackendConfig::default(),
-                lookahead_steps: 0,
-                create_all_pages: false,
-            },
+            cache_config(layout, 3, 32, 0),
             b.clone() as Arc<dyn Backend>,
         )
         .unwrap(),
@@ -1092,20 +1115,7 @@ fn background_mapper_grows_slots_on_the_fake() {
     for layout in [Layout::Interleaved, Layout::PerLayer] {
         let b = Arc::new(backend());
         let cache = KvCache::with_backend(
-            CacheConfig {
-                layers: 2,
-                kv_heads: 2,
-                head_dim: 64,
-                dtype: DType::F16,
-                max_slots: 3,
-                max_tokens: 512,
-                layout,
-                page_size: None,
-                budget_bytes: 32 * G as u64,
-                backend: BackendConfig::default(),
-                lookahead_steps: 4,
-                create_all_pages: false,
-            },
+            cache_config(layout, 3, 32, 4),
             b.clone() as Arc<dyn Backend>,
         )
         .unwrap();
@@ -1127,6 +1137,86 @@ fn background_mapper_grows_slots_on_the_fake() {
             verify(&cache, slot, slot + 1, 300 * (i + 1) / 3 + 1);
         }
         cache.quiesce();
+        drop(cache);
+        drop(b);
+        for (kind, n) in s.live_counts() {
+            assert_eq!(n, 0, "{layout:?}: {n} {kind} left in the fake driver");
+        }
+    }
+    s.finish();
+}
+
+#[test]
+fn concurrent_swaps_with_an_asynchronous_device() {
+    // Copies complete on the fake's device thread at unpredictable times while three requests
+    // are swapped out and in again and again from their own threads, with the background mapper
+    // on. No copy may find its device range unmapped (checked by `finish`) and no byte may
+    // change.
+    let s = session!();
+    s.set_async(true);
+    for layout in [Layout::Interleaved, Layout::PerLayer] {
+        let b = Arc::new(backend());
+        let cache = Arc::new(
+            KvCache::with_backend(
+                cache_config(layout, 4, 48, 2),
+                b.clone() as Arc<dyn Backend>,
+            )
+            .unwrap(),
+        );
+        let swap = SwapEngine::new(
+            cache.clone(),
+            SwapConfig {
+                host_budget_bytes: 8 << 20,
+                // Small chunks: many copies per transfer, interleaved across streams.
+                chunk_bytes: 16 << 10,
+                max_in_flight: 4,
+            },
+        )
+        .unwrap();
+        let copies: Vec<_> = std::thread::scope(|scope| {
+            let workers: Vec<_> = (0..3usize)
+                .map(|w| {
+                    let (cache, swap) = (&cache, &swap);
+                    scope.spawn(move || {
+                        let generation = w as u32 + 1;
+                        let mut tokens = 20 + 30 * w;
+                        let mut slot = cache.alloc_slot_for(tokens).unwrap();
+                        cache.ensure(slot, tokens).unwrap();
+                        stamp(cache, slot, generation, 0, tokens);
+                        let mut copy = None;
+                        for round in 0..8 {
+                            let to = tokens + 7 + 3 * round;
+                            cache.ensure(slot, to).unwrap();
+                            stamp(cache, slot, generation, tokens, to);
+                            tokens = to;
+                            let out = swap.swap_out(slot).unwrap();
+                            if round % 2 == 0 {
+                                while !out.poll().unwrap() {
+                                    std::thread::yield_now();
+                                }
+                            } else {
+                                out.wait().unwrap();
+                            }
+                            assert!(copy.is_none_or(|c| c == out.copy()), "copy not reused");
+                            copy = Some(out.copy());
+                            slot = cache.alloc_slot_for(tokens).unwrap();
+                            swap.swap_in(out.copy(), slot).unwrap().wait().unwrap();
+                            verify(cache, slot, generation, tokens);
+                        }
+                        cache.free_slot(slot).unwrap();
+                        copy.unwrap()
+                    })
+                })
+                .collect();
+            workers.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let stats = swap.stats();
+        assert_eq!(stats.in_flight, 0);
+        assert!(stats.reuse_saved_bytes > 0, "KV reuse never applied");
+        for c in copies {
+            swap.release(c).unwrap();
+        }
+        drop(swap);
         drop(cache);
         drop(b);
         for (kind, n) in s.live_counts() {
