@@ -148,8 +148,11 @@ fn build() -> Result<Option<PathBuf>, String> {
     use std::hash::{Hash, Hasher};
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fakecuda.c");
     let text = std::fs::read(&src).map_err(|e| format!("reading {}: {e}", src.display()))?;
+    // `CC` may carry arguments (`ccache cc`, `cc -fsanitize=address`); they are part of the key.
+    let cc = std::env::var("CC").unwrap_or_default();
     let mut h = std::collections::hash_map::DefaultHasher::new();
     text.hash(&mut h);
+    cc.hash(&mut h);
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("fakecuda");
     std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
     let out = dir.join(format!("libfakecuda-{:016x}.so", h.finish()));
@@ -157,8 +160,6 @@ fn build() -> Result<Option<PathBuf>, String> {
         return Ok(Some(out));
     }
     let tmp = dir.join(format!(".libfakecuda-{}.so.tmp", std::process::id()));
-    // `CC` may carry arguments (`ccache cc`, `cc -m64`).
-    let cc = std::env::var("CC").unwrap_or_default();
     let mut words = cc.split_whitespace();
     let program = words.next().unwrap_or("cc");
     let output = match Command::new(program)
