@@ -3,7 +3,13 @@
 //! into `PROT_NONE` reservations) and loaded through `KVVM_LIBCUDA`. The tests drive
 //! [`CudaBackend`] through the [`Backend`] trait, check the driver calls it makes with the fake's
 //! call counters, inject driver failures, check that nothing leaks with the fake's live object
-//! counters, and run a `KvCache` + `SwapEngine` round trip on it.
+//! counters, and run `KvCache` and `SwapEngine` on it: a swap round trip, the background mapper,
+//! concurrent swaps while the fake's device thread completes copies at unpredictable times, and
+//! the cache model test (`kvvm::testing::Harness`) with injected faults.
+//!
+//! The fake checks, when a queued copy runs, that its device range is still mapped: every test
+//! ends by asserting that no copy found it unmapped (pages given back before their transfer
+//! finished) and that every asynchronous copy used page-locked host memory.
 //!
 //! The fake's state is process-wide, so the tests of this file take a lock and run one at a time
 //! (under cargo-nextest each runs in its own process anyway). Without a C compiler every test
