@@ -1299,3 +1299,90 @@ proptest! {
         s.finish();
     }
 }
+
+#[test]
+fn a_stream_waiting_on_a_swap_in_event_sees_every_token() {
+    // A serving engine's compute stream may wait on a swap-in ticket's event instead of the
+    // host waiting: everything it runs afterwards must see the whole transfer. On the fake's
+    // device thread, streams progress in random order, so without the wait (or with an event
+    // recorded before the last chunk) the read below would see the pages' poison bytes.
+    let s = session!();
+    for layout in [Layout::Interleaved, Layout::PerLayer] {
+        let b = Arc::new(backend());
+        let cache = Arc::new(
+            KvCache::with_backend(
+                cache_config(layout, 2, 16, 0),
+                b.clone() as Arc<dyn Backend>,
+            )
+            .unwrap(),
+        );
+        let swap = SwapEngine::new(
+            cache.clone(),
+            SwapConfig {
+                host_budget_bytes: 4 << 20,
+                chunk_bytes: 16 << 10,
+                max_in_flight: 2,
+            },
+        )
+        .unwrap();
+        let tokens = 200;
+        let slot = cache.alloc_slot_for(tokens).unwrap();
+        cache.ensure(slot, tokens).unwrap();
+        stamp(&cache, slot, 7, 0, tokens);
+        let out = swap.swap_out(slot).unwrap();
+        out.wait().unwrap();
+        let copy = out.copy();
+
+        let stream = result::stream_create(CU_STREAM_NON_BLOCKING).unwrap();
+        s.set_async(true);
+        for _ in 0..4 {
+            s.hold(true);
+            let slot = cache.alloc_slot_for(tokens).unwrap();
+            let t = swap.swap_in(copy, slot).unwrap();
+            let event = t.event().expect("a swap-in with tokens has an event") as usize as CUevent;
+            let ranges = cache.slot_ranges(slot, tokens).unwrap();
+            let len: usize = ranges.iter().map(|r| r.len).sum();
+            let h = b.alloc_host(len).unwrap();
+            // SAFETY: `stream` and `event` are live (the ticket keeps its event); the slot's
+            // ranges are mapped by `swap_in` and stay mapped until the slot is freed after the
+            // stream is synchronized; `h` is a pinned buffer of `len` bytes read only after that.
+            unsafe {
+                result::stream_wait_event(stream, event, 0).unwrap();
+                let mut at = h.addr();
+                for r in &ranges {
+                    let dst = std::ptr::with_exposed_provenance_mut(at as usize);
+                    result::memcpy_dtoh_async(dst, r.addr, r.len, stream).unwrap();
+                    at += r.len as u64;
+                }
+            }
+            s.hold(false);
+            // SAFETY: `stream` is live.
+            unsafe { result::stream_synchronize(stream) }.unwrap();
+            t.wait().unwrap();
+            verify(&cache, slot, 7, tokens);
+            let mut at = h.addr();
+            for r in &ranges {
+                // SAFETY: both are readable for `r.len` bytes: the slot's mapped range and the
+                // part of `h` the stream wrote, which no copy uses any more.
+                let (dev, host) = unsafe {
+                    (
+                        std::slice::from_raw_parts(r.addr as usize as *const u8, r.len),
+                        std::slice::from_raw_parts(at as usize as *const u8, r.len),
+                    )
+                };
+                assert!(dev == host, "the stream read before the swap-in completed");
+                at += r.len as u64;
+            }
+            b.free_host(h).map_err(|(_, e)| e).unwrap();
+            cache.free_slot(slot).unwrap();
+        }
+        s.set_async(false);
+        // SAFETY: `stream` is idle and not used afterwards.
+        unsafe { result::stream_destroy(stream) }.unwrap();
+        swap.release(copy).unwrap();
+        drop(swap);
+        drop(cache);
+        drop(b);
+    }
+    s.finish();
+}
