@@ -56,6 +56,16 @@
 #define KVVM_DLPACK_MINOR 1
 
 /**
+ * Size of the first published `kvvm_swap_config`.
+ */
+#define KVVM_SWAP_CONFIG_SIZE_V1 24
+
+/**
+ * Size of the first published `kvvm_swap_stats`.
+ */
+#define KVVM_SWAP_STATS_SIZE_V1 80
+
+/**
  * Backend codes for `kvvm_config::backend`.
  */
 enum kvvm_backend
@@ -605,6 +615,99 @@ typedef struct kvvm_dl_managed_tensor {
   void (*deleter)(struct kvvm_dl_managed_tensor*);
 } kvvm_dl_managed_tensor;
 
+/**
+ * Options of a swap engine. Fill with `kvvm_swap_config_init`, then change fields.
+ * `struct_size` follows the rules of `kvvm_config`.
+ */
+typedef struct kvvm_swap_config {
+  /**
+   * `sizeof(kvvm_swap_config)`.
+   */
+  uint32_t struct_size;
+  /**
+   * Transfers in flight at once (a swap beyond it waits for the oldest). Default 16.
+   */
+  uint32_t max_in_flight;
+  /**
+   * Bytes of host memory for host copies. Default 8 GiB.
+   */
+  uint64_t host_budget_bytes;
+  /**
+   * Transfers are split into chunks of at most this many bytes, to pipeline. Default 4 MiB.
+   */
+  uint64_t chunk_bytes;
+} kvvm_swap_config;
+
+/**
+ * Handle of a swap engine. `{0}` is the null handle.
+ */
+typedef struct kvvm_swap {
+  /**
+   * Registry id (opaque).
+   */
+  uint64_t id;
+} kvvm_swap;
+
+/**
+ * Handle of a swap ticket (one swap-out or swap-in in flight). `{0}` is the null handle.
+ */
+typedef struct kvvm_ticket {
+  /**
+   * Registry id (opaque).
+   */
+  uint64_t id;
+} kvvm_ticket;
+
+/**
+ * Counters of a swap engine. The caller sets `struct_size` to `sizeof(kvvm_swap_stats)`.
+ */
+typedef struct kvvm_swap_stats {
+  /**
+   * `sizeof(kvvm_swap_stats)`, set by the caller.
+   */
+  uint32_t struct_size;
+  /**
+   * Reserved, 0.
+   */
+  uint32_t reserved;
+  /**
+   * Bytes copied device to host by completed swap-outs.
+   */
+  uint64_t bytes_out;
+  /**
+   * Bytes copied host to device by completed swap-ins.
+   */
+  uint64_t bytes_in;
+  /**
+   * Bytes swap-outs did not copy because the host copy already held them.
+   */
+  uint64_t reuse_saved_bytes;
+  /**
+   * Completed transfers.
+   */
+  uint64_t transfers;
+  /**
+   * Host bytes held by host copies.
+   */
+  uint64_t host_bytes_used;
+  /**
+   * The host budget.
+   */
+  uint64_t host_budget_bytes;
+  /**
+   * Host copies evicted to make room.
+   */
+  uint64_t evictions;
+  /**
+   * Host copies alive.
+   */
+  uint64_t copies_live;
+  /**
+   * Transfers in flight.
+   */
+  uint64_t in_flight;
+} kvvm_swap_stats;
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -760,12 +863,13 @@ kvvm_status kvvm_cache_step(struct kvvm_cache cache,
                             size_t n);
 
 /**
- * Shrinks `slot` to `tokens` live tokens (its pages stay mapped).
+ * Cuts `slot` to `min(tokens, current)` live tokens and unmaps its pages beyond `tokens`.
  *
  * Thread-safe; serialized with other calls changing the same slot.
  *
  * # Errors
- * `KVVM_INVALID_HANDLE`; `KVVM_INVALID_ARGUMENT` (bad slot, more tokens than it holds).
+ * `KVVM_INVALID_HANDLE`; `KVVM_INVALID_ARGUMENT` for a bad slot; a backend error if unmapping
+ * fails (the slot then holds `min(tokens, current)` tokens, nothing leaks).
  */
 kvvm_status kvvm_cache_shrink(struct kvvm_cache cache, uint32_t slot, uint64_t tokens);
 
@@ -984,6 +1088,226 @@ void kvvm_dlpack_free(struct kvvm_dl_managed_tensor_versioned *tensor);
  * `tensor` is null or a tensor from `kvvm_cache_export_dlpack_legacy` whose deleter has not run.
  */
 void kvvm_dlpack_free_legacy(struct kvvm_dl_managed_tensor *tensor);
+
+/**
+ * Fills `*config` with the defaults; `struct_size` is set.
+ *
+ * Thread-safe.
+ *
+ * # Safety
+ * `config` is null or points to a writable `kvvm_swap_config`.
+ */
+kvvm_status kvvm_swap_config_init(struct kvvm_swap_config *config);
+
+/**
+ * Creates a swap engine for a cache and writes its handle to `*out_swap`. `config` may be null
+ * for the defaults. The engine keeps the cache alive.
+ *
+ * Thread-safe.
+ *
+ * # Errors
+ * `KVVM_INVALID_HANDLE`, `KVVM_NULL_POINTER` (`out_swap`), `KVVM_INVALID_CONFIG`.
+ *
+ * # Safety
+ * `config` is null or valid for reads of `config->struct_size` bytes; `out_swap` is null or
+ * points to a writable `kvvm_swap`.
+ */
+kvvm_status kvvm_swap_create(struct kvvm_cache cache,
+                             const struct kvvm_swap_config *config,
+                             struct kvvm_swap *out_swap);
+
+/**
+ * Destroys a swap engine handle. Transfers in flight are finished first (this call may block
+ * until they are); host copies are freed. Tickets of the engine stay valid handles (their
+ * transfers are finished).
+ *
+ * Thread-safe.
+ *
+ * # Errors
+ * `KVVM_INVALID_HANDLE`.
+ */
+kvvm_status kvvm_swap_destroy(struct kvvm_swap swap);
+
+/**
+ * Starts copying an allocated slot's KV to host memory and writes the transfer's ticket to
+ * `*out_ticket` (free it with `kvvm_ticket_free`). Once the ticket completes the slot's pages are
+ * unmapped and the slot is free; until then it must not be used. The ticket names the host copy
+ * (`kvvm_ticket_copy`) to swap back in later.
+ *
+ * Thread-safe; may block while the in-flight limit is reached.
+ *
+ * # Errors
+ * `KVVM_INVALID_HANDLE`, `KVVM_NULL_POINTER`, `KVVM_INVALID_ARGUMENT` (slot not allocated),
+ * `KVVM_HOST_BUDGET_EXHAUSTED`, backend errors; the slot is then as it was.
+ *
+ * # Safety
+ * `out_ticket` is null or points to a writable `kvvm_ticket`.
+ */
+kvvm_status kvvm_swap_out(struct kvvm_swap swap, uint32_t slot, struct kvvm_ticket *out_ticket);
+
+/**
+ * Starts copying host copy `copy` back into `slot`, which must be allocated and empty (e.g.
+ * from `kvvm_cache_alloc_slot_for`). Writes the ticket to `*out_ticket`; the slot must not be
+ * used until it completes. The host copy stays valid afterwards (a later swap-out of the slot
+ * copies only new tokens).
+ *
+ * Thread-safe; may block while the copy is in another transfer or the in-flight limit is
+ * reached.
+ *
+ * # Errors
+ * `KVVM_INVALID_HANDLE`, `KVVM_NULL_POINTER`, `KVVM_INVALID_ARGUMENT` (unknown copy, slot not
+ * allocated or not empty), `KVVM_BUDGET_EXHAUSTED`, backend errors; nothing changed then.
+ *
+ * # Safety
+ * `out_ticket` is null or points to a writable `kvvm_ticket`.
+ */
+kvvm_status kvvm_swap_in(struct kvvm_swap swap,
+                         uint64_t copy,
+                         uint32_t slot,
+                         struct kvvm_ticket *out_ticket);
+
+/**
+ * Drops a host copy (after a transfer using it, if one is in flight).
+ *
+ * Thread-safe.
+ *
+ * # Errors
+ * `KVVM_INVALID_HANDLE`; `KVVM_INVALID_ARGUMENT` for an unknown, released or evicted copy.
+ */
+kvvm_status kvvm_swap_release(struct kvvm_swap swap, uint64_t copy);
+
+/**
+ * Pins (`pinned != 0`) or unpins a host copy; pinned copies are never evicted.
+ *
+ * Thread-safe.
+ *
+ * # Errors
+ * As `kvvm_swap_release`.
+ */
+kvvm_status kvvm_swap_pin(struct kvvm_swap swap, uint64_t copy, uint32_t pinned);
+
+/**
+ * Sets a host copy's eviction priority (0..=255; lower is evicted first).
+ *
+ * Thread-safe.
+ *
+ * # Errors
+ * As `kvvm_swap_release`; `KVVM_INVALID_ARGUMENT` for a priority above 255.
+ */
+kvvm_status kvvm_swap_set_priority(struct kvvm_swap swap, uint64_t copy, uint32_t priority);
+
+/**
+ * Writes the tokens a host copy holds to `*tokens`.
+ *
+ * Thread-safe.
+ *
+ * # Errors
+ * As `kvvm_swap_release`; `KVVM_NULL_POINTER`.
+ *
+ * # Safety
+ * `tokens` is null or points to a writable `uint64_t`.
+ */
+kvvm_status kvvm_swap_host_tokens(struct kvvm_swap swap, uint64_t copy, uint64_t *tokens);
+
+/**
+ * Writes the engine's counters to `*stats`; the caller sets `stats->struct_size`.
+ *
+ * Thread-safe.
+ *
+ * # Errors
+ * `KVVM_INVALID_HANDLE`, `KVVM_NULL_POINTER`, `KVVM_INVALID_ARGUMENT` for a `struct_size`
+ * below `KVVM_SWAP_STATS_SIZE_V1`.
+ *
+ * # Safety
+ * `stats` is null or valid for writes of `stats->struct_size` bytes.
+ */
+kvvm_status kvvm_swap_get_stats(struct kvvm_swap swap, struct kvvm_swap_stats *stats);
+
+/**
+ * Waits until no transfer of the engine is in flight.
+ *
+ * Thread-safe.
+ *
+ * # Errors
+ * `KVVM_INVALID_HANDLE`.
+ */
+kvvm_status kvvm_swap_quiesce(struct kvvm_swap swap);
+
+/**
+ * Writes 1 to `*done` once the transfer and its bookkeeping are complete, 0 while in flight.
+ * Never blocks on the copy.
+ *
+ * Thread-safe.
+ *
+ * # Errors
+ * `KVVM_INVALID_HANDLE`, `KVVM_NULL_POINTER`; the transfer's own error if it failed (the slot
+ * and host copy are then as they were before the swap).
+ *
+ * # Safety
+ * `done` is null or points to a writable `uint32_t`.
+ */
+kvvm_status kvvm_ticket_poll(struct kvvm_ticket ticket, uint32_t *done);
+
+/**
+ * Blocks until the transfer is complete.
+ *
+ * Thread-safe.
+ *
+ * # Errors
+ * `KVVM_INVALID_HANDLE`; the transfer's own error if it failed.
+ */
+kvvm_status kvvm_ticket_wait(struct kvvm_ticket ticket);
+
+/**
+ * Writes the CUDA event (`CUevent`) recorded after the transfer's copy to `*event`, which a
+ * stream can wait on with `cuStreamWaitEvent`; writes 0 on the host backend or when nothing was
+ * copied. The event belongs to kvvm and is valid until the ticket is freed.
+ *
+ * Thread-safe.
+ *
+ * # Errors
+ * `KVVM_INVALID_HANDLE`, `KVVM_NULL_POINTER`.
+ *
+ * # Safety
+ * `event` is null or points to a writable `uint64_t`.
+ */
+kvvm_status kvvm_ticket_event(struct kvvm_ticket ticket, uint64_t *event);
+
+/**
+ * Writes the id of the host copy the transfer reads or writes to `*copy`.
+ *
+ * Thread-safe.
+ *
+ * # Errors
+ * `KVVM_INVALID_HANDLE`, `KVVM_NULL_POINTER`.
+ *
+ * # Safety
+ * `copy` is null or points to a writable `uint64_t`.
+ */
+kvvm_status kvvm_ticket_copy(struct kvvm_ticket ticket, uint64_t *copy);
+
+/**
+ * Writes the bytes the transfer copies to `*bytes`.
+ *
+ * Thread-safe.
+ *
+ * # Errors
+ * `KVVM_INVALID_HANDLE`, `KVVM_NULL_POINTER`.
+ *
+ * # Safety
+ * `bytes` is null or points to a writable `uint64_t`.
+ */
+kvvm_status kvvm_ticket_bytes(struct kvvm_ticket ticket, uint64_t *bytes);
+
+/**
+ * Frees a ticket handle. The transfer is not cancelled: the engine finishes it.
+ *
+ * Thread-safe.
+ *
+ * # Errors
+ * `KVVM_INVALID_HANDLE`.
+ */
+kvvm_status kvvm_ticket_free(struct kvvm_ticket ticket);
 
 #ifdef __cplusplus
 }  // extern "C"

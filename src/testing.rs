@@ -164,10 +164,7 @@ pub fn write_pattern(
                     // SAFETY: `row` checked that the token lies in pages mapped read/write for
                     // this slot; the row holds `words` aligned u32s; the caller guarantees that
                     // no one else accesses these rows.
-                    unsafe {
-                        p.add(w)
-                            .write_volatile(stamp(generation, t, layer, kv, w))
-                    };
+                    unsafe { p.add(w).write_volatile(stamp(generation, t, layer, kv, w)) };
                 }
             }
         }

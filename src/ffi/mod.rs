@@ -20,6 +20,7 @@
 pub mod dlpack;
 pub mod fuzz;
 mod registry;
+pub mod swap;
 
 use std::cell::RefCell;
 use std::ffi::{c_char, c_void, CStr};
@@ -454,15 +455,6 @@ fn guard(f: impl FnOnce() -> FfiResult) -> kvvm_status {
 unsafe fn out<'a, T>(p: *mut T, what: &str) -> FfiResult<&'a mut T> {
     // SAFETY: the caller guarantees `p` is null or valid and aligned for writes.
     unsafe { p.as_mut() }.ok_or_else(|| FfiError::null(what))
-}
-
-/// A shared reference from an in-pointer.
-///
-/// # Safety
-/// `p` is null or valid for reads of a `T` for `'a`.
-unsafe fn input<'a, T>(p: *const T, what: &str) -> FfiResult<&'a T> {
-    // SAFETY: the caller guarantees `p` is null or valid and aligned for reads.
-    unsafe { p.as_ref() }.ok_or_else(|| FfiError::null(what))
 }
 
 /// A string argument.
@@ -922,12 +914,13 @@ pub unsafe extern "C" fn kvvm_cache_step(
     })
 }
 
-/// Shrinks `slot` to `tokens` live tokens (its pages stay mapped).
+/// Cuts `slot` to `min(tokens, current)` live tokens and unmaps its pages beyond `tokens`.
 ///
 /// Thread-safe; serialized with other calls changing the same slot.
 ///
 /// # Errors
-/// `KVVM_INVALID_HANDLE`; `KVVM_INVALID_ARGUMENT` (bad slot, more tokens than it holds).
+/// `KVVM_INVALID_HANDLE`; `KVVM_INVALID_ARGUMENT` for a bad slot; a backend error if unmapping
+/// fails (the slot then holds `min(tokens, current)` tokens, nothing leaks).
 #[no_mangle]
 pub extern "C" fn kvvm_cache_shrink(cache: kvvm_cache, slot: u32, tokens: u64) -> kvvm_status {
     guard(|| {

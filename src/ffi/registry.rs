@@ -12,12 +12,17 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::{kvvm_status, FfiError, FfiResult};
 use crate::cache::KvCache;
+use crate::swap::{SwapEngine, SwapTicket};
 
 /// An object a handle refers to.
 #[derive(Debug, Clone)]
 pub(crate) enum Object {
     /// A cache (`kvvm_cache`).
     Cache(Arc<KvCache>),
+    /// A swap engine (`kvvm_swap`).
+    Swap(Arc<SwapEngine>),
+    /// A swap ticket (`kvvm_ticket`).
+    Ticket(Arc<SwapTicket>),
 }
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
@@ -70,7 +75,6 @@ pub(crate) fn remove<T>(id: u64, kind: &str, pick: impl Fn(&Object) -> Option<T>
 pub(crate) fn get_cache(id: u64) -> FfiResult<Arc<KvCache>> {
     get(id, "cache", |o| match o {
         Object::Cache(c) => Some(c.clone()),
-        #[allow(unreachable_patterns)]
         _ => None,
     })
 }
@@ -79,9 +83,45 @@ pub(crate) fn get_cache(id: u64) -> FfiResult<Arc<KvCache>> {
 pub(crate) fn remove_cache(id: u64) -> FfiResult {
     let c = remove(id, "cache", |o| match o {
         Object::Cache(c) => Some(c.clone()),
-        #[allow(unreachable_patterns)]
         _ => None,
     })?;
     drop(c);
+    Ok(())
+}
+
+/// The swap engine with handle `id`.
+pub(crate) fn get_swap(id: u64) -> FfiResult<Arc<SwapEngine>> {
+    get(id, "swap engine", |o| match o {
+        Object::Swap(s) => Some(s.clone()),
+        _ => None,
+    })
+}
+
+/// Removes the swap engine with handle `id` (dropped outside the lock: dropping the last
+/// reference waits for its transfers).
+pub(crate) fn remove_swap(id: u64) -> FfiResult {
+    let s = remove(id, "swap engine", |o| match o {
+        Object::Swap(s) => Some(s.clone()),
+        _ => None,
+    })?;
+    drop(s);
+    Ok(())
+}
+
+/// The ticket with handle `id`.
+pub(crate) fn get_ticket(id: u64) -> FfiResult<Arc<SwapTicket>> {
+    get(id, "ticket", |o| match o {
+        Object::Ticket(t) => Some(t.clone()),
+        _ => None,
+    })
+}
+
+/// Removes the ticket with handle `id`.
+pub(crate) fn remove_ticket(id: u64) -> FfiResult {
+    let t = remove(id, "ticket", |o| match o {
+        Object::Ticket(t) => Some(t.clone()),
+        _ => None,
+    })?;
+    drop(t);
     Ok(())
 }

@@ -374,7 +374,10 @@ impl Inner {
     /// Host tokens per buffer a copy of `tokens` tokens reserves room for.
     fn capacity_for(&self, tokens: usize) -> usize {
         let max = self.cache.geometry().max_tokens;
-        (tokens + tokens / 4).div_ceil(16).saturating_mul(16).clamp(tokens, max.max(tokens))
+        (tokens + tokens / 4)
+            .div_ceil(16)
+            .saturating_mul(16)
+            .clamp(tokens, max.max(tokens))
     }
 
     /// Extent bytes for `cap` tokens per buffer.
@@ -393,8 +396,8 @@ impl Inner {
             }
             let unreserved = budget.saturating_sub(st.arena.reserved());
             if unreserved >= len as u64 {
-                let block = ((unreserved as usize).min(MIN_BLOCK.max(len)) / arena::ALIGN)
-                    * arena::ALIGN;
+                let block =
+                    ((unreserved as usize).min(MIN_BLOCK.max(len)) / arena::ALIGN) * arena::ALIGN;
                 st.arena.grow(self.backend(), block.max(len))?;
                 continue;
             }
@@ -724,7 +727,9 @@ impl SwapEngine {
             Some((e, cap, _)) => (Some(e), cap),
             None => (c.extent, c.cap),
         };
-        let old = relocate.and_then(|r| r.2).map(|e| (st.arena.addr(&e), c.cap));
+        let old = relocate
+            .and_then(|r| r.2)
+            .map(|e| (st.arena.addr(&e), c.cap));
         let dst_base = dst_extent.map(|e| st.arena.addr(&e));
         drop(st);
         let undo = |st: &mut State| {
@@ -972,7 +977,11 @@ impl SwapEngine {
     pub fn quiesce(&self) {
         let mut st = self.inner.lock();
         while st.in_flight > 0 {
-            st = self.inner.changed.wait(st).unwrap_or_else(|p| p.into_inner());
+            st = self
+                .inner
+                .changed
+                .wait(st)
+                .unwrap_or_else(|p| p.into_inner());
         }
     }
 }
