@@ -8,6 +8,7 @@
 use std::ffi::c_char;
 
 use super::dlpack::{kvvm_cache_export_dlpack, kvvm_dl_managed_tensor_versioned, kvvm_dlpack_free};
+use super::swap::*;
 use super::*;
 
 struct Bytes<'a>(&'a [u8]);
@@ -35,23 +36,37 @@ impl Bytes<'_> {
     }
 }
 
+/// A made-up handle id: far above any id the registry hands out, so that inputs running next
+/// to other users of the library (tests in one process) never touch their objects.
+fn made_up(k: u8) -> u64 {
+    (1 << 63) | u64::from(k).wrapping_mul(0x9e37_79b9)
+}
+
 /// Runs the calls `data` encodes and checks what every call returned against the library's
-/// documented behaviour.
+/// documented behaviour. Returns how many of the calls succeeded.
 ///
 /// # Panics
 /// When a call breaks its contract (an unknown status value, a success with inconsistent
 /// results, a handle that stays valid after destroy): that is what the fuzzer looks for.
-pub fn run_calls(data: &[u8]) {
+pub fn run_calls(data: &[u8]) -> usize {
     let mut b = Bytes(data);
     let mut caches: Vec<kvvm_cache> = Vec::new();
     let mut dead: Vec<kvvm_cache> = Vec::new();
     let mut tensors: Vec<*mut kvvm_dl_managed_tensor_versioned> = Vec::new();
     let mut created = 0;
+    let mut swaps: Vec<kvvm_swap> = Vec::new();
+    let mut tickets: Vec<kvvm_ticket> = Vec::new();
+    let mut copies: Vec<u64> = Vec::new();
+    let mut engines = 0;
+    let succeeded = std::cell::Cell::new(0usize);
     let check = |s: kvvm_status| {
         assert!(
             kvvm_status::from_raw(s as u32).is_some(),
             "bad status {s:?}"
         );
+        if s == kvvm_status::KVVM_OK {
+            succeeded.set(succeeded.get() + 1);
+        }
         s
     };
     while let Some(op) = b.u8() {
@@ -62,28 +77,58 @@ pub fn run_calls(data: &[u8]) {
                 0..=4 if !caches.is_empty() => caches[k as usize / 8 % caches.len()],
                 5 if !dead.is_empty() => dead[k as usize / 8 % dead.len()],
                 6 => kvvm_cache { id: 0 },
-                _ => kvvm_cache {
-                    id: u64::from(k).wrapping_mul(0x9e37_79b9_7f4a_7c15),
+                _ => kvvm_cache { id: made_up(k) },
+            }
+        };
+        // Pick a swap engine / ticket / host copy the same way.
+        // (Another kind's live id checks that handles are typed.)
+        let other = caches.first().map_or(0, |c| c.id);
+        let pick_swap = |b: &mut Bytes<'_>, swaps: &[kvvm_swap]| {
+            let k = b.u8().unwrap_or(0);
+            kvvm_swap {
+                id: match k % 5 {
+                    0..=2 if !swaps.is_empty() => swaps[k as usize / 5 % swaps.len()].id,
+                    3 => other,
+                    _ => made_up(k),
                 },
             }
         };
-        match op % 16 {
+        let pick_ticket = |b: &mut Bytes<'_>, tickets: &[kvvm_ticket]| {
+            let k = b.u8().unwrap_or(0);
+            kvvm_ticket {
+                id: match k % 5 {
+                    0..=2 if !tickets.is_empty() => tickets[k as usize / 5 % tickets.len()].id,
+                    3 => other,
+                    _ => made_up(k),
+                },
+            }
+        };
+        let pick_copy = |b: &mut Bytes<'_>, copies: &[u64]| {
+            let k = b.u8().unwrap_or(0);
+            match k % 4 {
+                0..=2 if !copies.is_empty() => copies[k as usize / 4 % copies.len()],
+                _ => u64::from(k),
+            }
+        };
+        match op % 22 {
             0 if created < 3 => {
                 created += 1;
                 let mut c = default_config();
                 c.backend = kvvm_backend::KVVM_BACKEND_HOST as u32;
                 c.host_granularity = 64 << 10;
-                c.layers = u32::from(b.u8().unwrap_or(0) % 3);
+                // Mostly configurations that work, sometimes arbitrary ones.
+                let sane = b.u8().unwrap_or(1) % 8 != 0;
+                c.layers = u32::from(b.u8().unwrap_or(0) % 3) + u32::from(sane);
                 c.kv_heads = u32::from(b.u8().unwrap_or(0) % 3 + 1);
                 c.head_dim = 8 << (b.u8().unwrap_or(0) % 4);
-                c.max_slots = u32::from(b.u8().unwrap_or(0) % 5);
-                c.max_tokens = b.num().unwrap_or(0) % 2048;
-                c.layout = u32::from(b.u8().unwrap_or(0) % 3);
-                c.dtype = u32::from(b.u8().unwrap_or(0) % 6);
-                c.budget_bytes = (b.num().unwrap_or(0) % 64) << 16;
+                c.max_slots = u32::from(b.u8().unwrap_or(0) % 5) + u32::from(sane);
+                c.max_tokens = b.num().unwrap_or(0) % 2048 + u64::from(sane);
+                c.layout = u32::from(b.u8().unwrap_or(0) % if sane { 2 } else { 3 });
+                c.dtype = u32::from(b.u8().unwrap_or(0) % if sane { 5 } else { 6 });
+                c.budget_bytes = (b.num().unwrap_or(0) % 64 + if sane { 8 } else { 0 }) << 16;
                 c.lookahead_steps = u32::from(b.u8().unwrap_or(0) % 2);
                 c.struct_size = match b.u8().unwrap_or(0) % 8 {
-                    0 => 40,
+                    0 if !sane => 40,
                     _ => KVVM_CONFIG_SIZE_V1,
                 };
                 let mut h = kvvm_cache::default();
@@ -219,6 +264,10 @@ pub fn run_calls(data: &[u8]) {
                 }
             }
             10 => {
+                // Rows are accessed outside the library: no swap may be moving them meanwhile.
+                for &s in &swaps {
+                    assert_eq!(kvvm_swap_quiesce(s), kvvm_status::KVVM_OK);
+                }
                 let h = pick(&mut b, &caches, &dead);
                 let slot = b.num().unwrap_or(0) as u32;
                 let token = b.num().unwrap_or(0);
@@ -315,11 +364,104 @@ pub fn run_calls(data: &[u8]) {
                 }
                 let _ = kvvm_status_name(b.u32().unwrap_or(0));
             }
-            _ => {
+            15 => {
                 let h = pick(&mut b, &caches, &dead);
                 check(kvvm_cache_quiesce(h));
             }
+            16 if engines < 3 => {
+                engines += 1;
+                let h = pick(&mut b, &caches, &dead);
+                let mut cfg = kvvm_swap_config::default();
+                // SAFETY: valid local.
+                unsafe { kvvm_swap_config_init(&mut cfg) };
+                cfg.host_budget_bytes = (b.num().unwrap_or(0) % 64) << 16;
+                cfg.chunk_bytes = b.num().unwrap_or(0) % (1 << 20);
+                cfg.max_in_flight = u32::from(b.u8().unwrap_or(0) % 4);
+                let mut s = kvvm_swap::default();
+                // SAFETY: valid locals.
+                if check(unsafe { kvvm_swap_create(h, &cfg, &mut s) }) == kvvm_status::KVVM_OK {
+                    swaps.push(s);
+                }
+            }
+            17 => {
+                let s = pick_swap(&mut b, &swaps);
+                let mut t = kvvm_ticket::default();
+                // SAFETY: valid local.
+                let st = check(unsafe { kvvm_swap_out(s, b.num().unwrap_or(0) as u32, &mut t) });
+                if st == kvvm_status::KVVM_OK {
+                    let mut c = 0;
+                    // SAFETY: valid local.
+                    assert_eq!(unsafe { kvvm_ticket_copy(t, &mut c) }, kvvm_status::KVVM_OK);
+                    copies.push(c);
+                    tickets.push(t);
+                }
+            }
+            18 => {
+                let s = pick_swap(&mut b, &swaps);
+                let copy = pick_copy(&mut b, &copies);
+                let mut t = kvvm_ticket::default();
+                // SAFETY: valid local.
+                let st =
+                    check(unsafe { kvvm_swap_in(s, copy, b.num().unwrap_or(0) as u32, &mut t) });
+                if st == kvvm_status::KVVM_OK {
+                    tickets.push(t);
+                }
+            }
+            19 => {
+                let t = pick_ticket(&mut b, &tickets);
+                let (mut done, mut v) = (0u32, 0u64);
+                // SAFETY: valid locals.
+                unsafe {
+                    match b.u8().unwrap_or(0) % 6 {
+                        0 => check(kvvm_ticket_poll(t, &mut done)),
+                        1 => check(kvvm_ticket_wait(t)),
+                        2 => check(kvvm_ticket_event(t, &mut v)),
+                        3 => check(kvvm_ticket_copy(t, &mut v)),
+                        4 => check(kvvm_ticket_bytes(t, &mut v)),
+                        _ => {
+                            let st = check(kvvm_ticket_free(t));
+                            if st == kvvm_status::KVVM_OK {
+                                tickets.retain(|&x| x != t);
+                            }
+                            st
+                        }
+                    };
+                }
+            }
+            20 => {
+                let s = pick_swap(&mut b, &swaps);
+                let copy = pick_copy(&mut b, &copies);
+                let mut v = 0u64;
+                let mut st = kvvm_swap_stats {
+                    struct_size: KVVM_SWAP_STATS_SIZE_V1,
+                    ..Default::default()
+                };
+                // SAFETY: valid locals.
+                unsafe {
+                    match b.u8().unwrap_or(0) % 5 {
+                        0 => check(kvvm_swap_release(s, copy)),
+                        1 => check(kvvm_swap_pin(s, copy, b.u32().unwrap_or(0))),
+                        2 => check(kvvm_swap_set_priority(s, copy, b.u32().unwrap_or(0))),
+                        3 => check(kvvm_swap_host_tokens(s, copy, &mut v)),
+                        _ => check(kvvm_swap_get_stats(s, &mut st)),
+                    };
+                }
+            }
+            21 => {
+                let s = pick_swap(&mut b, &swaps);
+                if check(kvvm_swap_destroy(s)) == kvvm_status::KVVM_OK {
+                    swaps.retain(|&x| x != s);
+                    assert_eq!(kvvm_swap_destroy(s), kvvm_status::KVVM_INVALID_HANDLE);
+                }
+            }
+            _ => {}
         }
+    }
+    for t in tickets {
+        assert_eq!(kvvm_ticket_free(t), kvvm_status::KVVM_OK);
+    }
+    for s in swaps {
+        assert_eq!(kvvm_swap_destroy(s), kvvm_status::KVVM_OK);
     }
     for t in tensors {
         // SAFETY: exports whose deleters have not run.
@@ -328,4 +470,5 @@ pub fn run_calls(data: &[u8]) {
     for h in caches {
         assert_eq!(kvvm_cache_destroy(h), kvvm_status::KVVM_OK);
     }
+    succeeded.get()
 }

@@ -1303,6 +1303,45 @@ mod tests {
     }
 
     #[test]
+    fn panics_become_a_status_with_the_message() {
+        let s = guard(|| panic!("boom {}", 42));
+        assert_eq!(s, kvvm_status::KVVM_PANIC);
+        let mut buf = [0 as c_char; 64];
+        // SAFETY: `buf` holds 64 bytes.
+        let n = unsafe { kvvm_last_error(buf.as_mut_ptr(), buf.len()) };
+        // SAFETY: NUL-terminated by kvvm_last_error.
+        let msg = unsafe { CStr::from_ptr(buf.as_ptr()) }.to_string_lossy();
+        assert_eq!(msg, "internal panic: boom 42");
+        assert_eq!(n, msg.len());
+    }
+
+    #[test]
+    fn errors_map_to_their_status() {
+        let grow = Error::Grow {
+            slot: 1,
+            missing_pages: 2,
+            source: Box::new(Error::BudgetExhausted {
+                needed: 2,
+                available: 0,
+                budget_bytes: 0,
+                page_size: 1,
+            }),
+        };
+        assert_eq!(
+            kvvm_status::from_error(&grow),
+            kvvm_status::KVVM_BUDGET_EXHAUSTED
+        );
+        assert_eq!(
+            kvvm_status::from_error(&Error::SlotsExhausted { max_slots: 1 }),
+            kvvm_status::KVVM_SLOTS_EXHAUSTED
+        );
+        assert_eq!(
+            kvvm_status::from_error(&Error::Unsupported("x".into())),
+            kvvm_status::KVVM_UNSUPPORTED
+        );
+    }
+
+    #[test]
     fn status_values_round_trip() {
         for v in 0..20u32 {
             if let Some(s) = kvvm_status::from_raw(v) {
