@@ -91,7 +91,7 @@
 mod arena;
 
 use std::collections::HashMap;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::thread::JoinHandle;
 
 use arena::{aligned, Arena, Extent, MIN_BLOCK};
@@ -175,7 +175,9 @@ pub struct SwapEngine {
 #[derive(Debug)]
 pub struct SwapTicket {
     transfer: Arc<Transfer>,
-    inner: Arc<Inner>,
+    /// Weak, so that a ticket kept around does not keep the engine and the cache alive: once the
+    /// engine is gone every transfer is finished and the ticket only reads the outcome.
+    inner: Weak<Inner>,
 }
 
 impl SwapTicket {
@@ -185,7 +187,7 @@ impl SwapTicket {
     /// # Errors
     /// The error of the failed transfer (the slot and the host copy are then as they were).
     pub fn poll(&self) -> Result<bool> {
-        match self.transfer.try_finish(&self.inner, false) {
+        match self.transfer.try_finish(&self.inner.upgrade(), false) {
             None => Ok(false),
             Some(r) => r.map(|()| true),
         }
@@ -196,7 +198,7 @@ impl SwapTicket {
     /// As [`SwapTicket::poll`].
     pub fn wait(&self) -> Result<()> {
         self.transfer
-            .try_finish(&self.inner, true)
+            .try_finish(&self.inner.upgrade(), true)
             .unwrap_or(Ok(()))
     }
     /// On CUDA, the raw `CUevent` recorded after the copy, which a stream can wait on with
@@ -313,7 +315,16 @@ impl Transfer {
 
     /// Finishes the transfer if its copy is complete (or, with `block`, once it is). Exactly one
     /// caller runs the bookkeeping; `None` means "not yet" (only without `block`).
-    fn try_finish(&self, inner: &Inner, block: bool) -> Option<Result<()>> {
+    fn try_finish(&self, inner: &Option<Arc<Inner>>, block: bool) -> Option<Result<()>> {
+        let Some(inner) = inner else {
+            // The engine is gone, and it finished every transfer before it went.
+            let ph = self.phase();
+            return match &*ph {
+                Phase::Done(r) => Some(r.clone()),
+                _ if block => Some(self.wait_done(ph)),
+                _ => None,
+            };
+        };
         {
             let ph = self.phase();
             match &*ph {
@@ -586,8 +597,9 @@ impl SwapEngine {
         let worker = std::thread::Builder::new()
             .name("kvvm-swap".into())
             .spawn(move || {
+                let inner = Some(worker_inner);
                 for t in rx {
-                    let _ = t.try_finish(&worker_inner, true);
+                    let _ = t.try_finish(&inner, true);
                 }
             })
             .map_err(|e| Error::InvalidConfig(format!("cannot start the swap thread: {e}")))?;
@@ -619,11 +631,11 @@ impl SwapEngine {
                 .is_some_and(|tx| tx.send(transfer.clone()).is_ok());
         if !sent {
             // Nothing to copy (or no completion thread): finish now.
-            let _ = transfer.try_finish(&self.inner, true);
+            let _ = transfer.try_finish(&Some(self.inner.clone()), true);
         }
         SwapTicket {
             transfer,
-            inner: self.inner.clone(),
+            inner: Arc::downgrade(&self.inner),
         }
     }
 
