@@ -57,7 +57,7 @@ fn bytes(seed: u64, len: usize) -> Vec<u8> {
 
 #[test]
 fn fuzz_driver_fixed_inputs() {
-    let mut inputs: Vec<Vec<u8>> = vec![
+    let inputs: Vec<Vec<u8>> = vec![
         vec![],
         vec![0],
         // create (sane: 1 layer, 2 kv heads, head_dim 16, 2 slots, 40 tokens, interleaved, f16,
@@ -224,25 +224,19 @@ fn versioned_struct_sizes() {
     n.base.struct_size = std::mem::size_of::<Newer>() as u32;
     let mut h = kvvm_cache::default();
     // SAFETY: `n` is valid for `struct_size` bytes.
-    assert_eq!(
-        unsafe { kvvm_cache_create(&n.base, &mut h) },
-        kvvm_status::KVVM_INVALID_CONFIG
-    );
+    let s = unsafe { kvvm_cache_create(&n.base, &mut h) };
+    assert_eq!(s, kvvm_status::KVVM_INVALID_CONFIG);
     assert!(last_error().contains("newer"), "{}", last_error());
     n.extra = 0;
     // SAFETY: as above.
-    assert_eq!(
-        unsafe { kvvm_cache_create(&n.base, &mut h) },
-        kvvm_status::KVVM_OK
-    );
+    let s = unsafe { kvvm_cache_create(&n.base, &mut h) };
+    assert_eq!(s, kvvm_status::KVVM_OK);
     let mut old = small_config();
     old.struct_size = KVVM_CONFIG_SIZE_V1 - 8;
     let mut h2 = kvvm_cache::default();
     // SAFETY: valid local.
-    assert_eq!(
-        unsafe { kvvm_cache_create(&old, &mut h2) },
-        kvvm_status::KVVM_INVALID_CONFIG
-    );
+    let s = unsafe { kvvm_cache_create(&old, &mut h2) };
+    assert_eq!(s, kvvm_status::KVVM_INVALID_CONFIG);
     assert_eq!(h2.id, 0);
 
     // Stats: a larger caller struct gets the known prefix, the tail untouched.
@@ -259,10 +253,8 @@ fn versioned_struct_sizes() {
         extra: 0xabcd,
     };
     // SAFETY: valid for `struct_size` bytes.
-    assert_eq!(
-        unsafe { kvvm_cache_stats(h, &mut st.base) },
-        kvvm_status::KVVM_OK
-    );
+    let s = unsafe { kvvm_cache_stats(h, &mut st.base) };
+    assert_eq!(s, kvvm_status::KVVM_OK);
     assert_eq!(st.extra, 0xabcd);
     assert!(st.base.page_size > 0 && st.base.budget_pages > 0);
 

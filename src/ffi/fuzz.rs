@@ -179,10 +179,8 @@ pub fn run_calls(data: &[u8]) -> usize {
                 if check(kvvm_cache_ensure(h, slot, tokens)) == kvvm_status::KVVM_OK {
                     let mut t = 0;
                     // SAFETY: valid local.
-                    assert_eq!(
-                        unsafe { kvvm_cache_tokens(h, slot, &mut t) },
-                        kvvm_status::KVVM_OK
-                    );
+                    let s = unsafe { kvvm_cache_tokens(h, slot, &mut t) };
+                    assert_eq!(s, kvvm_status::KVVM_OK);
                     assert_eq!(t, tokens);
                 }
             }
