@@ -962,7 +962,8 @@ kvvm_status kvvm_cache_row(struct kvvm_cache cache,
  * Copies the bytes of one `[kv_heads, head_dim]` row (see `kvvm_cache_row`) into `buf`;
  * `len` must equal the row's size. Host backend only. Meant for tests and debugging.
  *
- * Thread-safe with respect to the cache; the caller must not write the row concurrently.
+ * Thread-safe with respect to the cache; the caller must not write the row, nor change the
+ * slot's mapping (shrink, free, swap out), concurrently.
  *
  * # Errors
  * `KVVM_INVALID_HANDLE`, `KVVM_NULL_POINTER`, `KVVM_INVALID_ARGUMENT`, `KVVM_UNSUPPORTED` on
@@ -983,7 +984,8 @@ kvvm_status kvvm_cache_read_row(struct kvvm_cache cache,
  * Copies `len` bytes from `buf` into one `[kv_heads, head_dim]` row (see `kvvm_cache_row`);
  * `len` must equal the row's size. Host backend only. Meant for tests and debugging.
  *
- * Thread-safe with respect to the cache; the caller must not access the row concurrently.
+ * Thread-safe with respect to the cache; the caller must not access the row, nor change the
+ * slot's mapping (shrink, free, swap out), concurrently.
  *
  * # Errors
  * As `kvvm_cache_read_row`.

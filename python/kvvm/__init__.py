@@ -23,6 +23,7 @@ from ._lib import ALL_SLOTS
 __all__ = [
     "ALL_SLOTS",
     "Cache",
+    "Slot",
     "View",
     "SwapEngine",
     "Ticket",
@@ -350,6 +351,18 @@ class Cache:
                                                      ctypes.byref(out)))
         return out.value
 
+    def slot(self, tokens: int | None = None) -> "Slot":
+        """Allocates a slot (see :meth:`alloc_slot`) wrapped in a :class:`Slot`; with ``tokens``
+        it is also grown to hold that many."""
+        s = Slot(self, self.alloc_slot(tokens))
+        if tokens:
+            try:
+                s.ensure(tokens)
+            except BaseException:
+                s.free()
+                raise
+        return s
+
     def free_slot(self, slot: int) -> None:
         _check(library.kvvm_cache_free_slot(self._handle_checked(), slot))
 
@@ -440,6 +453,49 @@ class Cache:
     def quiesce(self) -> None:
         """Waits until the background mapper is idle."""
         _check(library.kvvm_cache_quiesce(self._handle_checked()))
+
+
+class Slot:
+    """One request's slot of a :class:`Cache`: ``id`` plus the per-slot calls. ``free()`` (or
+    leaving a ``with`` block) frees it; it is not freed on garbage collection (a slot is freed
+    by the engine's scheduling, not by Python's)."""
+
+    def __init__(self, cache: Cache, slot_id: int):
+        self.cache = cache
+        self.id = slot_id
+
+    def __repr__(self):
+        return f"Slot({self.id})"
+
+    def __int__(self):
+        return self.id
+
+    def ensure(self, tokens: int) -> None:
+        self.cache.ensure(self.id, tokens)
+
+    def shrink(self, tokens: int) -> None:
+        self.cache.shrink(self.id, tokens)
+
+    @property
+    def tokens(self) -> int:
+        return self.cache.tokens(self.id)
+
+    @property
+    def capacity(self) -> int:
+        return self.cache.capacity(self.id)
+
+    def view(self, layer: int, kv, tokens: int | None = None) -> View:
+        """This slot's first ``tokens`` (default: all) tokens of layer ``layer``'s K or V."""
+        return self.cache.view(layer, kv, slot=self.id, tokens=tokens)
+
+    def free(self) -> None:
+        self.cache.free_slot(self.id)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.free()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -205,3 +205,23 @@ def test_torch_reads_the_same_memory():
         t.fill_(2.5)
         x = np.from_dlpack(cache.view(0, "v", slot=s))
         assert (x == 2.5).all()
+
+
+def test_slot_objects():
+    with make_cache() as cache:
+        with cache.slot(50) as s:
+            assert s.tokens == 50 and s.capacity >= 50
+            x = np.from_dlpack(s.view(1, "v"))
+            assert x.shape == (50, 2, 32)
+            x[:] = pattern(s.id, 50, 1, True)
+            s.ensure(60)
+            np.testing.assert_array_equal(np.from_dlpack(s.view(1, "v", tokens=50)),
+                                          pattern(s.id, 50, 1, True))
+            s.shrink(10)
+            assert s.tokens == 10
+            slot_id = s.id
+        with pytest.raises(kvvm.InvalidArgumentError):
+            cache.tokens(slot_id)  # freed on leaving the block
+        with pytest.raises(kvvm.InvalidArgumentError, match="max_tokens"):
+            cache.slot(100000)
+        assert cache.stats()["allocated_slots"] == 0  # the failed slot was freed again
