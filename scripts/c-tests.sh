@@ -56,9 +56,11 @@ echo "== compile (-Wall -Werror) against the cdylib and the staticlib"
 "$CC" "${cflags[@]}" examples/c/decode_loop.c -L"$lib_dir" -lkvvm -Wl,-rpath,"$lib_dir" -o "$tmp/decode_loop"
 "$CC" "${cflags[@]}" examples/c/decode_loop.c "$lib_dir/libkvvm.a" -lpthread -ldl -lm -o "$tmp/decode_loop_static"
 "$CC" "${cflags[@]}" tests/c/error_paths.c -L"$lib_dir" -lkvvm -Wl,-rpath,"$lib_dir" -o "$tmp/error_paths"
-# C++ sees the same header.
-"${CXX:-c++}" -std=c++17 -Wall -Wextra -Werror -Iinclude -x c++ -fsyntax-only - <<<'#include "kvvm.h"
+# C++ sees the same header (where a C++ compiler is installed).
+if command -v "${CXX:-c++}" >/dev/null 2>&1; then
+    "${CXX:-c++}" -std=c++17 -Wall -Wextra -Werror -Iinclude -x c++ -fsyntax-only - <<<'#include "kvvm.h"
 int main() { kvvm_cache c{}; return kvvm_cache_quiesce(c) == KVVM_INVALID_HANDLE ? 0 : 1; }'
+fi
 
 export KVVM_BACKEND=host
 echo "== run examples/c/decode_loop.c (shared)"

@@ -208,8 +208,11 @@ def _make_destructor(name: bytes, free):
     def destructor(capsule):
         # A capsule that was never consumed still carries its name: the tensor is ours to free.
         # A consumer renames it ("used_...") and calls the deleter itself.
-        if _capsule_is_valid(capsule, name):
-            free(_capsule_pointer(capsule, name))
+        try:
+            if _capsule_is_valid(capsule, name):
+                free(_capsule_pointer(capsule, name))
+        except Exception:  # at interpreter shutdown the module may be half torn down
+            pass
 
     return destructor
 

@@ -225,3 +225,36 @@ def test_slot_objects():
         with pytest.raises(kvvm.InvalidArgumentError, match="max_tokens"):
             cache.slot(100000)
         assert cache.stats()["allocated_slots"] == 0  # the failed slot was freed again
+
+
+def _mapped(addr):
+    with open("/proc/self/maps") as f:
+        for line in f:
+            lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+            if lo <= addr < hi:
+                return True
+    return False
+
+
+def test_memory_goes_away_with_the_last_tensor():
+    cache = make_cache()
+    s = cache.alloc_slot()
+    cache.ensure(s, 8)
+    addr = cache.layer_view(0, "k")["data"]
+    view = cache.view(0, "k", slot=s)
+    x = np.from_dlpack(view)
+    unconsumed = view.__dlpack__(max_version=(1, 0))  # never handed to a consumer
+    legacy = view.__dlpack__()
+    cache.close()
+    del cache, view
+    gc.collect()
+    assert _mapped(addr)
+    del x
+    gc.collect()
+    assert _mapped(addr)  # the capsules still hold the cache
+    del unconsumed
+    gc.collect()
+    assert _mapped(addr)
+    del legacy
+    gc.collect()
+    assert not _mapped(addr)  # the last reference is gone: the reservation is released
