@@ -748,7 +748,7 @@ impl SwapEngine {
     /// engine changed is undone (the caller releases the slot and the in-flight room).
     fn submit_out(&self, slot: SlotId, tokens: usize, epoch: u64) -> Result<Transfer> {
         let inner = &*self.inner;
-        let g = inner.cache.geometry().clone();
+        let g = *inner.cache.geometry();
         let mut st = inner.lock();
         let now = Inner::tick(&mut st);
         // Reuse the copy this slot was swapped in from, if it still matches the slot.
