@@ -241,7 +241,7 @@ pub fn run(args: SwapArgs) -> Result<()> {
     }
     let backend_config = args.backend.config();
     let backend = kvvm::vmm::open(&backend_config)?;
-    let mut config = CacheConfig::for_model(&args.model, args.requests, args.tokens, 0)?;
+    let mut config = CacheConfig::for_model(&args.model, args.requests, args.tokens, 1 << 40)?;
     config.layout = args.layout;
     config.lookahead_steps = 0;
     let g = kvvm::cache::Geometry::new(&config, backend.granularity())?;
