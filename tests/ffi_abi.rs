@@ -2,7 +2,7 @@
 //! destroyed while other threads use them, versioned structs.
 
 use std::ffi::CStr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 
 use kvvm::ffi::dlpack::*;
@@ -154,9 +154,11 @@ fn tensors_keep_the_cache_alive_after_destroy() {
 fn destroy_while_other_threads_use_the_handle() {
     let cache = create(&small_config());
     let stop = Arc::new(AtomicBool::new(false));
+    let progress = Arc::new(AtomicU32::new(0));
     let workers: Vec<_> = (0..3)
         .map(|i| {
             let stop = stop.clone();
+            let progress = progress.clone();
             std::thread::spawn(move || {
                 let mut ok = 0u32;
                 let mut rounds = 0u32;
@@ -188,6 +190,7 @@ fn destroy_while_other_threads_use_the_handle() {
                                 "{f:?}"
                             );
                             ok += 1;
+                            progress.fetch_add(1, Ordering::Relaxed);
                         }
                         kvvm_status::KVVM_INVALID_HANDLE => {
                             if stop.load(Ordering::Relaxed) {
@@ -202,7 +205,10 @@ fn destroy_while_other_threads_use_the_handle() {
             })
         })
         .collect();
-    std::thread::sleep(std::time::Duration::from_millis(20));
+    // Destroy once the workers are busy with the handle (no timing involved).
+    while progress.load(Ordering::Relaxed) < 6 {
+        std::thread::yield_now();
+    }
     assert_eq!(kvvm_cache_destroy(cache), kvvm_status::KVVM_OK);
     stop.store(true, Ordering::Relaxed);
     let ok: u32 = workers.into_iter().map(|w| w.join().unwrap()).sum();
