@@ -206,7 +206,7 @@ fn destroy_while_other_threads_use_the_handle() {
         })
         .collect();
     // Destroy once the workers are busy with the handle (no timing involved).
-    while progress.load(Ordering::Relaxed) < 6 {
+    while progress.load(Ordering::Relaxed) < 6 && !workers.iter().all(|w| w.is_finished()) {
         std::thread::yield_now();
     }
     assert_eq!(kvvm_cache_destroy(cache), kvvm_status::KVVM_OK);
