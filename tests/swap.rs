@@ -10,7 +10,31 @@ use proptest::test_runner::Config;
 
 use kvvm::cache::{CacheConfig, DType, KvCache, Layout, SlotId};
 use kvvm::swap::{HostCopyId, SwapConfig, SwapEngine, SwapTicket};
-use kvvm::testing::{verify_pattern, write_pattern};
+
+/// Stamps tokens `from..to` of `slot` with the pattern of `generation`.
+fn write_pattern(
+    cache: &KvCache,
+    slot: SlotId,
+    generation: u32,
+    from: usize,
+    to: usize,
+) -> Result<(), String> {
+    // SAFETY: every cache in these tests is on the host backend; the test thread is the only one
+    // that touches this slot's rows, and the slot holds at least `to` tokens during the call.
+    unsafe { kvvm::testing::stamp_tokens(cache, slot, generation, from, to) }
+}
+
+/// Checks tokens `0..tokens` of `slot` against the pattern of `generation`.
+fn verify_pattern(
+    cache: &KvCache,
+    slot: SlotId,
+    generation: u32,
+    tokens: usize,
+) -> Result<(), String> {
+    // SAFETY: as in `write_pattern`: host backend, the slot holds `tokens` tokens and nothing
+    // else writes its rows during the call.
+    unsafe { kvvm::testing::verify_tokens(cache, slot, generation, tokens) }
+}
 use kvvm::vmm::faulty::{CopyFault, FaultyBackend};
 use kvvm::vmm::host::{os_page_size, HostBackend, HostConfig};
 use kvvm::vmm::{Backend, BackendConfig, BackendOp};
