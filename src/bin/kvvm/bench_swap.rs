@@ -21,6 +21,8 @@ use crate::BackendArgs;
 
 /// Tokens of one block in the fine-grained baseline (vLLM's default block size).
 const BLOCK_TOKENS: usize = 16;
+/// Host buffers the baselines rotate through (request i uses buffer i mod this).
+const STAGING_BUFFERS: usize = 8;
 
 /// Options.
 #[derive(Args, Debug)]
@@ -88,8 +90,10 @@ struct Bench {
     backend: Arc<dyn Backend>,
     slots: Vec<SlotId>,
     tokens: usize,
-    /// One request's bytes: the staging buffer of the baselines.
-    staging: HostBuffer,
+    /// The baselines' host buffers, one request's bytes each, used in turn: several, so that
+    /// the baselines do not keep hitting one buffer in a large last-level cache while the
+    /// engine writes fresh memory.
+    staging: Vec<HostBuffer>,
     copy_threads: usize,
 }
 
@@ -102,13 +106,15 @@ impl Bench {
         self.request_bytes() * self.slots.len() as u64
     }
 
-    /// The contiguous regions between `slot`'s ranges and the staging buffer (packed
-    /// buffer after buffer), in direction `kind`.
+    /// The contiguous regions between `slot`'s ranges and its staging buffer (packed buffer
+    /// after buffer), in direction `kind`.
     fn whole_regions(&self, slot: SlotId, kind: CopyKind) -> Result<Vec<CopyRegion>> {
         let mut off = 0u64;
         let mut out = Vec::new();
+        let k = self.slots.iter().position(|&s| s == slot).unwrap_or(0);
+        let staging = &self.staging[k % self.staging.len()];
         for r in self.cache.slot_ranges(slot, self.tokens)? {
-            let host = self.staging.addr() + off;
+            let host = staging.addr() + off;
             out.push(match kind {
                 CopyKind::DeviceToHost => CopyRegion {
                     dst: host,
@@ -299,12 +305,16 @@ pub fn run(args: SwapArgs) -> Result<()> {
         }
         slots.push(s);
     }
-    let staging = backend.alloc_host(request_bytes as usize)?;
-    if host {
-        touch(&ByteRange {
-            addr: staging.addr(),
-            len: staging.len(),
-        });
+    let mut staging = Vec::new();
+    for _ in 0..args.requests.min(STAGING_BUFFERS) {
+        let b = backend.alloc_host(request_bytes as usize)?;
+        if host {
+            touch(&ByteRange {
+                addr: b.addr(),
+                len: b.len(),
+            });
+        }
+        staging.push(b);
     }
     let mut bench = Bench {
         cache: cache.clone(),
@@ -358,8 +368,10 @@ pub fn run(args: SwapArgs) -> Result<()> {
     let coarse_vs_fine = (coarse_out + coarse_in) / (fine_out + fine_in);
     let stats = swap.stats();
     drop(swap);
-    if let Err((_, e)) = backend.free_host(bench.staging) {
-        tracing::warn!("freeing the staging buffer failed: {e}");
+    for b in bench.staging {
+        if let Err((_, e)) = backend.free_host(b) {
+            tracing::warn!("freeing a staging buffer failed: {e}");
+        }
     }
     if args.json {
         let v = serde_json::json!({
