@@ -114,7 +114,8 @@ impl Default for HarnessConfig {
     }
 }
 
-fn stamp(generation: u32, token: usize, layer: usize, kv: Kv, word: usize) -> u32 {
+/// The 32-bit word the pattern puts at `word` of the row of (`generation`, `token`, `layer`, `kv`).
+pub fn stamp(generation: u32, token: usize, layer: usize, kv: Kv, word: usize) -> u32 {
     // A cheap mix (splitmix-like) of the coordinates, never constant across tokens.
     let mut x = (u64::from(generation) << 40)
         ^ ((token as u64) << 20)
@@ -125,6 +126,85 @@ fn stamp(generation: u32, token: usize, layer: usize, kv: Kv, word: usize) -> u3
     x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     (x ^ (x >> 31)) as u32
+}
+
+fn row_ptr(
+    cache: &KvCache,
+    slot: SlotId,
+    token: usize,
+    layer: usize,
+    kv: Kv,
+) -> Result<*mut u32, String> {
+    let r = cache
+        .row(slot, token, layer, kv)
+        .map_err(|e| format!("row({slot}, {token}, {layer}, {kv:?}): {e}"))?;
+    Ok(r.addr as usize as *mut u32)
+}
+
+/// Stamps tokens `from..to` of `slot` (every layer, K and V) with the pattern of `generation`.
+/// The cache must use a host-addressable backend and a dtype whose rows hold whole `u32`s, and no
+/// one else may access these rows meanwhile.
+///
+/// # Errors
+/// A description if a token is not mapped.
+pub fn write_pattern(
+    cache: &KvCache,
+    slot: SlotId,
+    generation: u32,
+    from: usize,
+    to: usize,
+) -> Result<(), String> {
+    let layers = cache.geometry().layers;
+    let words = cache.geometry().row_bytes() / 4;
+    for t in from..to {
+        for layer in 0..layers {
+            for kv in [Kv::K, Kv::V] {
+                let p = row_ptr(cache, slot, t, layer, kv)?;
+                for w in 0..words {
+                    // SAFETY: `row` checked that the token lies in pages mapped read/write for
+                    // this slot; the row holds `words` aligned u32s; the caller guarantees that
+                    // no one else accesses these rows.
+                    unsafe {
+                        p.add(w)
+                            .write_volatile(stamp(generation, t, layer, kv, w))
+                    };
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Checks that tokens `0..tokens` of `slot` hold the pattern of `generation`.
+///
+/// # Errors
+/// A description of the first difference.
+pub fn verify_pattern(
+    cache: &KvCache,
+    slot: SlotId,
+    generation: u32,
+    tokens: usize,
+) -> Result<(), String> {
+    let layers = cache.geometry().layers;
+    let words = cache.geometry().row_bytes() / 4;
+    for t in 0..tokens {
+        for layer in 0..layers {
+            for kv in [Kv::K, Kv::V] {
+                let p = row_ptr(cache, slot, t, layer, kv)?;
+                for w in 0..words {
+                    // SAFETY: as in `write_pattern`: the row is mapped and readable.
+                    let got = unsafe { p.add(w).read_volatile() };
+                    let want = stamp(generation, t, layer, kv, w);
+                    if got != want {
+                        return Err(format!(
+                            "slot {slot} token {t} layer {layer} {kv:?} word {w}: read {got:#x}, wrote {want:#x}"
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 impl Harness {
@@ -186,66 +266,12 @@ impl Harness {
         self.live.iter().map(|l| (l.slot, l.tokens)).collect()
     }
 
-    fn row_ptr(
-        &self,
-        slot: SlotId,
-        token: usize,
-        layer: usize,
-        kv: Kv,
-    ) -> Result<*mut u32, String> {
-        let r = self
-            .cache()
-            .row(slot, token, layer, kv)
-            .map_err(|e| format!("row({slot}, {token}, {layer}, {kv:?}): {e}"))?;
-        Ok(r.addr as usize as *mut u32)
-    }
-
-    fn words(&self) -> usize {
-        self.cache().geometry().row_bytes() / 4
-    }
-
     fn write_tokens(&self, l: &Live, from: usize, to: usize) -> Result<(), String> {
-        let layers = self.cache().geometry().layers;
-        for t in from..to {
-            for layer in 0..layers {
-                for kv in [Kv::K, Kv::V] {
-                    let p = self.row_ptr(l.slot, t, layer, kv)?;
-                    for w in 0..self.words() {
-                        // SAFETY: `row` checked that the token lies in pages mapped read/write
-                        // for this slot; the row holds `words()` aligned u32s; only this thread
-                        // writes this allocated slot's rows.
-                        unsafe {
-                            p.add(w)
-                                .write_volatile(stamp(l.generation, t, layer, kv, w))
-                        };
-                    }
-                }
-            }
-        }
-        Ok(())
+        write_pattern(self.cache(), l.slot, l.generation, from, to)
     }
 
     fn verify_slot(&self, l: &Live) -> Result<(), String> {
-        let layers = self.cache().geometry().layers;
-        for t in 0..l.tokens {
-            for layer in 0..layers {
-                for kv in [Kv::K, Kv::V] {
-                    let p = self.row_ptr(l.slot, t, layer, kv)?;
-                    for w in 0..self.words() {
-                        // SAFETY: as in `write_tokens`: the row is mapped and readable.
-                        let got = unsafe { p.add(w).read_volatile() };
-                        let want = stamp(l.generation, t, layer, kv, w);
-                        if got != want {
-                            return Err(format!(
-                                "slot {} token {t} layer {layer} {kv:?} word {w}: read {got:#x}, wrote {want:#x}",
-                                l.slot
-                            ));
-                        }
-                    }
-                }
-            }
-        }
-        Ok(())
+        verify_pattern(self.cache(), l.slot, l.generation, l.tokens)
     }
 
     /// Whether a growth failure is legitimate: injected, or the live tokens after the operation

@@ -46,6 +46,7 @@
 //! per slot. Views and statistics may be read at any time.
 
 pub mod config;
+mod hooks;
 mod mapper;
 pub mod stats;
 pub mod view;
@@ -77,6 +78,9 @@ struct Slot {
     ahead: usize,
     /// Cached smallest page count over the buffers (kept by `refresh`).
     min_pages: usize,
+    /// Bumped whenever the slot's tokens stop being a continuation of what they were
+    /// (allocation, shrink): lets the swap engine tell whether a host copy still matches.
+    epoch: u64,
 }
 
 impl Slot {
@@ -285,6 +289,7 @@ impl KvCache {
         s.allocated = true;
         s.tokens = 0;
         s.ahead = 0;
+        s.epoch += 1;
         Ok(i as SlotId)
     }
 
@@ -344,6 +349,9 @@ impl KvCache {
         let i = sh.check_slot(&st, slot)?;
         let keep = sh.geometry.pages_for(tokens);
         let s = &mut st.slots[i];
+        if tokens < s.tokens {
+            s.epoch += 1;
+        }
         s.tokens = s.tokens.min(tokens);
         s.ahead = 0;
         if s.pages.iter().all(|p| p.len() <= keep) {
