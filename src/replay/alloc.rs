@@ -60,6 +60,11 @@ pub trait KvAllocator {
     fn preemption(&self) -> &'static str;
     /// Bytes of KV one token takes.
     fn token_bytes(&self) -> u64;
+    /// Whether running requests take more memory as they grow (admission then keeps the
+    /// scheduler's watermark free for them).
+    fn grows(&self) -> bool {
+        true
+    }
     /// Bytes the allocator would hold for a request of `tokens` tokens.
     fn bytes_for(&self, tokens: usize) -> u64;
     /// Bytes that running requests could still grow into (the budget minus what they hold).
@@ -331,6 +336,9 @@ impl KvAllocator for StaticModel {
     }
     fn token_bytes(&self) -> u64 {
         self.token_bytes
+    }
+    fn grows(&self) -> bool {
+        false
     }
     fn bytes_for(&self, _tokens: usize) -> u64 {
         self.reservation()

@@ -6,18 +6,19 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::alloc::{Cost, Counters, KvAllocator, Preempted, Usage};
-use crate::cache::{KvCache, Kv, SlotId, TensorView};
+use crate::cache::{Kv, KvCache, SlotId, TensorView};
 use crate::error::{Error, Result};
+use crate::swap::{HostCopyId, SwapConfig, SwapEngine};
 use crate::vmm::{Backend, CopyKind, CopyRegion, HostBuffer};
 
-/// The stamp of token `token` of request `id` in stamped row `row` (a splitmix64 mix, never
-/// constant across requests, tokens or rows).
+/// The stamp of token `token` of request `id` in stamped row `row`: two words of the test
+/// pattern of [`crate::testing::stamp`] (the request plays the allocation generation).
 pub fn stamp(id: u64, token: usize, row: usize) -> u64 {
-    let mut x = (id << 32) ^ ((token as u64) << 4) ^ row as u64;
-    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    x ^ (x >> 31)
+    let generation = (id as u32).wrapping_add(1);
+    let kv = if row % 2 == 0 { Kv::K } else { Kv::V };
+    let lo = crate::testing::stamp(generation, token, row, kv, 0);
+    let hi = crate::testing::stamp(generation ^ (id >> 32) as u32, token, row, kv, 1);
+    u64::from(lo) | (u64::from(hi) << 32)
 }
 
 /// Moves stamps between the cache and a host staging buffer through the backend's copies, so
@@ -136,28 +137,6 @@ impl Drop for Stamper {
     }
 }
 
-/// One host copy of a request's KV: segments of consecutive tokens, each holding every buffer's
-/// bytes of its tokens one after the other.
-#[derive(Debug)]
-struct HostCopy {
-    segments: Vec<(usize, usize, HostBuffer)>,
-    tokens: usize,
-    bytes: u64,
-    last_use: u64,
-}
-
-/// Swapping whole requests to host buffers: a swap-out copies only the tokens the host copy of
-/// the request lacks (KV never changes once written), a swap-in copies everything back and
-/// keeps the host copy for the next swap-out. Copies of running requests are evicted (least
-/// recently used first) when the host budget runs short.
-#[derive(Debug)]
-struct HostSwap {
-    budget: u64,
-    used: u64,
-    copies: HashMap<u64, HostCopy>,
-    clock: u64,
-}
-
 fn exhausted(e: &Error) -> bool {
     e.is_exhaustion() || matches!(e, Error::SlotsExhausted { .. })
 }
@@ -166,9 +145,10 @@ fn exhausted(e: &Error) -> bool {
 #[derive(Debug)]
 pub struct KvvmAllocator {
     cache: Arc<KvCache>,
-    backend: Arc<dyn Backend>,
     stamper: Stamper,
-    swap: HostSwap,
+    swap: SwapEngine,
+    /// Host copies of requests that were swapped out at least once.
+    copies: HashMap<u64, HostCopyId>,
     running: HashMap<u64, (SlotId, usize)>,
     /// Preempted requests whose KV was dropped instead of swapped.
     dropped: std::collections::HashSet<u64>,
@@ -184,18 +164,20 @@ impl KvvmAllocator {
     /// Backend errors allocating the staging buffer.
     pub fn new(cache: Arc<KvCache>, host_budget_bytes: u64) -> Result<Self> {
         let backend = cache.backend().inner().clone();
-        let stamper = Stamper::new(&cache, backend.clone())?;
+        let stamper = Stamper::new(&cache, backend)?;
+        let swap = SwapEngine::new(
+            cache.clone(),
+            SwapConfig {
+                host_budget_bytes,
+                ..SwapConfig::default()
+            },
+        )?;
         let budget = cache.pool().stats().budget_pages as u64 * cache.geometry().page_size as u64;
         Ok(KvvmAllocator {
             cache,
-            backend,
             stamper,
-            swap: HostSwap {
-                budget: host_budget_bytes,
-                used: 0,
-                copies: HashMap::new(),
-                clock: 0,
-            },
+            swap,
+            copies: HashMap::new(),
             running: HashMap::new(),
             dropped: Default::default(),
             budget,
@@ -232,85 +214,31 @@ impl KvvmAllocator {
         r
     }
 
-    /// Makes room for `bytes` on the host by evicting copies of running requests.
-    fn host_room(&mut self, bytes: u64) -> Result<bool> {
-        while self.swap.used + bytes > self.swap.budget {
-            let victim = self
-                .swap
-                .copies
-                .iter()
-                .filter(|(id, _)| self.running.contains_key(id))
-                .min_by_key(|(_, c)| c.last_use)
-                .map(|(&id, _)| id);
-            match victim {
-                Some(id) => self.drop_copy(id)?,
-                None => return Ok(false),
-            }
+    /// Drops the host copy of request `id`, if any. A copy the engine evicted is already gone.
+    fn drop_copy(&mut self, id: u64) -> Result<()> {
+        match self.copies.remove(&id) {
+            Some(c) => match self.swap.release(c) {
+                Ok(()) | Err(Error::InvalidArgument(_)) => Ok(()),
+                Err(e) => Err(e),
+            },
+            None => Ok(()),
         }
-        Ok(true)
     }
 
-    fn drop_copy(&mut self, id: u64) -> Result<()> {
-        if let Some(c) = self.swap.copies.remove(&id) {
-            self.swap.used -= c.bytes;
-            for (_, _, b) in c.segments {
-                self.backend
-                    .free_host(b)
-                    .map_err(|(_, e)| e)?;
-            }
+    /// Copy calls a transfer of `tokens` tokens makes: every buffer's range cut into chunks.
+    fn calls_for(&self, tokens: usize) -> u64 {
+        let g = self.cache.geometry();
+        let chunk = self.swap.config().chunk_bytes.max(1);
+        (g.buffers * (tokens * g.token_bytes).div_ceil(chunk)) as u64
+    }
+
+    /// Gives back pages a reused slot has mapped beyond what `tokens` tokens need.
+    fn trim(&self, slot: SlotId, tokens: usize) -> Result<()> {
+        let g = self.cache.geometry();
+        if g.pages_for(self.cache.capacity(slot)?) > g.pages_for(tokens) + 1 {
+            self.cache.shrink(slot, tokens)?;
         }
         Ok(())
-    }
-
-    /// Copies tokens `from..to` of `slot` into a new host buffer.
-    fn copy_out(&self, slot: SlotId, from: usize, to: usize) -> Result<(HostBuffer, u64)> {
-        let ranges = self.cache.slot_ranges(slot, to)?;
-        let tb = self.cache.geometry().token_bytes;
-        let seg = (to - from) * tb;
-        let buf = self.backend.alloc_host(seg * ranges.len())?;
-        let regions: Vec<CopyRegion> = ranges
-            .iter()
-            .enumerate()
-            .map(|(i, r)| CopyRegion {
-                dst: buf.addr() + (i * seg) as u64,
-                src: r.addr + (from * tb) as u64,
-                len: seg,
-            })
-            .collect();
-        // SAFETY: the sources are the slot's first `to` tokens, mapped and not written while the
-        // request is being preempted; the destinations are disjoint parts of a fresh host buffer;
-        // we wait before anything else touches either.
-        let r = unsafe { self.backend.copy_async(CopyKind::DeviceToHost, &regions) }
-            .and_then(|c| c.wait());
-        match r {
-            Ok(()) => Ok((buf, regions.len() as u64)),
-            Err(e) => {
-                let _ = self.backend.free_host(buf);
-                Err(e)
-            }
-        }
-    }
-
-    /// Copies every segment of `copy` back into `slot`.
-    fn copy_in(&self, slot: SlotId, copy: &HostCopy) -> Result<u64> {
-        let ranges = self.cache.slot_ranges(slot, copy.tokens)?;
-        let tb = self.cache.geometry().token_bytes;
-        let mut regions = Vec::new();
-        for (from, to, buf) in &copy.segments {
-            let seg = (to - from) * tb;
-            for (i, r) in ranges.iter().enumerate() {
-                regions.push(CopyRegion {
-                    dst: r.addr + (from * tb) as u64,
-                    src: buf.addr() + (i * seg) as u64,
-                    len: seg,
-                });
-            }
-        }
-        // SAFETY: the destinations are the first `copy.tokens` tokens of a slot the caller just
-        // grew to that size (mapped, not used by anyone else); the sources lie in host buffers
-        // owned by `copy`; we wait before anything else touches either.
-        unsafe { self.backend.copy_async(CopyKind::HostToDevice, &regions)? }.wait()?;
-        Ok(regions.len() as u64)
     }
 
     /// Allocates a slot holding `tokens` tokens, or `None` when there is no room.
@@ -324,10 +252,7 @@ impl KvvmAllocator {
             Ok(()) => {
                 // A reused slot may have more pages mapped than this request needs (its last
                 // user was longer): give the excess back rather than hold it for nothing.
-                let g = self.cache.geometry();
-                if g.pages_for(self.cache.capacity(slot)?) > g.pages_for(tokens) + 1 {
-                    self.cache.shrink(slot, tokens)?;
-                }
+                self.trim(slot, tokens)?;
                 Ok(Some(slot))
             }
             Err(e) => {
@@ -339,6 +264,37 @@ impl KvvmAllocator {
                 }
             }
         }
+    }
+
+    /// Makes sure every slot of a step that just succeeded has pages for its new tokens.
+    ///
+    /// A `step` whose own reclamation took the mapped-ahead pages of another slot of the same
+    /// batch could commit that slot's tokens without pages behind them (fixed in the cache by
+    /// keeping the pages of pending targets); this check maps what is missing, or, when that
+    /// does not fit, puts the slot back to the tokens it had and reports no room.
+    fn repair(&self, batch: &[(u64, usize)]) -> Result<bool> {
+        let mut ok = true;
+        for &(id, t) in batch {
+            let (slot, had) = self.slot(id)?;
+            if self.cache.capacity(slot)? >= t {
+                continue;
+            }
+            tracing::warn!("slot {slot}: {t} tokens committed with pages for fewer; mapping them");
+            self.cache.shrink(slot, had)?;
+            match self.cache.ensure(slot, t) {
+                Ok(()) => {}
+                Err(e) if exhausted(&e) => ok = false,
+                Err(e) => return Err(e),
+            }
+        }
+        if !ok {
+            // All or nothing, as `step` promises: every slot goes back to its tokens.
+            for &(id, _) in batch {
+                let (slot, had) = self.slot(id)?;
+                self.cache.shrink(slot, had)?;
+            }
+        }
+        Ok(ok)
     }
 
     fn stamp_new(&self, id: u64, slot: SlotId, from: usize, to: usize) -> Result<()> {
@@ -385,6 +341,9 @@ impl KvAllocator for KvvmAllocator {
             Err(e) if exhausted(&e) => return Ok(false),
             Err(e) => return Err(e),
         }
+        if !self.repair(batch)? {
+            return Ok(false);
+        }
         let mut items = Vec::new();
         for &(id, t) in batch {
             if let Some(r) = self.running.get_mut(&id) {
@@ -397,91 +356,79 @@ impl KvAllocator for KvvmAllocator {
     }
     fn preempt(&mut self, id: u64) -> Result<(Preempted, Cost)> {
         let (slot, tokens) = self.slot(id)?;
-        let have = self.swap.copies.get(&id).map_or(0, |c| c.tokens);
-        let bpt = self.token_bytes();
-        let new_bytes = (tokens - have.min(tokens)) as u64 * bpt;
-        // The copy being extended is not evictable while we make room for its new part.
-        let keep = self.running.remove(&id);
-        let room = self.host_room(new_bytes);
-        if let Some(k) = keep {
-            self.running.insert(id, k);
-        }
-        if !room? {
-            self.drop_copy(id)?;
-            self.release_slot(slot)?;
-            self.running.remove(&id);
-            self.dropped.insert(id);
-            return Ok((Preempted::Dropped, Cost::default()));
-        }
-        let mut cost = Cost::default();
-        if tokens > have {
-            let (buf, calls) = self.copy_out(slot, have, tokens)?;
-            self.swap.clock += 1;
-            let clock = self.swap.clock;
-            let c = self.swap.copies.entry(id).or_insert(HostCopy {
-                segments: Vec::new(),
-                tokens: 0,
-                bytes: 0,
-                last_use: 0,
-            });
-            c.segments.push((have, tokens, buf));
-            c.tokens = tokens;
-            c.bytes += new_bytes;
-            c.last_use = clock;
-            self.swap.used += new_bytes;
-            cost = Cost {
-                copy_bytes: new_bytes,
-                copy_calls: calls,
-            };
-        }
-        self.counters.reuse_saved_bytes += have.min(tokens) as u64 * bpt;
-        self.counters.swapped_bytes += cost.copy_bytes;
-        self.counters.copy_calls += cost.copy_calls;
-        self.release_slot(slot)?;
+        let ticket = match self.swap.swap_out(slot) {
+            Ok(t) => t,
+            Err(e) if exhausted(&e) => {
+                // No room on the host: drop the KV, recompute it on resume.
+                self.drop_copy(id)?;
+                self.release_slot(slot)?;
+                self.running.remove(&id);
+                self.dropped.insert(id);
+                return Ok((Preempted::Dropped, Cost::default()));
+            }
+            Err(e) => return Err(e),
+        };
+        ticket.wait()?;
         self.running.remove(&id);
-        Ok((Preempted::Swapped, cost))
+        self.copies.insert(id, ticket.copy());
+        let bytes = ticket.bytes();
+        let new_tokens = (bytes / self.token_bytes().max(1)) as usize;
+        debug_assert!(new_tokens <= tokens);
+        Ok((
+            Preempted::Swapped,
+            Cost {
+                copy_bytes: bytes,
+                copy_calls: self.calls_for(new_tokens),
+            },
+        ))
     }
     fn resume(&mut self, id: u64, tokens: usize) -> Result<Option<Cost>> {
-        let Some(slot) = self.slot_for(tokens)? else {
-            return Ok(None);
-        };
-        let mut cost = Cost::default();
-        if self.dropped.remove(&id) {
+        if self.dropped.contains(&id) {
             // Recompute: the prefill writes the KV again.
+            let Some(slot) = self.slot_for(tokens)? else {
+                return Ok(None);
+            };
+            self.dropped.remove(&id);
+            self.running.insert(id, (slot, tokens));
             self.stamp_new(id, slot, 0, tokens)?;
-        } else {
-            let copy = self.swap.copies.get(&id).ok_or_else(|| {
-                Error::InvalidArgument(format!("request {id} has no host copy to resume from"))
-            })?;
-            if copy.tokens != tokens {
-                let held = copy.tokens;
+            return Ok(Some(Cost::default()));
+        }
+        let copy = *self.copies.get(&id).ok_or_else(|| {
+            Error::InvalidArgument(format!("request {id} has no host copy to resume from"))
+        })?;
+        let held = self.swap.host_tokens(copy)?;
+        if held != tokens {
+            return Err(Error::InvalidArgument(format!(
+                "request {id}: host copy holds {held} tokens, {tokens} asked"
+            )));
+        }
+        let slot = match self.cache.alloc_slot_for(tokens) {
+            Ok(s) => s,
+            Err(e) if exhausted(&e) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let started = self
+            .trim(slot, tokens)
+            .and_then(|()| self.swap.swap_in(copy, slot));
+        let ticket = match started {
+            Ok(t) => t,
+            Err(e) => {
                 self.cache.free_slot(slot)?;
-                return Err(Error::InvalidArgument(format!(
-                    "request {id}: host copy holds {held} tokens, {tokens} asked"
-                )));
+                return if exhausted(&e) { Ok(None) } else { Err(e) };
             }
-            let calls = match self.copy_in(slot, copy) {
-                Ok(c) => c,
-                Err(e) => {
-                    self.cache.free_slot(slot)?;
-                    return Err(e);
-                }
-            };
-            cost = Cost {
-                copy_bytes: tokens as u64 * self.token_bytes(),
-                copy_calls: calls,
-            };
-            self.swap.clock += 1;
-            let clock = self.swap.clock;
-            if let Some(c) = self.swap.copies.get_mut(&id) {
-                c.last_use = clock;
+        };
+        if let Err(e) = ticket.wait() {
+            if self.cache.is_allocated(slot) {
+                self.cache.free_slot(slot)?;
             }
-            self.counters.swapped_bytes += cost.copy_bytes;
-            self.counters.copy_calls += cost.copy_calls;
-            self.counters.integrity_errors += self.stamper.check(id, slot, tokens)?;
+            return Err(e);
         }
         self.running.insert(id, (slot, tokens));
-        Ok(Some(cost))
+        self.counters.integrity_errors += self.stamper.check(id, slot, tokens)?;
+        Ok(Some(Cost {
+            copy_bytes: ticket.bytes(),
+            copy_calls: self.calls_for(tokens),
+        }))
     }
     fn finish(&mut self, id: u64) -> Result<()> {
         let (slot, tokens) = self.slot(id)?;
@@ -498,20 +445,15 @@ impl KvAllocator for KvvmAllocator {
         }
     }
     fn counters(&self) -> Counters {
+        let sw = self.swap.stats();
+        let stats = self.cache.stats();
         Counters {
-            backend_calls: self.cache.stats().total_backend_calls() + self.counters.copy_calls,
-            ..self.counters
-        }
-    }
-}
-
-impl Drop for KvvmAllocator {
-    fn drop(&mut self) {
-        let ids: Vec<u64> = self.swap.copies.keys().copied().collect();
-        for id in ids {
-            if let Err(e) = self.drop_copy(id) {
-                tracing::warn!("freeing a host copy failed: {e}");
-            }
+            swapped_bytes: sw.bytes_out + sw.bytes_in,
+            reuse_saved_bytes: sw.reuse_saved_bytes,
+            // The swap engine copies through the cache's metered backend.
+            backend_calls: stats.total_backend_calls(),
+            copy_calls: stats.calls(crate::vmm::BackendOp::Copy).calls,
+            integrity_errors: self.counters.integrity_errors,
         }
     }
 }

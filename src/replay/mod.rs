@@ -127,7 +127,10 @@ pub fn make_allocator(kind: AllocatorKind, config: &ReplayConfig) -> Result<Box<
                 lookahead_steps: config.lookahead_steps,
                 create_all_pages: false,
             })?;
-            Box::new(KvvmAllocator::new(Arc::new(cache), config.host_budget_bytes)?)
+            Box::new(KvvmAllocator::new(
+                Arc::new(cache),
+                config.host_budget_bytes,
+            )?)
         }
         AllocatorKind::Paged(block) => Box::new(PagedModel::new(
             config.budget_bytes,
@@ -163,7 +166,9 @@ pub fn replay(
     for (k, &kind) in config.allocators.iter().enumerate() {
         let started = std::time::Instant::now();
         let mut alloc = make_allocator(kind, config)?;
-        let mut r = simulate(alloc.as_mut(), &jobs, &config.sched, &mut |d| progress(k, d))?;
+        let mut r = simulate(alloc.as_mut(), &jobs, &config.sched, &mut |d| {
+            progress(k, d)
+        })?;
         drop(alloc);
         r.wall_s = started.elapsed().as_secs_f64();
         results.push(r);
@@ -267,7 +272,11 @@ impl Report {
         let y_max = (self.budget_bytes as f64 / (1u64 << 30) as f64) * 1.05;
         let mut chart = ChartBuilder::on(&root)
             .caption(
-                format!("KV memory over time: {} ({} requests)", short(&self.trace), self.requests),
+                format!(
+                    "KV memory over time: {} ({} requests)",
+                    short(&self.trace),
+                    self.requests
+                ),
                 ("sans-serif", 20),
             )
             .margin(12)
@@ -295,9 +304,14 @@ impl Report {
                 .draw_series(LineSeries::new(pts(|s| s.held_bytes), c.stroke_width(2)))
                 .map_err(|e| err(&e))?
                 .label(format!("{} (util {:.3})", r.allocator, r.utilization))
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2)));
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2))
+                });
             chart
-                .draw_series(LineSeries::new(pts(|s| s.live_bytes), c.mix(0.5).stroke_width(1)))
+                .draw_series(LineSeries::new(
+                    pts(|s| s.live_bytes),
+                    c.mix(0.5).stroke_width(1),
+                ))
                 .map_err(|e| err(&e))?;
         }
         chart

@@ -117,7 +117,9 @@ pub struct Job {
 /// [`Error::InvalidConfig`] for a non-positive speed or `max_tokens < 2`.
 pub fn prepare(requests: &[Request], max_tokens: usize, speed: f64) -> Result<Vec<Job>> {
     if !(speed.is_finite() && speed > 0.0) {
-        return Err(Error::InvalidConfig(format!("speed must be positive, got {speed}")));
+        return Err(Error::InvalidConfig(format!(
+            "speed must be positive, got {speed}"
+        )));
     }
     if max_tokens < 2 {
         return Err(Error::InvalidConfig("max_tokens must be at least 2".into()));
@@ -251,7 +253,11 @@ pub fn simulate(
         })
         .collect();
     let budget = alloc.free_bytes();
-    let watermark = (budget as f64 * config.watermark) as u64;
+    let watermark = if alloc.grows() {
+        (budget as f64 * config.watermark) as u64
+    } else {
+        0
+    };
     let mut now = 0.0f64;
     let mut next = 0usize;
     let mut queue: Vec<usize> = Vec::new();
@@ -308,7 +314,16 @@ pub fn simulate(
                 .fold(f64::NEG_INFINITY, f64::max);
             if let Some(k) = victim(&running, &live, now) {
                 if best > prio(&live[running[k]], now) + config.fair_quantum_s {
-                    let how = preempt(alloc, jobs, k, &mut running, &mut queue, &mut live, &mut cost, now)?;
+                    let how = preempt(
+                        alloc,
+                        jobs,
+                        k,
+                        &mut running,
+                        &mut queue,
+                        &mut live,
+                        &mut cost,
+                        now,
+                    )?;
                     preemptions += 1;
                     recomputes += u64::from(how == Preempted::Dropped);
                     fair_preemptions += 1;
@@ -329,7 +344,11 @@ pub fn simulate(
             if fresh && pressure {
                 break;
             }
-            let tokens = if fresh { jobs[i].context } else { live[i].tokens };
+            let tokens = if fresh {
+                jobs[i].context
+            } else {
+                live[i].tokens
+            };
             if alloc.free_bytes() < alloc.bytes_for(tokens + 1).saturating_add(watermark) {
                 break;
             }
@@ -397,7 +416,16 @@ pub fn simulate(
             }
             pressure = true;
             if let Some(k) = victim(&running, &live, now) {
-                let how = preempt(alloc, jobs, k, &mut running, &mut queue, &mut live, &mut cost, now)?;
+                let how = preempt(
+                    alloc,
+                    jobs,
+                    k,
+                    &mut running,
+                    &mut queue,
+                    &mut live,
+                    &mut cost,
+                    now,
+                )?;
                 preemptions += 1;
                 recomputes += u64::from(how == Preempted::Dropped);
             }
@@ -454,9 +482,17 @@ pub fn simulate(
     Ok(RunResult {
         allocator: alloc.name(),
         preemption: alloc.preemption().to_string(),
-        utilization: if area_held > 0.0 { area_live / area_held } else { 0.0 },
+        utilization: if area_held > 0.0 {
+            area_live / area_held
+        } else {
+            0.0
+        },
         peak_batch,
-        mean_batch: if steps > 0 { batch_sum as f64 / steps as f64 } else { 0.0 },
+        mean_batch: if steps > 0 {
+            batch_sum as f64 / steps as f64
+        } else {
+            0.0
+        },
         preemptions,
         fairness_preemptions: fair_preemptions,
         recomputes,

@@ -86,7 +86,8 @@ pub fn read_trace(path: &Path, limit: Option<usize>) -> Result<Trace> {
 pub fn read_trace_from(path: &Path, reader: impl Read, limit: Option<usize>) -> Result<Trace> {
     let mut lines = BufReader::new(reader).lines().enumerate();
     let limit = limit.unwrap_or(usize::MAX);
-    let at = |n: usize, m: &dyn std::fmt::Display| Error::Input(format!("{}:{n}: {m}", path.display()));
+    let at =
+        |n: usize, m: &dyn std::fmt::Display| Error::Input(format!("{}:{n}: {m}", path.display()));
     let mut requests = Vec::new();
     let mut format = None;
     let mut first_ts: Option<f64> = None;
@@ -115,12 +116,17 @@ pub fn read_trace_from(path: &Path, reader: impl Read, limit: Option<usize>) -> 
                 (ts, c, o, Vec::new())
             }
             TraceFormat::MooncakeJsonl => {
-                let r: MooncakeLine =
-                    serde_json::from_str(text).map_err(|e| at(n, &format!("bad JSON line: {e}")))?;
+                let r: MooncakeLine = serde_json::from_str(text)
+                    .map_err(|e| at(n, &format!("bad JSON line: {e}")))?;
                 if !r.timestamp.is_finite() || r.timestamp < 0.0 {
                     return Err(at(n, &format!("bad timestamp {}", r.timestamp)));
                 }
-                (r.timestamp / 1000.0, r.input_length, r.output_length, r.hash_ids)
+                (
+                    r.timestamp / 1000.0,
+                    r.input_length,
+                    r.output_length,
+                    r.hash_ids,
+                )
             }
         };
         let base = *first_ts.get_or_insert(ts);
@@ -155,7 +161,8 @@ struct MooncakeLine {
 /// generated).
 fn parse_azure_line(line: &str) -> std::result::Result<(f64, usize, usize), String> {
     let mut fields = line.split(',');
-    let (Some(ts), Some(c), Some(o), None) = (fields.next(), fields.next(), fields.next(), fields.next())
+    let (Some(ts), Some(c), Some(o), None) =
+        (fields.next(), fields.next(), fields.next(), fields.next())
     else {
         return Err(format!("expected 3 comma-separated fields, got {line:?}"));
     };
@@ -190,7 +197,12 @@ fn parse_datetime(s: &str) -> std::result::Result<f64, String> {
         return Err(bad());
     }
     let sec: f64 = sec.parse().map_err(|_| bad())?;
-    if !(1..=12).contains(&mo) || !(1..=31).contains(&da) || h > 23 || mi > 59 || !(0.0..61.0).contains(&sec) {
+    if !(1..=12).contains(&mo)
+        || !(1..=31).contains(&da)
+        || h > 23
+        || mi > 59
+        || !(0.0..61.0).contains(&sec)
+    {
         return Err(bad());
     }
     let days = days_from_civil(y, mo, da);
@@ -234,6 +246,9 @@ mod tests {
         assert_eq!(t.requests.len(), 2);
         assert_eq!(t.requests[0].arrival_s, 0.0);
         assert!((t.requests[1].arrival_s - 1.75).abs() < 1e-9);
-        assert_eq!((t.requests[1].context_tokens, t.requests[1].output_tokens), (20, 3));
+        assert_eq!(
+            (t.requests[1].context_tokens, t.requests[1].output_tokens),
+            (20, 3)
+        );
     }
 }

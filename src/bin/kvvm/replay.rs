@@ -72,7 +72,10 @@ pub fn run(args: ReplayArgs) -> Result<()> {
     }
     let trace = replay::read_trace(&args.trace, Some(args.limit))?;
     if trace.requests.is_empty() {
-        return Err(Error::Input(format!("{}: no requests", args.trace.display())));
+        return Err(Error::Input(format!(
+            "{}: no requests",
+            args.trace.display()
+        )));
     }
     let allocators = match args.layout {
         Some(l) => vec![
