@@ -295,7 +295,8 @@ impl KvAllocator for PagedModel {
 
 /// Static reservation (the pre-vLLM way; bookkeeping only): every admitted request reserves
 /// `max_tokens` tokens for its whole life, so a running request never runs out of room and is
-/// never preempted; admission waits until a whole reservation is free.
+/// never preempted for memory; admission waits until a whole reservation is free. A fairness
+/// preemption drops the request (there is no swap space in this model) and it is recomputed.
 #[derive(Debug)]
 pub struct StaticModel {
     max_tokens: usize,
@@ -332,7 +333,7 @@ impl KvAllocator for StaticModel {
         "static".into()
     }
     fn preemption(&self) -> &'static str {
-        "none needed: each request reserves max_tokens up front"
+        "none for memory (each request reserves max_tokens); fairness preemption recomputes"
     }
     fn token_bytes(&self) -> u64 {
         self.token_bytes
@@ -379,7 +380,7 @@ impl KvAllocator for StaticModel {
         Ok(true)
     }
     fn preempt(&mut self, id: u64) -> Result<(Preempted, Cost)> {
-        // Never needed by the scheduler (growth never fails), supported for completeness.
+        // Only fairness preempts here (growth never fails): drop, recompute on resume.
         self.running.remove(&id).ok_or_else(|| unknown(id))?;
         Ok((Preempted::Dropped, Cost::default()))
     }

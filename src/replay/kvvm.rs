@@ -190,6 +190,11 @@ impl KvvmAllocator {
         &self.cache
     }
 
+    /// The slot of running request `id`.
+    pub fn slot_of(&self, id: u64) -> Option<SlotId> {
+        self.running.get(&id).map(|r| r.0)
+    }
+
     fn slot(&self, id: u64) -> Result<(SlotId, usize)> {
         self.running
             .get(&id)
