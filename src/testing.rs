@@ -141,33 +141,36 @@ fn row_ptr(
     Ok(r.addr as usize as *mut u32)
 }
 
-/// Stamps tokens `from..to` of `slot` (every layer, K and V) with the pattern of `generation`.
-/// The cache must use a host-addressable backend and a dtype whose rows hold whole `u32`s, and no
-/// one else may access these rows meanwhile.
+/// Stamps tokens `from..to` of `slot` (every layer, K and V) with the byte pattern of allocation
+/// `generation`, the pattern [`verify_tokens`] checks. `generation` tells apart successive
+/// requests that use the same slot. Rows are written as whole `u32` words (a trailing part of a
+/// row shorter than 4 bytes is left alone).
 ///
 /// # Errors
-/// A description if a token is not mapped.
-pub fn write_pattern(
+/// A description if a token is out of range or not mapped.
+///
+/// # Safety
+/// The cache must be on a host-addressable backend (host backend). `slot` must stay allocated
+/// with at least `to` tokens for the whole call (no concurrent `shrink`, `free_slot` of it), and
+/// no other thread may read or write these rows meanwhile.
+pub unsafe fn stamp_tokens(
     cache: &KvCache,
     slot: SlotId,
     generation: u32,
     from: usize,
     to: usize,
 ) -> Result<(), String> {
-    let layers = cache.geometry().layers;
-    let words = cache.geometry().row_bytes() / 4;
+    let g = cache.geometry();
+    let words = g.row_bytes() / 4;
     for t in from..to {
-        for layer in 0..layers {
+        for layer in 0..g.layers {
             for kv in [Kv::K, Kv::V] {
                 let p = row_ptr(cache, slot, t, layer, kv)?;
                 for w in 0..words {
                     // SAFETY: `row` checked that the token lies in pages mapped read/write for
-                    // this slot; the row holds `words` aligned u32s; the caller guarantees that
-                    // no one else accesses these rows.
-                    unsafe {
-                        p.add(w)
-                            .write_volatile(stamp(generation, t, layer, kv, w))
-                    };
+                    // this slot, and the caller guarantees they stay mapped and unshared; the row
+                    // holds `words` aligned u32s (rows start at multiples of the row size).
+                    unsafe { p.add(w).write_volatile(stamp(generation, t, layer, kv, w)) };
                 }
             }
         }
@@ -175,24 +178,29 @@ pub fn write_pattern(
     Ok(())
 }
 
-/// Checks that tokens `0..tokens` of `slot` hold the pattern of `generation`.
+/// Checks that tokens `0..tokens` of `slot` hold the pattern [`stamp_tokens`] wrote for
+/// allocation `generation`.
 ///
 /// # Errors
-/// A description of the first difference.
-pub fn verify_pattern(
+/// A description of the first byte that differs, or of a token that is not mapped.
+///
+/// # Safety
+/// As [`stamp_tokens`]: `slot` must stay allocated with at least `tokens` tokens for the whole
+/// call, and no other thread may write these rows meanwhile.
+pub unsafe fn verify_tokens(
     cache: &KvCache,
     slot: SlotId,
     generation: u32,
     tokens: usize,
 ) -> Result<(), String> {
-    let layers = cache.geometry().layers;
-    let words = cache.geometry().row_bytes() / 4;
+    let g = cache.geometry();
+    let words = g.row_bytes() / 4;
     for t in 0..tokens {
-        for layer in 0..layers {
+        for layer in 0..g.layers {
             for kv in [Kv::K, Kv::V] {
                 let p = row_ptr(cache, slot, t, layer, kv)?;
                 for w in 0..words {
-                    // SAFETY: as in `write_pattern`: the row is mapped and readable.
+                    // SAFETY: as in `stamp_tokens`: the row is mapped, readable and aligned.
                     let got = unsafe { p.add(w).read_volatile() };
                     let want = stamp(generation, t, layer, kv, w);
                     if got != want {
@@ -267,11 +275,16 @@ impl Harness {
     }
 
     fn write_tokens(&self, l: &Live, from: usize, to: usize) -> Result<(), String> {
-        write_pattern(self.cache(), l.slot, l.generation, from, to)
+        // SAFETY: the harness is the only user of its cache; `l` is allocated and holds at least
+        // `to` tokens (the model was updated after a successful growth), and no other thread
+        // touches the slot during the call.
+        unsafe { stamp_tokens(self.cache(), l.slot, l.generation, from, to) }
     }
 
     fn verify_slot(&self, l: &Live) -> Result<(), String> {
-        verify_pattern(self.cache(), l.slot, l.generation, l.tokens)
+        // SAFETY: as in `write_tokens`: the slot is allocated with `l.tokens` tokens and nothing
+        // else changes it during the call.
+        unsafe { verify_tokens(self.cache(), l.slot, l.generation, l.tokens) }
     }
 
     /// Whether a growth failure is legitimate: injected, or the live tokens after the operation

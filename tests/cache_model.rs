@@ -121,9 +121,9 @@ macro_rules! model_test {
         }
 
         prop_state_machine! {
-            #![proptest_config(Config { cases: 48, failure_persistence: None, .. Config::default() })]
+            #![proptest_config(Config { cases: 256, failure_persistence: None, .. Config::default() })]
             #[test]
-            fn $name(sequential 1..40 => $machine);
+            fn $name(sequential 1..60 => $machine);
         }
     };
 }

@@ -1,6 +1,10 @@
 //! The background mapper: after each step it maps the pages the next few decode steps will need,
 //! so that the caller's `step` finds them mapped and makes no backend call.
 //!
+//! A slot asks for work when its mapped pages cover fewer than `lookahead` tokens beyond its live
+//! tokens; the mapper then maps every slot up to `2 × lookahead` tokens ahead, so wake-ups come
+//! in batches, at most once per `lookahead` steps for a batch growing in lockstep.
+//!
 //! It sleeps on a condition variable until a step records new targets, maps only what the pool
 //! can supply without reclaiming (it never takes pages from anyone), and never holds the cache's
 //! lock during a backend call.
@@ -28,7 +32,11 @@ pub(super) fn run(sh: Arc<Shared>) {
             if !s.allocated || s.busy || s.ahead == 0 {
                 continue;
             }
-            let need = sh.geometry.pages_for(s.ahead);
+            // Top up to twice the look-ahead, so that the next wake-up comes only after at
+            // least `lookahead` more steps: the caller wakes the mapper (a futex wake and, on an
+            // idle core, an inter-processor interrupt) once per that many steps, not every step.
+            let target = (s.ahead + sh.lookahead).min(sh.geometry.max_tokens);
+            let need = sh.geometry.pages_for(target);
             let missing = s.missing(need);
             if missing > 0 && total + missing <= available {
                 total += missing;

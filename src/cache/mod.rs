@@ -74,10 +74,16 @@ struct Slot {
     pages: Vec<Vec<PageHandle>>,
     /// A thread is changing this slot's mappings outside the lock.
     busy: bool,
+    /// Of `busy`: the change takes pages away (shrink, reclamation), so pages the slot lists now
+    /// may be gone when it ends; growth must wait even if it needs no new page.
+    shrinking: bool,
     /// Tokens the background mapper should make room for.
     ahead: usize,
     /// Cached smallest page count over the buffers (kept by `refresh`).
     min_pages: usize,
+    /// Tokens promised by a growth call in flight (0 when none): reclamation keeps the pages
+    /// they need even before the call commits its new token count.
+    pending: usize,
     /// Bumped whenever the slot's tokens stop being a continuation of what they were
     /// (allocation, shrink): lets the swap engine tell whether a host copy still matches.
     epoch: u64,
@@ -358,6 +364,7 @@ impl KvCache {
             return Ok(());
         }
         s.busy = true;
+        s.shrinking = true;
         let tails: Vec<(usize, usize)> = s
             .pages
             .iter()
@@ -558,6 +565,7 @@ impl Shared {
         let mut st = self.lock();
         for &i in slots {
             st.slots[i].busy = false;
+            st.slots[i].shrinking = false;
         }
         drop(st);
         self.changed.notify_all();
@@ -596,7 +604,11 @@ impl Shared {
                     (missing > 0).then_some((i, need, missing))
                 })
                 .collect();
-            if work.iter().all(|&(i, _, _)| !st.slots[i].busy) {
+            // A slot losing pages (reclamation of its mapped-ahead tail) must be waited for
+            // even when its target fits the pages it lists now: they may be unmapped under us.
+            if work.iter().all(|&(i, _, _)| !st.slots[i].busy)
+                && targets.iter().all(|&(i, _)| !st.slots[i].shrinking)
+            {
                 break work;
             }
             st = self.changed.wait(st).unwrap_or_else(|p| p.into_inner());
@@ -614,13 +626,44 @@ impl Shared {
         for &(i, _, _) in &work {
             st.slots[i].busy = true;
         }
+        // Slots of this batch that already have their pages must keep them while the pages of
+        // the others are acquired (reclamation would otherwise take them as "mapped ahead").
+        for &(i, t) in &targets {
+            let s = &mut st.slots[i];
+            s.pending = s.pending.max(t);
+        }
         let total: usize = work.iter().map(|w| w.2).sum();
+        // A slot left uneven by an earlier failed unmap may hold pages beyond its target in one
+        // buffer while missing some in another; the surplus holds no live token, so when pages
+        // are short it goes back to the pool first (the slot is ours: it is marked busy).
+        let surplus: Vec<Shrink> = if self.pool.available() < total {
+            work.iter()
+                .filter_map(|&(i, need, _)| {
+                    let tails: Vec<(usize, usize)> = st.slots[i]
+                        .pages
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, p)| p.len() > need)
+                        .map(|(b, p)| (b, p.len()))
+                        .collect();
+                    (!tails.is_empty()).then_some((i, need, tails))
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
         drop(st);
+        for (i, need, tails) in surplus {
+            if let Err(e) = self.unmap_tails(i, need, &tails) {
+                tracing::debug!("could not return surplus pages of slot {i}: {e}");
+            }
+        }
         let busy: Vec<usize> = work.iter().map(|w| w.0).collect();
 
         let pages = match self.acquire(total, true) {
             Ok(p) => p,
             Err(e) => {
+                self.clear_pending(&targets);
                 self.finish(&busy);
                 let (slot, missing) = blame(&work, &e);
                 return Err(Error::Grow {
@@ -639,6 +682,7 @@ impl Shared {
                     st.slots[i].busy = false;
                 }
                 let wake = self.commit_tokens(&mut st, &targets);
+                clear_pending(&mut st, &targets);
                 drop(st);
                 self.changed.notify_all();
                 self.wake_mapper(wake);
@@ -650,6 +694,7 @@ impl Shared {
                 for &i in &busy {
                     st.slots[i].busy = false;
                 }
+                clear_pending(&mut st, &targets);
                 drop(st);
                 self.changed.notify_all();
                 let missing = work.iter().find(|w| w.0 == failed_slot).map_or(0, |w| w.2);
@@ -660,6 +705,11 @@ impl Shared {
                 })
             }
         }
+    }
+
+    /// Forgets the promise of a growth call that gave up (see [`Slot::pending`]).
+    fn clear_pending(&self, targets: &[(usize, usize)]) {
+        clear_pending(&mut self.lock(), targets);
     }
 
     /// Records the new token counts after a successful growth and wakes the mapper.
@@ -792,7 +842,7 @@ impl Shared {
                 continue;
             }
             let floor = if s.allocated {
-                self.geometry.pages_for(s.tokens)
+                self.geometry.pages_for(s.tokens.max(s.pending))
             } else {
                 0
             };
@@ -844,6 +894,7 @@ impl Shared {
                 .collect();
             remaining = remaining.saturating_sub(freed);
             s.busy = true;
+            s.shrinking = true;
             if s.allocated {
                 s.ahead = 0;
             }
@@ -893,6 +944,17 @@ impl Shared {
 
 /// A planned shrink: (slot, pages to keep per buffer, (buffer, current length) of each tail).
 type Shrink = (usize, usize, Vec<(usize, usize)>);
+
+/// Forgets the promises of a growth call that has finished: a slot's promise is cleared unless a
+/// concurrent call on the same slot promised more.
+fn clear_pending(st: &mut State, targets: &[(usize, usize)]) {
+    for &(i, t) in targets {
+        let s = &mut st.slots[i];
+        if s.pending <= t {
+            s.pending = 0;
+        }
+    }
+}
 
 /// Attaches mapped pieces to their slots.
 fn attach(st: &mut State, pieces: Vec<Piece>) {

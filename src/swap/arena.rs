@@ -83,7 +83,11 @@ impl Arena {
         debug_assert!(len > 0 && len % ALIGN == 0);
         for (bi, b) in self.blocks.iter_mut().enumerate() {
             let Some(b) = b else { continue };
-            let hole = b.free.iter().find(|(_, &l)| l >= len).map(|(&o, &l)| (o, l));
+            let hole = b
+                .free
+                .iter()
+                .find(|(_, &l)| l >= len)
+                .map(|(&o, &l)| (o, l));
             if let Some((off, hole_len)) = hole {
                 b.free.remove(&off);
                 if hole_len > len {

@@ -91,14 +91,14 @@
 mod arena;
 
 use std::collections::HashMap;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::thread::JoinHandle;
 
 use arena::{aligned, Arena, Extent, MIN_BLOCK};
 
 use crate::cache::{KvCache, SlotId};
 use crate::error::{Error, Result};
-use crate::vmm::{Backend, Completion, CopyKind, CopyRegion};
+use crate::vmm::{Backend, BackendKind, Completion, CopyKind, CopyRegion};
 
 /// Options of a [`SwapEngine`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -175,7 +175,9 @@ pub struct SwapEngine {
 #[derive(Debug)]
 pub struct SwapTicket {
     transfer: Arc<Transfer>,
-    inner: Arc<Inner>,
+    /// Weak, so that a ticket kept around does not keep the engine and the cache alive: once the
+    /// engine is gone every transfer is finished and the ticket only reads the outcome.
+    inner: Weak<Inner>,
 }
 
 impl SwapTicket {
@@ -185,7 +187,7 @@ impl SwapTicket {
     /// # Errors
     /// The error of the failed transfer (the slot and the host copy are then as they were).
     pub fn poll(&self) -> Result<bool> {
-        match self.transfer.try_finish(&self.inner, false) {
+        match self.transfer.try_finish(&self.inner.upgrade(), false) {
             None => Ok(false),
             Some(r) => r.map(|()| true),
         }
@@ -196,13 +198,13 @@ impl SwapTicket {
     /// As [`SwapTicket::poll`].
     pub fn wait(&self) -> Result<()> {
         self.transfer
-            .try_finish(&self.inner, true)
+            .try_finish(&self.inner.upgrade(), true)
             .unwrap_or(Ok(()))
     }
     /// On CUDA, the raw `CUevent` recorded after the copy, which a stream can wait on with
     /// `cuStreamWaitEvent`; `None` on the host backend or when nothing needed copying.
     pub fn event(&self) -> Option<u64> {
-        self.transfer.completion.as_ref().and_then(|c| c.event())
+        self.transfer.completions.last().and_then(|c| c.event())
     }
     /// The host copy this transfer reads or writes.
     pub fn copy(&self) -> HostCopyId {
@@ -292,7 +294,8 @@ struct Transfer {
     /// Swap-in: the slot's epoch, for the attachment.
     epoch: u64,
     bytes: u64,
-    completion: Option<Box<dyn Completion>>,
+    /// The submitted copies (one per chunk on the host backend's swap-in, else one).
+    completions: Vec<Box<dyn Completion>>,
     phase: Mutex<Phase>,
     done: Condvar,
 }
@@ -313,7 +316,16 @@ impl Transfer {
 
     /// Finishes the transfer if its copy is complete (or, with `block`, once it is). Exactly one
     /// caller runs the bookkeeping; `None` means "not yet" (only without `block`).
-    fn try_finish(&self, inner: &Inner, block: bool) -> Option<Result<()>> {
+    fn try_finish(&self, inner: &Option<Arc<Inner>>, block: bool) -> Option<Result<()>> {
+        let Some(inner) = inner else {
+            // The engine is gone, and it finished every transfer before it went.
+            let ph = self.phase();
+            return match &*ph {
+                Phase::Done(r) => Some(r.clone()),
+                _ if block => Some(self.wait_done(ph)),
+                _ => None,
+            };
+        };
         {
             let ph = self.phase();
             match &*ph {
@@ -323,14 +335,21 @@ impl Transfer {
                 Phase::InFlight => {}
             }
         }
-        let copied = match &self.completion {
-            None => Ok(()),
-            Some(c) if block => c.wait(),
-            Some(c) => match c.poll() {
-                Ok(false) => return None,
-                Ok(true) => Ok(()),
-                Err(e) => Err(e),
-            },
+        let copied = if block {
+            wait_all(&self.completions)
+        } else {
+            // Done only when every copy is done; the first error wins.
+            let mut first_err = None;
+            for c in &self.completions {
+                match c.poll() {
+                    Ok(false) => return None,
+                    Ok(true) => {}
+                    Err(e) => {
+                        first_err.get_or_insert(e);
+                    }
+                }
+            }
+            first_err.map_or(Ok(()), Err)
         };
         {
             let mut ph = self.phase();
@@ -346,6 +365,70 @@ impl Transfer {
         self.done.notify_all();
         Some(r)
     }
+}
+
+/// Waits for every copy (even after one failed: none may still run when the transfer is
+/// finished); returns the first error.
+fn wait_all(completions: &[Box<dyn Completion>]) -> Result<()> {
+    let mut first_err = None;
+    for c in completions {
+        if let Err(e) = c.wait() {
+            first_err.get_or_insert(e);
+        }
+    }
+    first_err.map_or(Ok(()), Err)
+}
+
+/// Asks the kernel to fill in the page tables of `[addr, addr+len)` for writing
+/// (`MADV_POPULATE_WRITE`), so that a copy into freshly mapped host-backend pages does not take
+/// one page fault per OS page. Best effort: an old kernel without it just takes the faults.
+fn prefault(addr: u64, len: usize) {
+    // SAFETY: madvise does not touch Rust-visible memory; the caller passes a range of pages
+    // mapped read/write for a busy slot, and populating them changes no byte.
+    let r = unsafe {
+        libc::madvise(
+            addr as usize as *mut libc::c_void,
+            len,
+            libc::MADV_POPULATE_WRITE,
+        )
+    };
+    if r != 0 {
+        tracing::trace!(
+            "MADV_POPULATE_WRITE failed: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+/// Submits `regions` (`kind`): in one call, or, with `prefault`, one call per region after
+/// populating its destination, so that populating the next region overlaps copying this one.
+/// On a submission error, waits for the copies already submitted and returns the error.
+fn submit(
+    backend: &dyn Backend,
+    kind: CopyKind,
+    regions: &[CopyRegion],
+    prefault_dst: bool,
+) -> Result<Vec<Box<dyn Completion>>> {
+    if regions.is_empty() {
+        return Ok(Vec::new());
+    }
+    if !prefault_dst {
+        // SAFETY: forwarded from the caller, who upholds `copy_async`'s contract for `regions`.
+        return Ok(vec![unsafe { backend.copy_async(kind, regions) }?]);
+    }
+    let mut out: Vec<Box<dyn Completion>> = Vec::with_capacity(regions.len());
+    for r in regions {
+        prefault(r.dst, r.len);
+        // SAFETY: as above, for one of the caller's regions.
+        match unsafe { backend.copy_async(kind, std::slice::from_ref(r)) } {
+            Ok(c) => out.push(c),
+            Err(e) => {
+                let _ = wait_all(&out);
+                return Err(e);
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Appends `[src, src+len)` → `[dst, dst+len)` to `out` in pieces of at most `chunk` bytes.
@@ -374,7 +457,10 @@ impl Inner {
     /// Host tokens per buffer a copy of `tokens` tokens reserves room for.
     fn capacity_for(&self, tokens: usize) -> usize {
         let max = self.cache.geometry().max_tokens;
-        (tokens + tokens / 4).div_ceil(16).saturating_mul(16).clamp(tokens, max.max(tokens))
+        (tokens + tokens / 4)
+            .div_ceil(16)
+            .saturating_mul(16)
+            .clamp(tokens, max.max(tokens))
     }
 
     /// Extent bytes for `cap` tokens per buffer.
@@ -393,8 +479,8 @@ impl Inner {
             }
             let unreserved = budget.saturating_sub(st.arena.reserved());
             if unreserved >= len as u64 {
-                let block = ((unreserved as usize).min(MIN_BLOCK.max(len)) / arena::ALIGN)
-                    * arena::ALIGN;
+                let block =
+                    ((unreserved as usize).min(MIN_BLOCK.max(len)) / arena::ALIGN) * arena::ALIGN;
                 st.arena.grow(self.backend(), block.max(len))?;
                 continue;
             }
@@ -583,8 +669,9 @@ impl SwapEngine {
         let worker = std::thread::Builder::new()
             .name("kvvm-swap".into())
             .spawn(move || {
+                let inner = Some(worker_inner);
                 for t in rx {
-                    let _ = t.try_finish(&worker_inner, true);
+                    let _ = t.try_finish(&inner, true);
                 }
             })
             .map_err(|e| Error::InvalidConfig(format!("cannot start the swap thread: {e}")))?;
@@ -608,7 +695,7 @@ impl SwapEngine {
     /// Hands a submitted transfer to the completion thread and wraps it in a ticket.
     fn launch(&self, transfer: Transfer) -> SwapTicket {
         let transfer = Arc::new(transfer);
-        let immediate = transfer.completion.is_none();
+        let immediate = transfer.completions.is_empty();
         let sent = !immediate
             && self
                 .tx
@@ -616,11 +703,11 @@ impl SwapEngine {
                 .is_some_and(|tx| tx.send(transfer.clone()).is_ok());
         if !sent {
             // Nothing to copy (or no completion thread): finish now.
-            let _ = transfer.try_finish(&self.inner, true);
+            let _ = transfer.try_finish(&Some(self.inner.clone()), true);
         }
         SwapTicket {
             transfer,
-            inner: self.inner.clone(),
+            inner: Arc::downgrade(&self.inner),
         }
     }
 
@@ -661,7 +748,7 @@ impl SwapEngine {
     /// engine changed is undone (the caller releases the slot and the in-flight room).
     fn submit_out(&self, slot: SlotId, tokens: usize, epoch: u64) -> Result<Transfer> {
         let inner = &*self.inner;
-        let g = inner.cache.geometry().clone();
+        let g = *inner.cache.geometry();
         let mut st = inner.lock();
         let now = Inner::tick(&mut st);
         // Reuse the copy this slot was swapped in from, if it still matches the slot.
@@ -724,7 +811,9 @@ impl SwapEngine {
             Some((e, cap, _)) => (Some(e), cap),
             None => (c.extent, c.cap),
         };
-        let old = relocate.and_then(|r| r.2).map(|e| (st.arena.addr(&e), c.cap));
+        let old = relocate
+            .and_then(|r| r.2)
+            .map(|e| (st.arena.addr(&e), c.cap));
         let dst_base = dst_extent.map(|e| st.arena.addr(&e));
         drop(st);
         let undo = |st: &mut State| {
@@ -773,20 +862,16 @@ impl SwapEngine {
             }
         }
         let bytes: u64 = regions.iter().map(|r| r.len as u64).sum();
-        let completion = if regions.is_empty() {
-            None
-        } else {
-            // SAFETY: the sources are the slot's first `tokens` tokens, mapped (a slot's tokens
-            // always lie in mapped pages) and kept mapped because the slot is busy until this
-            // transfer finishes; the destinations lie in copy `id`'s extent in the arena (host
-            // buffers of this backend), which nothing else reads, writes or frees while the copy
-            // is busy; destinations of distinct regions are disjoint.
-            match unsafe { inner.backend().copy_async(CopyKind::DeviceToHost, &regions) } {
-                Ok(c) => Some(c),
-                Err(e) => {
-                    undo(&mut inner.lock());
-                    return Err(e);
-                }
+        // SAFETY: the sources are the slot's first `tokens` tokens, mapped (a slot's tokens
+        // always lie in mapped pages) and kept mapped because the slot is busy until this
+        // transfer finishes; the destinations lie in copy `id`'s extent in the arena (host
+        // buffers of this backend), which nothing else reads, writes or frees while the copy is
+        // busy; destinations of distinct regions are disjoint.
+        let completions = match submit(inner.backend(), CopyKind::DeviceToHost, &regions, false) {
+            Ok(c) => c,
+            Err(e) => {
+                undo(&mut inner.lock());
+                return Err(e);
             }
         };
         Ok(Transfer {
@@ -799,7 +884,7 @@ impl SwapEngine {
             relocate: relocate.map(|(e, cap, _)| (e, cap)),
             epoch,
             bytes,
-            completion,
+            completions,
             phase: Mutex::new(Phase::InFlight),
             done: Condvar::new(),
         })
@@ -867,20 +952,25 @@ impl SwapEngine {
             }
         }
         let bytes: u64 = regions.iter().map(|r| r.len as u64).sum();
-        let completion = if regions.is_empty() {
-            None
-        } else {
-            // SAFETY: the destinations are the slot's first `tokens` tokens, whose pages
-            // `swap_in_begin` mapped; the slot stays busy (nobody else maps, unmaps or uses it)
-            // until this transfer finishes. The sources lie in the copy's extent, which stays
-            // allocated and unwritten while the copy is busy. Destinations are disjoint.
-            match unsafe { inner.backend().copy_async(CopyKind::HostToDevice, &regions) } {
-                Ok(c) => Some(c),
-                Err(e) => {
-                    inner.cache.swap_abort(slot);
-                    unbusy(&mut inner.lock());
-                    return Err(e);
-                }
+        // On the host backend, pages mapped just now have no page-table entries yet: populate
+        // each chunk's destination before submitting it, overlapping with the copy of the
+        // previous chunk, instead of taking a fault per OS page inside the copy.
+        let prefault_dst = inner.backend().kind() == BackendKind::Host;
+        // SAFETY: the destinations are the slot's first `tokens` tokens, whose pages
+        // `swap_in_begin` mapped; the slot stays busy (nobody else maps, unmaps or uses it)
+        // until this transfer finishes. The sources lie in the copy's extent, which stays
+        // allocated and unwritten while the copy is busy. Destinations are disjoint.
+        let completions = match submit(
+            inner.backend(),
+            CopyKind::HostToDevice,
+            &regions,
+            prefault_dst,
+        ) {
+            Ok(c) => c,
+            Err(e) => {
+                inner.cache.swap_abort(slot);
+                unbusy(&mut inner.lock());
+                return Err(e);
             }
         };
         Ok(self.launch(Transfer {
@@ -893,7 +983,7 @@ impl SwapEngine {
             relocate: None,
             epoch,
             bytes,
-            completion,
+            completions,
             phase: Mutex::new(Phase::InFlight),
             done: Condvar::new(),
         }))
@@ -972,7 +1062,11 @@ impl SwapEngine {
     pub fn quiesce(&self) {
         let mut st = self.inner.lock();
         while st.in_flight > 0 {
-            st = self.inner.changed.wait(st).unwrap_or_else(|p| p.into_inner());
+            st = self
+                .inner
+                .changed
+                .wait(st)
+                .unwrap_or_else(|p| p.into_inner());
         }
     }
 }

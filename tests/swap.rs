@@ -1,0 +1,961 @@
+//! Tests of the SwapEngine on the host backend with small pages: integrity of every live token
+//! across interleavings of swap-out / swap-in / step / free (property test, both layouts), KV
+//! reuse counters, host budget exhaustion and eviction, injected backend failures, and teardown
+//! without leaks.
+
+use std::sync::Arc;
+
+use proptest::prelude::*;
+use proptest::test_runner::Config;
+
+use kvvm::cache::{CacheConfig, DType, KvCache, Layout, SlotId};
+use kvvm::swap::{HostCopyId, SwapConfig, SwapEngine, SwapTicket};
+
+/// Stamps tokens `from..to` of `slot` with the pattern of `generation`.
+fn write_pattern(
+    cache: &KvCache,
+    slot: SlotId,
+    generation: u32,
+    from: usize,
+    to: usize,
+) -> Result<(), String> {
+    // SAFETY: every cache in these tests is on the host backend; the test thread is the only one
+    // that touches this slot's rows, and the slot holds at least `to` tokens during the call.
+    unsafe { kvvm::testing::stamp_tokens(cache, slot, generation, from, to) }
+}
+
+/// Checks tokens `0..tokens` of `slot` against the pattern of `generation`.
+fn verify_pattern(
+    cache: &KvCache,
+    slot: SlotId,
+    generation: u32,
+    tokens: usize,
+) -> Result<(), String> {
+    // SAFETY: as in `write_pattern`: host backend, the slot holds `tokens` tokens and nothing
+    // else writes its rows during the call.
+    unsafe { kvvm::testing::verify_tokens(cache, slot, generation, tokens) }
+}
+use kvvm::vmm::faulty::{CopyFault, FaultyBackend};
+use kvvm::vmm::host::{os_page_size, HostBackend, HostConfig};
+use kvvm::vmm::{Backend, BackendConfig, BackendOp};
+use kvvm::Error;
+
+const MAX_TOKENS: usize = 200;
+
+struct Rig {
+    host: Arc<HostBackend>,
+    faulty: Arc<FaultyBackend>,
+    cache: Arc<KvCache>,
+    swap: Option<SwapEngine>,
+}
+
+impl Rig {
+    /// 2 layers, 2 KV heads, head_dim 8, f32 (256 bytes a token), OS-page pages, `slots` slots
+    /// of 200 tokens, a page budget of `budget_pages` and a host budget of `host_budget` bytes.
+    fn new(layout: Layout, slots: usize, budget_pages: usize, host_budget: u64) -> Rig {
+        Self::with(layout, slots, budget_pages, host_budget, 0, 1 << 20)
+    }
+
+    fn with(
+        layout: Layout,
+        slots: usize,
+        budget_pages: usize,
+        host_budget: u64,
+        lookahead: usize,
+        chunk_bytes: usize,
+    ) -> Rig {
+        let page = os_page_size();
+        let host = Arc::new(
+            HostBackend::new(HostConfig {
+                granularity: page,
+                copy_threads: 2,
+                ..HostConfig::default()
+            })
+            .unwrap(),
+        );
+        let faulty = Arc::new(FaultyBackend::new(host.clone()));
+        let cache = Arc::new(
+            KvCache::with_backend(
+                CacheConfig {
+                    layers: 2,
+                    kv_heads: 2,
+                    head_dim: 8,
+                    dtype: DType::F32,
+                    max_slots: slots,
+                    max_tokens: MAX_TOKENS,
+                    layout,
+                    page_size: None,
+                    budget_bytes: (budget_pages * page) as u64,
+                    backend: BackendConfig::default(),
+                    lookahead_steps: lookahead,
+                    create_all_pages: false,
+                },
+                faulty.clone() as Arc<dyn Backend>,
+            )
+            .unwrap(),
+        );
+        let swap = SwapEngine::new(
+            cache.clone(),
+            SwapConfig {
+                host_budget_bytes: host_budget,
+                chunk_bytes,
+                max_in_flight: 3,
+            },
+        )
+        .unwrap();
+        Rig {
+            host,
+            faulty,
+            cache,
+            swap: Some(swap),
+        }
+    }
+
+    fn swap(&self) -> &SwapEngine {
+        self.swap.as_ref().unwrap()
+    }
+
+    fn bpt(&self) -> u64 {
+        self.cache.geometry().bytes_per_token() as u64
+    }
+
+    /// A new request of `tokens` stamped tokens.
+    fn request(&self, tokens: usize, generation: u32) -> SlotId {
+        let slot = self.cache.alloc_slot_for(tokens).unwrap();
+        self.cache.ensure(slot, tokens).unwrap();
+        write_pattern(&self.cache, slot, generation, 0, tokens).unwrap();
+        slot
+    }
+
+    fn grow(&self, slot: SlotId, generation: u32, to: usize) {
+        let from = self.cache.tokens(slot).unwrap();
+        self.cache.ensure(slot, to).unwrap();
+        write_pattern(&self.cache, slot, generation, from, to).unwrap();
+    }
+
+    fn check(&self, slot: SlotId, generation: u32, tokens: usize) {
+        assert_eq!(self.cache.tokens(slot).unwrap(), tokens);
+        verify_pattern(&self.cache, slot, generation, tokens).unwrap();
+    }
+
+    /// Swaps `copy` into a fresh slot and checks it holds `tokens` tokens of `generation`.
+    fn resume(&self, copy: HostCopyId, generation: u32, tokens: usize) -> SlotId {
+        let slot = self.cache.alloc_slot_for(tokens).unwrap();
+        self.swap().swap_in(copy, slot).unwrap().wait().unwrap();
+        self.check(slot, generation, tokens);
+        slot
+    }
+
+    /// Drops engine and cache; checks that no page and no host buffer is left behind.
+    fn finish(mut self) {
+        self.faulty.clear();
+        let swap = self.swap.take().unwrap();
+        let stats = swap.stats();
+        assert_eq!(stats.in_flight, 0);
+        drop(swap);
+        let cs = self.cache.stats();
+        assert_eq!(
+            cs.pool.in_use as u64 * cs.pool.page_size as u64,
+            cs.mapped_bytes
+        );
+        drop(self.cache);
+        assert_eq!(self.host.live_pages(), 0, "device pages leaked");
+        assert_eq!(
+            self.faulty.calls(BackendOp::AllocHost) - self.faulty.injected(BackendOp::AllocHost),
+            self.faulty.calls(BackendOp::FreeHost),
+            "host arena blocks leaked"
+        );
+    }
+}
+
+const LAYOUTS: [Layout; 2] = [Layout::Interleaved, Layout::PerLayer];
+
+#[test]
+fn swap_out_and_in_round_trip() {
+    for layout in LAYOUTS {
+        let rig = Rig::new(layout, 4, 64, 1 << 20);
+        let a = rig.request(150, 1);
+        let b = rig.request(30, 2);
+        let t = rig.swap().swap_out(a).unwrap();
+        assert_eq!(t.bytes(), 150 * rig.bpt());
+        // Other slots keep working while the transfer is in flight.
+        rig.grow(b, 2, 40);
+        while !t.poll().unwrap() {
+            std::thread::yield_now();
+        }
+        assert!(!rig.cache.is_allocated(a));
+        assert_eq!(rig.cache.capacity(a).unwrap(), 0, "pages not unmapped");
+        let copy = t.copy();
+        assert_eq!(rig.swap().host_tokens(copy).unwrap(), 150);
+        let s = rig.swap().stats();
+        assert_eq!(
+            (s.bytes_out, s.transfers, s.copies_live),
+            (150 * rig.bpt(), 1, 1)
+        );
+        let a2 = rig.resume(copy, 1, 150);
+        rig.check(b, 2, 40);
+        assert_eq!(rig.swap().stats().bytes_in, 150 * rig.bpt());
+        // The resumed request decodes on.
+        rig.grow(a2, 1, 160);
+        rig.check(a2, 1, 160);
+        rig.finish();
+    }
+}
+
+#[test]
+fn small_chunks_and_empty_slots() {
+    for layout in LAYOUTS {
+        let rig = Rig::with(layout, 3, 64, 1 << 20, 2, 512);
+        let a = rig.request(0, 1);
+        let t = rig.swap().swap_out(a).unwrap();
+        assert_eq!(t.bytes(), 0);
+        t.wait().unwrap();
+        let empty = t.copy();
+        assert_eq!(rig.swap().host_tokens(empty).unwrap(), 0);
+        let b = rig.request(77, 2);
+        let t = rig.swap().swap_out(b).unwrap();
+        t.wait().unwrap();
+        let c = rig.resume(t.copy(), 2, 77);
+        let e = rig.resume(empty, 0, 0);
+        rig.grow(e, 9, 5);
+        rig.check(c, 2, 77);
+        rig.finish();
+    }
+}
+
+#[test]
+fn kv_reuse_moves_only_new_tokens() {
+    for layout in LAYOUTS {
+        let rig = Rig::new(layout, 4, 64, 1 << 20);
+        let bpt = rig.bpt();
+        let a = rig.request(100, 7);
+        let t = rig.swap().swap_out(a).unwrap();
+        t.wait().unwrap();
+        let copy = t.copy();
+        let a = rig.resume(copy, 7, 100);
+        // Append k tokens and swap out again: exactly k tokens' bytes move.
+        for (k, total) in [(9usize, 109usize), (0, 109), (71, 180)] {
+            rig.grow(a, 7, total);
+            let before = rig.swap().stats();
+            let t = rig.swap().swap_out(a).unwrap();
+            assert_eq!(t.copy(), copy, "the host copy is reused");
+            assert_eq!(t.bytes(), k as u64 * bpt);
+            t.wait().unwrap();
+            let after = rig.swap().stats();
+            assert_eq!(after.bytes_out - before.bytes_out, k as u64 * bpt);
+            assert_eq!(
+                after.reuse_saved_bytes - before.reuse_saved_bytes,
+                (total - k) as u64 * bpt
+            );
+            assert_eq!(after.copies_live, 1);
+            assert_eq!(rig.swap().host_tokens(copy).unwrap(), total);
+            let b = rig.resume(copy, 7, total);
+            assert_eq!(b, a, "the freed slot is reused");
+        }
+        rig.swap().release(copy).unwrap();
+        assert!(rig.swap().host_tokens(copy).is_err());
+        assert_eq!(rig.swap().stats().host_bytes_used, 0);
+        rig.finish();
+    }
+}
+
+#[test]
+fn reuse_is_dropped_when_the_slot_changes_hands_or_shrinks() {
+    for layout in LAYOUTS {
+        let rig = Rig::new(layout, 2, 64, 1 << 20);
+        let a = rig.request(60, 1);
+        let t = rig.swap().swap_out(a).unwrap();
+        t.wait().unwrap();
+        let c1 = t.copy();
+        let a = rig.resume(c1, 1, 60);
+        // The request ends; another one gets the same slot.
+        rig.cache.free_slot(a).unwrap();
+        let b = rig.request(80, 2);
+        assert_eq!(b, a);
+        let t = rig.swap().swap_out(b).unwrap();
+        assert_ne!(t.copy(), c1);
+        assert_eq!(t.bytes(), 80 * rig.bpt());
+        t.wait().unwrap();
+        let c2 = t.copy();
+        // The first copy still holds the first request.
+        let a = rig.resume(c1, 1, 60);
+        // Shrinking (rewriting the tail) also ends the reuse.
+        rig.cache.shrink(a, 30).unwrap();
+        rig.grow(a, 3, 50);
+        let t = rig.swap().swap_out(a).unwrap();
+        assert_ne!(t.copy(), c1);
+        assert_eq!(t.bytes(), 50 * rig.bpt());
+        t.wait().unwrap();
+        let c3 = t.copy();
+        let x = rig.resume(c2, 2, 80);
+        rig.cache.free_slot(x).unwrap();
+        let y = rig.cache.alloc_slot_for(50).unwrap();
+        rig.swap().swap_in(c3, y).unwrap().wait().unwrap();
+        verify_pattern(&rig.cache, y, 1, 30).unwrap();
+        rig.finish();
+    }
+}
+
+#[test]
+fn host_budget_exhaustion_and_eviction() {
+    for layout in LAYOUTS {
+        // Room for one copy of 100 tokens (125 tokens of capacity) but not two.
+        let rig = Rig::new(layout, 4, 96, 40 << 10);
+        let bpt = rig.bpt();
+        let a = rig.request(100, 1);
+        let b = rig.request(100, 2);
+        let t = rig.swap().swap_out(a).unwrap();
+        t.wait().unwrap();
+        let ca = t.copy();
+        let before = rig.swap().stats();
+        match rig.swap().swap_out(b) {
+            Err(Error::HostBudgetExhausted { needed, .. }) => assert!(needed >= 100 * bpt),
+            other => panic!("expected HostBudgetExhausted, got {other:?}"),
+        }
+        // Nothing changed: b is resident and intact, the sole copy of a was not evicted.
+        rig.check(b, 2, 100);
+        assert_eq!(rig.swap().stats(), before);
+        assert_eq!(rig.swap().host_tokens(ca).unwrap(), 100);
+        // Once a is resident again its copy is only a cache: pinned it stays...
+        let a = rig.resume(ca, 1, 100);
+        rig.swap().pin(ca, true).unwrap();
+        assert!(matches!(
+            rig.swap().swap_out(b),
+            Err(Error::HostBudgetExhausted { .. })
+        ));
+        rig.check(b, 2, 100);
+        // ...unpinned it is evicted to make room.
+        rig.swap().pin(ca, false).unwrap();
+        let t = rig.swap().swap_out(b).unwrap();
+        t.wait().unwrap();
+        let cb = t.copy();
+        assert_eq!(rig.swap().stats().evictions, 1);
+        assert!(rig.swap().host_tokens(ca).is_err(), "evicted");
+        // a's next swap-out cannot reuse the evicted copy, and b's sole copy blocks it.
+        assert!(matches!(
+            rig.swap().swap_out(a),
+            Err(Error::HostBudgetExhausted { .. })
+        ));
+        rig.check(a, 1, 100);
+        let b = rig.resume(cb, 2, 100);
+        rig.check(b, 2, 100);
+        rig.finish();
+    }
+}
+
+#[test]
+fn eviction_follows_priority_then_lru() {
+    let layout = Layout::Interleaved;
+    // Room for three copies of 40 tokens (capacity 64: 16 KiB each).
+    let rig = Rig::new(layout, 4, 128, 48 << 10);
+    let mut copies = Vec::new();
+    let mut slots = Vec::new();
+    for g in 1..=3u32 {
+        let s = rig.request(40, g);
+        let t = rig.swap().swap_out(s).unwrap();
+        t.wait().unwrap();
+        copies.push(t.copy());
+    }
+    for (g, &c) in (1..=3u32).zip(&copies) {
+        slots.push(rig.resume(c, g, 40));
+    }
+    // All three are cached now; the oldest (copy 0) has the highest priority.
+    rig.swap().set_priority(copies[0], 5).unwrap();
+    let d = rig.request(40, 4);
+    rig.swap().swap_out(d).unwrap().wait().unwrap();
+    assert!(
+        rig.swap().host_tokens(copies[0]).is_ok(),
+        "high priority kept"
+    );
+    assert!(
+        rig.swap().host_tokens(copies[1]).is_err(),
+        "LRU at priority 0 evicted"
+    );
+    assert!(rig.swap().host_tokens(copies[2]).is_ok());
+    // Unknown ids are errors, not panics.
+    let bogus = HostCopyId::from_raw(u64::MAX);
+    assert!(matches!(
+        rig.swap().host_tokens(bogus),
+        Err(Error::InvalidArgument(_))
+    ));
+    assert!(matches!(
+        rig.swap().release(bogus),
+        Err(Error::InvalidArgument(_))
+    ));
+    assert!(matches!(
+        rig.swap().pin(bogus, true),
+        Err(Error::InvalidArgument(_))
+    ));
+    let e = rig.cache.alloc_slot().unwrap();
+    assert!(matches!(
+        rig.swap().swap_in(bogus, e),
+        Err(Error::InvalidArgument(_))
+    ));
+    rig.finish();
+}
+
+#[test]
+fn injected_copy_failures_lose_nothing() {
+    for layout in LAYOUTS {
+        let rig = Rig::new(layout, 4, 96, 1 << 20);
+        let bpt = rig.bpt();
+        let a = rig.request(90, 1);
+        // Host memory cannot be allocated.
+        rig.faulty.fail_nth(BackendOp::AllocHost, 1);
+        assert!(matches!(
+            rig.swap().swap_out(a),
+            Err(Error::Injected { .. })
+        ));
+        rig.check(a, 1, 90);
+        // The copy fails at submission.
+        rig.faulty.fail_nth_copy(1, CopyFault::AtSubmit);
+        assert!(matches!(
+            rig.swap().swap_out(a),
+            Err(Error::Injected { .. })
+        ));
+        rig.check(a, 1, 90);
+        let s = rig.swap().stats();
+        assert_eq!((s.copies_live, s.host_bytes_used, s.in_flight), (0, 0, 0));
+        // The copy fails at completion: the error reaches the ticket, the slot keeps its KV.
+        rig.faulty.fail_nth_copy(1, CopyFault::AtCompletion);
+        let t = rig.swap().swap_out(a).unwrap();
+        assert!(matches!(t.wait(), Err(Error::Injected { .. })));
+        assert!(matches!(t.poll(), Err(Error::Injected { .. })));
+        rig.check(a, 1, 90);
+        assert_eq!(rig.swap().stats().copies_live, 0);
+        // Now it works, and a failed reuse append keeps the host copy as it was.
+        let t = rig.swap().swap_out(a).unwrap();
+        t.wait().unwrap();
+        let copy = t.copy();
+        let a = rig.resume(copy, 1, 90);
+        rig.grow(a, 1, 130); // past the copy's capacity: relocation
+        for when in [CopyFault::AtSubmit, CopyFault::AtCompletion] {
+            rig.faulty.fail_nth_copy(1, when);
+            let r = rig.swap().swap_out(a).and_then(|t| t.wait());
+            assert!(matches!(r, Err(Error::Injected { .. })));
+            rig.check(a, 1, 130);
+            assert_eq!(rig.swap().host_tokens(copy).unwrap(), 90);
+        }
+        let t = rig.swap().swap_out(a).unwrap();
+        assert_eq!(t.copy(), copy);
+        assert_eq!(t.bytes(), 40 * bpt);
+        t.wait().unwrap();
+        // Swap-in failures: mapping, copy at submission, copy at completion.
+        let slot = rig.cache.alloc_slot_for(130).unwrap();
+        rig.faulty.fail_nth(BackendOp::Map, 1);
+        match rig.swap().swap_in(copy, slot) {
+            Err(Error::Grow { source, .. }) => {
+                assert!(matches!(*source, Error::Injected { .. }))
+            }
+            other => panic!("expected Grow, got {other:?}"),
+        }
+        assert_eq!(rig.cache.tokens(slot).unwrap(), 0);
+        rig.faulty.fail_nth_copy(1, CopyFault::AtSubmit);
+        assert!(matches!(
+            rig.swap().swap_in(copy, slot),
+            Err(Error::Injected { .. })
+        ));
+        assert_eq!(rig.cache.tokens(slot).unwrap(), 0);
+        rig.faulty.fail_nth_copy(1, CopyFault::AtCompletion);
+        let t = rig.swap().swap_in(copy, slot).unwrap();
+        assert!(matches!(t.wait(), Err(Error::Injected { .. })));
+        assert_eq!(rig.cache.tokens(slot).unwrap(), 0);
+        assert_eq!(rig.swap().host_tokens(copy).unwrap(), 130);
+        rig.swap().swap_in(copy, slot).unwrap().wait().unwrap();
+        rig.check(slot, 1, 130);
+        rig.finish();
+    }
+}
+
+#[test]
+fn unpolled_tickets_finish_and_drop_leaks_nothing() {
+    for layout in LAYOUTS {
+        let rig = Rig::new(layout, 4, 96, 1 << 20);
+        let slots: Vec<SlotId> = (0..4).map(|g| rig.request(50 + 30 * g, g as u32)).collect();
+        let copies: Vec<HostCopyId> = slots
+            .iter()
+            .map(|&s| rig.swap().swap_out(s).unwrap().copy())
+            .collect();
+        // Nobody polls: the engine finishes the transfers itself.
+        rig.swap().quiesce();
+        assert!(slots.iter().all(|&s| !rig.cache.is_allocated(s)));
+        assert_eq!(rig.cache.stats().mapped_bytes, 0);
+        // Swap-ins whose tickets are dropped, then the engine is dropped with them in flight.
+        let mut resumed = Vec::new();
+        for (g, &c) in copies.iter().enumerate() {
+            let s = rig.cache.alloc_slot().unwrap();
+            drop(rig.swap().swap_in(c, s).unwrap());
+            resumed.push(s);
+            if g == 0 {
+                rig.swap().release(c).unwrap(); // released while in flight
+            }
+        }
+        let Rig {
+            host,
+            faulty,
+            cache,
+            mut swap,
+        } = rig;
+        drop(swap.take());
+        for (g, &s) in resumed.iter().enumerate() {
+            assert_eq!(cache.tokens(s).unwrap(), 50 + 30 * g);
+            verify_pattern(&cache, s, g as u32, 50 + 30 * g).unwrap();
+        }
+        Rig {
+            host,
+            faulty,
+            cache,
+            swap: None,
+        }
+        .finish_without_engine();
+    }
+}
+
+impl Rig {
+    fn finish_without_engine(self) {
+        drop(self.cache);
+        assert_eq!(self.host.live_pages(), 0);
+        assert_eq!(
+            self.faulty.calls(BackendOp::AllocHost) - self.faulty.injected(BackendOp::AllocHost),
+            self.faulty.calls(BackendOp::FreeHost)
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Property test: interleavings of swap-out / swap-in / step / free on several slots.
+
+#[derive(Clone, Debug)]
+enum Op {
+    /// Admit a request with this many tokens.
+    Admit(u8),
+    /// Grow resident request `k` by `by` tokens.
+    Step(u8, u8),
+    /// Swap resident request `k` out; wait for the ticket now or later.
+    SwapOut(u8, bool),
+    /// Swap swapped-out request `k` in (possibly while its swap-out is in flight).
+    SwapIn(u8),
+    /// Finish resident request `k`.
+    Free(u8),
+    /// Drop swapped-out request `k` (release its copy, possibly in flight).
+    Drop(u8),
+    /// Poll every pending ticket.
+    Poll,
+    /// Make the n-th next call of a kind fail: 0 copy at submit, 1 copy at completion, 2 map.
+    Fault(u8, u8),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        3 => (0u8..=150).prop_map(Op::Admit),
+        4 => (any::<u8>(), 1u8..40).prop_map(|(k, b)| Op::Step(k, b)),
+        6 => (any::<u8>(), any::<bool>()).prop_map(|(k, w)| Op::SwapOut(k, w)),
+        6 => any::<u8>().prop_map(Op::SwapIn),
+        1 => any::<u8>().prop_map(Op::Free),
+        1 => any::<u8>().prop_map(Op::Drop),
+        2 => Just(Op::Poll),
+        1 => (0u8..3, 1u8..6).prop_map(|(k, n)| Op::Fault(k, n)),
+    ]
+}
+
+struct Resident {
+    slot: SlotId,
+    tokens: usize,
+    generation: u32,
+    /// The swap-in that fills the slot, until it is known to have succeeded.
+    pending: Option<SwapTicket>,
+    /// The copy it was swapped in from (to release when the request ends).
+    from: Option<(HostCopyId, usize)>,
+}
+
+struct Swapped {
+    copy: HostCopyId,
+    tokens: usize,
+    generation: u32,
+    pending: Option<SwapTicket>,
+    /// The copy the request was swapped in from before this swap-out (released once the
+    /// swap-out succeeded into another copy; kept if it fails).
+    prev: Option<(HostCopyId, usize)>,
+}
+
+struct Model {
+    rig: Rig,
+    resident: Vec<Resident>,
+    swapped: Vec<Swapped>,
+    next_generation: u32,
+    /// A fault was armed: a swap-out in flight may fail, so settle it before swapping in.
+    faults_seen: bool,
+}
+
+fn legit(e: &Error) -> bool {
+    match e {
+        Error::Injected { .. } => true,
+        Error::Grow { source, .. } => legit(source),
+        other => other.is_exhaustion(),
+    }
+}
+
+impl Model {
+    /// Settles a resident's pending swap-in; returns false if it failed (the request then
+    /// goes back to the swapped list and its slot is freed).
+    fn settle(&mut self, k: usize) -> Result<bool, String> {
+        let Some(t) = self.resident[k].pending.take() else {
+            return Ok(true);
+        };
+        match t.wait() {
+            Ok(()) => Ok(true),
+            Err(e) if legit(&e) => {
+                let r = self.resident.remove(k);
+                self.rig
+                    .cache
+                    .free_slot(r.slot)
+                    .map_err(|e| e.to_string())?;
+                let (copy, _) = r.from.ok_or("a swapped-in request without its copy")?;
+                self.swapped.push(Swapped {
+                    copy,
+                    tokens: r.tokens,
+                    generation: r.generation,
+                    pending: None,
+                    prev: None,
+                });
+                Ok(false)
+            }
+            Err(e) => Err(format!("swap-in failed: {e}")),
+        }
+    }
+
+    /// Settles a swapped request's pending swap-out; on failure it is resident again.
+    fn settle_out(&mut self, k: usize) -> Result<bool, String> {
+        let Some(t) = self.swapped[k].pending.take() else {
+            return Ok(true);
+        };
+        let slot = t.slot();
+        match t.wait() {
+            Ok(()) => {
+                if let Some((c, _)) = self.swapped[k].prev.take() {
+                    if c != self.swapped[k].copy {
+                        let _ = self.rig.swap().release(c); // may have been evicted
+                    }
+                }
+                Ok(true)
+            }
+            Err(e) if legit(&e) => {
+                let s = self.swapped.remove(k);
+                self.resident.push(Resident {
+                    slot,
+                    tokens: s.tokens,
+                    generation: s.generation,
+                    pending: None,
+                    from: s.prev,
+                });
+                Ok(false)
+            }
+            Err(e) => Err(format!("swap-out failed: {e}")),
+        }
+    }
+
+    fn apply(&mut self, op: &Op) -> Result<(), String> {
+        let rig = &self.rig;
+        match *op {
+            Op::Admit(t) => {
+                let t = t as usize;
+                let Ok(slot) = rig.cache.alloc_slot_for(t) else {
+                    return Ok(());
+                };
+                match rig.cache.ensure(slot, t) {
+                    Ok(()) => {}
+                    Err(e) if legit(&e) => {
+                        rig.cache.free_slot(slot).map_err(|e| e.to_string())?;
+                        return Ok(());
+                    }
+                    Err(e) => return Err(format!("ensure: {e}")),
+                }
+                let g = self.next_generation;
+                self.next_generation += 1;
+                write_pattern(&rig.cache, slot, g, 0, t)?;
+                self.resident.push(Resident {
+                    slot,
+                    tokens: t,
+                    generation: g,
+                    pending: None,
+                    from: None,
+                });
+            }
+            Op::Step(k, by) => {
+                if self.resident.is_empty() {
+                    return Ok(());
+                }
+                let k = k as usize % self.resident.len();
+                if !self.settle(k)? {
+                    return Ok(());
+                }
+                let r = &mut self.resident[k];
+                let to = (r.tokens + by as usize).min(MAX_TOKENS);
+                match self.rig.cache.step(&[(r.slot, to)]) {
+                    Ok(()) => {
+                        write_pattern(&self.rig.cache, r.slot, r.generation, r.tokens, to)?;
+                        r.tokens = to;
+                    }
+                    Err(e) if legit(&e) => {}
+                    Err(e) => return Err(format!("step: {e}")),
+                }
+            }
+            Op::SwapOut(k, wait) => {
+                if self.resident.is_empty() {
+                    return Ok(());
+                }
+                let k = k as usize % self.resident.len();
+                if !self.settle(k)? {
+                    return Ok(());
+                }
+                let r = &self.resident[k];
+                match self.rig.swap().swap_out(r.slot) {
+                    Ok(t) => {
+                        if t.bytes()
+                            > (r.tokens * self.rig.cache.geometry().bytes_per_token()) as u64
+                        {
+                            return Err("swap-out moves more than the slot holds".into());
+                        }
+                        let r = self.resident.remove(k);
+                        self.swapped.push(Swapped {
+                            copy: t.copy(),
+                            tokens: r.tokens,
+                            generation: r.generation,
+                            pending: Some(t),
+                            prev: r.from,
+                        });
+                        if wait {
+                            let n = self.swapped.len() - 1;
+                            self.settle_out(n)?;
+                        }
+                    }
+                    Err(e) if legit(&e) => {}
+                    Err(e) => return Err(format!("swap-out: {e}")),
+                }
+            }
+            Op::SwapIn(k) => {
+                if self.swapped.is_empty() {
+                    return Ok(());
+                }
+                let k = k as usize % self.swapped.len();
+                // Its swap-out may still be in flight: swap_in waits for it. Once faults are
+                // armed it may fail (the request is then resident again): settle it first.
+                if self.faults_seen && !self.settle_out(k)? {
+                    return Ok(());
+                }
+                let s = &self.swapped[k];
+                let Ok(slot) = self.rig.cache.alloc_slot_for(s.tokens) else {
+                    return Ok(());
+                };
+                match self.rig.swap().swap_in(s.copy, slot) {
+                    Ok(t) => {
+                        let mut s = self.swapped.remove(k);
+                        if let Some(out) = s.pending.take() {
+                            out.wait()
+                                .map_err(|e| format!("swap-out before swap-in: {e}"))?;
+                        }
+                        if let Some((c, _)) = s.prev.take() {
+                            if c != s.copy {
+                                let _ = self.rig.swap().release(c);
+                            }
+                        }
+                        self.resident.push(Resident {
+                            slot,
+                            tokens: s.tokens,
+                            generation: s.generation,
+                            pending: Some(t),
+                            from: Some((s.copy, s.tokens)),
+                        });
+                    }
+                    Err(e) if legit(&e) => {
+                        self.rig.cache.free_slot(slot).map_err(|e| e.to_string())?;
+                    }
+                    Err(e) => return Err(format!("swap-in: {e}")),
+                }
+            }
+            Op::Free(k) => {
+                if self.resident.is_empty() {
+                    return Ok(());
+                }
+                let k = k as usize % self.resident.len();
+                if !self.settle(k)? {
+                    return Ok(());
+                }
+                let r = self.resident.remove(k);
+                self.rig
+                    .cache
+                    .free_slot(r.slot)
+                    .map_err(|e| e.to_string())?;
+                if let Some((c, _)) = r.from {
+                    let _ = self.rig.swap().release(c); // may have been evicted
+                }
+            }
+            Op::Drop(k) => {
+                if self.swapped.is_empty() {
+                    return Ok(());
+                }
+                let k = k as usize % self.swapped.len();
+                let s = self.swapped.remove(k);
+                if let Some((c, _)) = s.prev {
+                    if c != s.copy {
+                        let _ = self.rig.swap().release(c);
+                    }
+                }
+                match self.rig.swap().release(s.copy) {
+                    Ok(()) => {}
+                    Err(e) => {
+                        // Only a swap-out that failed may have removed it already.
+                        let failed = s.pending.as_ref().is_some_and(|t| t.wait().is_err());
+                        if !failed {
+                            return Err(format!("release of a live copy: {e}"));
+                        }
+                    }
+                }
+                // A failed swap-out leaves the request resident; it ends here too.
+                if let Some(t) = s.pending {
+                    if t.wait().is_err() {
+                        self.rig
+                            .cache
+                            .free_slot(t.slot())
+                            .map_err(|e| e.to_string())?;
+                    }
+                }
+            }
+            Op::Poll => {
+                for r in &self.resident {
+                    if let Some(t) = &r.pending {
+                        let _ = t.poll();
+                    }
+                }
+                for s in &self.swapped {
+                    if let Some(t) = &s.pending {
+                        let _ = t.poll();
+                    }
+                }
+            }
+            Op::Fault(kind, n) => {
+                self.faults_seen = true;
+                match kind {
+                    0 => self.rig.faulty.fail_nth_copy(n as u64, CopyFault::AtSubmit),
+                    1 => self
+                        .rig
+                        .faulty
+                        .fail_nth_copy(n as u64, CopyFault::AtCompletion),
+                    _ => self.rig.faulty.fail_nth(BackendOp::Map, n as u64),
+                }
+            }
+        }
+        self.check()
+    }
+
+    /// Every settled resident request reads back exactly as written; swapped ones hold their
+    /// token counts.
+    fn check(&self) -> Result<(), String> {
+        for r in self.resident.iter().filter(|r| r.pending.is_none()) {
+            let t = self.rig.cache.tokens(r.slot).map_err(|e| e.to_string())?;
+            if t != r.tokens {
+                return Err(format!(
+                    "slot {} holds {t} tokens, model {}",
+                    r.slot, r.tokens
+                ));
+            }
+            verify_pattern(&self.rig.cache, r.slot, r.generation, r.tokens)?;
+        }
+        for s in self.swapped.iter().filter(|s| s.pending.is_none()) {
+            let t = self
+                .rig
+                .swap()
+                .host_tokens(s.copy)
+                .map_err(|e| format!("copy: {e}"))?;
+            if t != s.tokens {
+                return Err(format!("copy holds {t} tokens, model {}", s.tokens));
+            }
+        }
+        Ok(())
+    }
+
+    /// Settles everything, swaps every request back in, checks it, and tears down.
+    fn finish(mut self) -> Result<(), String> {
+        self.rig.faulty.clear();
+        while let Some(k) = self.resident.iter().position(|r| r.pending.is_some()) {
+            self.settle(k)?;
+        }
+        while let Some(k) = self.swapped.iter().position(|s| s.pending.is_some()) {
+            self.settle_out(k)?;
+        }
+        self.check()?;
+        for r in std::mem::take(&mut self.resident) {
+            self.rig
+                .cache
+                .free_slot(r.slot)
+                .map_err(|e| e.to_string())?;
+            if let Some((c, _)) = r.from {
+                let _ = self.rig.swap().release(c);
+            }
+        }
+        for s in std::mem::take(&mut self.swapped) {
+            let slot = self
+                .rig
+                .cache
+                .alloc_slot_for(s.tokens)
+                .map_err(|e| e.to_string())?;
+            self.rig
+                .swap()
+                .swap_in(s.copy, slot)
+                .and_then(|t| t.wait())
+                .map_err(|e| format!("final swap-in: {e}"))?;
+            verify_pattern(&self.rig.cache, slot, s.generation, s.tokens)?;
+            self.rig.swap().release(s.copy).map_err(|e| e.to_string())?;
+            self.rig.cache.free_slot(slot).map_err(|e| e.to_string())?;
+        }
+        let st = self.rig.swap().stats();
+        if st.copies_live != 0 || st.host_bytes_used != 0 || st.in_flight != 0 {
+            return Err(format!("host copies left behind: {st:?}"));
+        }
+        self.rig.finish();
+        Ok(())
+    }
+}
+
+fn run_model(layout: Layout, lookahead: usize, ops: &[Op]) -> Result<(), String> {
+    // 4 slots; pages for about 2 full slots; host room for about 2 full copies.
+    let bpt = 256;
+    let mut m = Model {
+        rig: Rig::with(
+            layout,
+            4,
+            32,
+            (2 * MAX_TOKENS * bpt) as u64,
+            lookahead,
+            4096,
+        ),
+        resident: Vec::new(),
+        swapped: Vec::new(),
+        next_generation: 1,
+        faults_seen: false,
+    };
+    for (i, op) in ops.iter().enumerate() {
+        m.apply(op).map_err(|e| format!("op {i} {op:?}: {e}"))?;
+    }
+    m.finish()
+}
+
+proptest! {
+    #![proptest_config(Config { cases: 96, failure_persistence: None, ..Config::default() })]
+
+    #[test]
+    fn interleavings_keep_every_token_interleaved(
+        lookahead in 0usize..3,
+        ops in proptest::collection::vec(op(), 1..80),
+    ) {
+        run_model(Layout::Interleaved, lookahead, &ops).map_err(TestCaseError::fail)?;
+    }
+
+    #[test]
+    fn interleavings_keep_every_token_per_layer(
+        lookahead in 0usize..3,
+        ops in proptest::collection::vec(op(), 1..80),
+    ) {
+        run_model(Layout::PerLayer, lookahead, &ops).map_err(TestCaseError::fail)?;
+    }
+}
