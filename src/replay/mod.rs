@@ -4,7 +4,7 @@
 //! ([`sched::simulate`]) on a simulated clock, once per allocator, all behind the
 //! [`alloc::KvAllocator`] trait:
 //!
-//! - `kvvm-interleaved` and `kvvm-per-layer`: a real [`KvCache`](crate::cache::KvCache) (host
+//! - `kvvm-interleaved` and `kvvm-per-layer`: a real [`crate::cache::KvCache`] (host
 //!   backend unless told otherwise) with real pages mapped; preemption swaps whole requests to
 //!   host buffers in coarse copies and reuses host copies ([`kvvm::KvvmAllocator`]); every
 //!   token's KV carries a stamp checked when its request resumes and when it finishes;
