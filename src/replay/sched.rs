@@ -69,7 +69,7 @@ pub struct SchedConfig {
     /// Steps between two fairness checks (0: no fairness preemption).
     pub fair_interval: usize,
     /// A waiting request takes the place of the running request with the lowest priority when
-    /// its priority (seconds waited) exceeds that request's by more than this.
+    /// its priority (seconds waited minus seconds run) exceeds that request's by more than this.
     pub fair_quantum_s: f64,
     /// Admission keeps this fraction of the budget free for the running requests' growth.
     pub watermark: f64,
@@ -215,8 +215,14 @@ enum State {
 struct Live {
     tokens: usize,
     generated: usize,
+    /// Seconds spent waiting (queued or preempted) in finished waiting spells.
     waited: f64,
+    /// Seconds spent running in finished running spells.
+    ran: f64,
+    /// Start of the current waiting spell.
     queued_since: f64,
+    /// Start of the current running spell.
+    running_since: f64,
     state: State,
 }
 
@@ -227,10 +233,11 @@ struct Live {
 /// a free slot and the allocator keeps a `watermark` of its budget free (prefill of new requests,
 /// swap-in of preempted ones), then grows every running request by one token. When that growth
 /// does not fit, the running request with the lowest priority is preempted and the growth is
-/// retried. A request's priority is the time it has spent waiting (queued or preempted), so a
-/// preempted request comes back before a newer one; every `fair_interval` steps, a waiting
-/// request whose priority exceeds the lowest running one's by `fair_quantum_s` takes its place
-/// (FastSwitch-style fairness). No new request is admitted in the step after a memory preemption.
+/// retried. A request's priority is the time it has spent waiting (queued or preempted) minus
+/// the time it has run, so waiting raises it and running lowers it, and a preempted request
+/// comes back before newer ones; every `fair_interval` steps, a waiting request whose priority
+/// exceeds the lowest running one's by `fair_quantum_s` takes its place (FastSwitch-style
+/// fairness: a long request is swapped out and in again, and its host copy is reused). No new request is admitted in the step after a memory preemption.
 ///
 /// # Errors
 /// The allocator's errors; [`Error::InvalidConfig`] if a request cannot run even alone.
@@ -248,7 +255,9 @@ pub fn simulate(
             tokens: 0,
             generated: 0,
             waited: 0.0,
+            ran: 0.0,
             queued_since: j.arrival_s,
+            running_since: 0.0,
             state: State::Future,
         })
         .collect();
@@ -273,9 +282,12 @@ pub fn simulate(
     let mut samples: Vec<Sample> = Vec::new();
     let mut last_sample = f64::NEG_INFINITY;
     let mut pressure = false;
+    // Priority: seconds waited minus seconds run (virtual-time fairness): waiting raises it,
+    // running lowers it.
     let prio = |l: &Live, now: f64| match l.state {
-        State::Queued | State::Preempted(_) => l.waited + (now - l.queued_since),
-        _ => l.waited,
+        State::Queued | State::Preempted(_) => l.waited + (now - l.queued_since) - l.ran,
+        State::Running => l.waited - l.ran - (now - l.running_since),
+        _ => l.waited - l.ran,
     };
 
     while done < n {
@@ -291,7 +303,7 @@ pub fn simulate(
         let mut cost = Cost::default();
         let mut prefill = 0usize;
 
-        // Lowest priority first: least waited, then latest arrival.
+        // Lowest priority first, then latest arrival.
         let victim = |running: &[usize], live: &[Live], now: f64| -> Option<usize> {
             running
                 .iter()
@@ -378,6 +390,7 @@ pub fn simulate(
             }
             let l = &mut live[i];
             l.waited += now - l.queued_since;
+            l.running_since = now;
             l.tokens = tokens;
             l.state = State::Running;
             running.push(i);
@@ -529,6 +542,7 @@ fn preempt(
     cost.copy_calls += c.copy_calls;
     live[i].state = State::Preempted(how);
     live[i].queued_since = now;
+    live[i].ran += now - live[i].running_since;
     queue.push(i);
     Ok(how)
 }
