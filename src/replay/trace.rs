@@ -23,7 +23,7 @@ pub struct Request {
 
 /// The format of a trace file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "kebab-case")]
 pub enum TraceFormat {
     /// `TIMESTAMP,ContextTokens,GeneratedTokens` with wall-clock timestamps.
     AzureCsv,
