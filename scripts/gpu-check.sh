@@ -15,7 +15,8 @@
 # Every step runs under a timeout fitted to a global deadline, its output goes to
 # RESULTS_DIR/<step>.log (benchmarks also to RESULTS_DIR/bench-<name>.json), and a failing step
 # does not stop the next one. The summary table (RESULTS_DIR/summary.txt) is printed last. The
-# exit status is 0 if every step that ran passed, 1 otherwise.
+# exit status is 0 if every step that ran passed, 1 otherwise. GPU_CHECK_BUDGET_S (default 450)
+# sets the deadline in seconds; PYTHON (default python3) the interpreter.
 
 set -uo pipefail
 
@@ -152,8 +153,8 @@ fi
 # The test suite on the CUDA backend: the #[ignore]d GPU tests first (they are what only this
 # machine can run), then everything else.
 if have cargo; then
-    step tests-gpu-ignored 200 cargo test --workspace -- --ignored
-    step tests-all 200 cargo test --workspace
+    step tests-gpu-ignored 200 cargo test --workspace --no-fail-fast -- --ignored
+    step tests-all 200 cargo test --workspace --no-fail-fast
 else
     skip tests-gpu-ignored "no cargo"
     skip tests-all "no cargo"
