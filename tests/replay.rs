@@ -169,6 +169,10 @@ fn mooncake_slice_replays_with_intact_kv() {
     check_report(&report, &config);
     // Mooncake prompts are far longer than 2048 tokens: they are cut, and say so.
     assert!(report.truncated > 0);
+    // Shared prefixes are counted from the hash ids, never more than the prompts hold.
+    assert!(report.shared_prefix_tokens <= report.prompt_tokens);
+    let expect = replay::shared_prefix_tokens(&trace.requests);
+    assert_eq!(report.shared_prefix_tokens, expect);
 }
 
 #[test]
@@ -302,6 +306,24 @@ fn malformed_lines_name_file_and_line() {
         Err(Error::Input(m)) => assert!(m.contains("/nonexistent/trace.csv"), "{m}"),
         other => panic!("expected an input error, got {other:?}"),
     }
+}
+
+#[test]
+fn shared_prefixes_count_leading_known_blocks() {
+    let line = |ts: u64, len: usize, ids: &str| {
+        format!(
+            r#"{{"timestamp": {ts}, "input_length": {len}, "output_length": 1, "hash_ids": [{ids}]}}"#
+        )
+    };
+    let text = [
+        line(0, 1200, "1, 2, 3"),
+        line(5, 1100, "1, 2, 9"), // two leading blocks known: 1024 tokens
+        line(9, 300, "1"),        // one known block, capped at the prompt: 300
+        line(12, 900, "7, 1"),    // the first block is new: nothing shared
+    ]
+    .join("\n");
+    let t = read_trace_from(Path::new("p.jsonl"), text.as_bytes(), None).unwrap();
+    assert_eq!(replay::shared_prefix_tokens(&t.requests), 1024 + 300);
 }
 
 #[test]
