@@ -959,3 +959,73 @@ proptest! {
         run_model(Layout::PerLayer, lookahead, &ops).map_err(TestCaseError::fail)?;
     }
 }
+
+/// Several threads swap their own requests out and in, grow them and free them while another
+/// thread decodes resident requests: every token reads back as written throughout.
+#[test]
+fn concurrent_swaps_and_steps_keep_every_token() {
+    for layout in LAYOUTS {
+        let owned = Rig::with(layout, 8, 96, 1 << 20, 2, 2048);
+        let rig = &owned;
+        std::thread::scope(|scope| {
+            for worker in 0..3u32 {
+                scope.spawn(move || {
+                    let generation = 100 + worker;
+                    let mut tokens = 20 + 10 * worker as usize;
+                    let mut slot = rig.request(tokens, generation);
+                    for round in 0..12 {
+                        let t = rig.swap().swap_out(slot).unwrap();
+                        let copy = t.copy();
+                        if round % 2 == 0 {
+                            t.wait().unwrap();
+                        }
+                        // Swap-in waits for the swap-out of the same copy if still in flight.
+                        let next = loop {
+                            match rig.cache.alloc_slot_for(tokens) {
+                                Ok(s) => break s,
+                                Err(_) => std::thread::yield_now(),
+                            }
+                        };
+                        let t = rig.swap().swap_in(copy, next).unwrap();
+                        t.wait().unwrap();
+                        slot = next;
+                        verify_pattern(&rig.cache, slot, generation, tokens).unwrap();
+                        let to = (tokens + 7).min(MAX_TOKENS);
+                        rig.grow(slot, generation, to);
+                        tokens = to;
+                    }
+                    rig.check(slot, generation, tokens);
+                    let t = rig.swap().swap_out(slot).unwrap();
+                    t.wait().unwrap();
+                    rig.swap().release(t.copy()).unwrap();
+                });
+            }
+            scope.spawn(move || {
+                let mut live: Vec<(SlotId, usize)> =
+                    (0..2).map(|g| (rig.request(5, 200 + g), 5)).collect();
+                for _ in 0..60 {
+                    let batch: Vec<(SlotId, usize)> = live
+                        .iter()
+                        .map(|&(s, t)| (s, (t + 3).min(MAX_TOKENS)))
+                        .collect();
+                    rig.cache.step(&batch).unwrap();
+                    for (g, ((s, t), &(_, to))) in live.iter_mut().zip(&batch).enumerate() {
+                        write_pattern(&rig.cache, *s, 200 + g as u32, *t, to).unwrap();
+                        *t = to;
+                        verify_pattern(&rig.cache, *s, 200 + g as u32, *t).unwrap();
+                    }
+                }
+                for (s, _) in live {
+                    rig.cache.free_slot(s).unwrap();
+                }
+            });
+        });
+        let s = rig.swap().stats();
+        assert_eq!((s.in_flight, s.copies_live), (0, 0));
+        assert!(
+            s.reuse_saved_bytes > 0,
+            "grown requests reuse their host copies"
+        );
+        owned.finish();
+    }
+}

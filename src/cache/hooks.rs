@@ -20,6 +20,8 @@ impl KvCache {
         }
         let s = &mut st.slots[i];
         s.busy = true;
+        // The slot is about to lose every page: growth on it must wait (and then finds it free).
+        s.shrinking = true;
         s.ahead = 0;
         Ok((s.tokens, s.epoch))
     }
@@ -49,6 +51,7 @@ impl KvCache {
         s.tokens = 0;
         s.ahead = 0;
         s.busy = false;
+        s.shrinking = false;
         drop(st);
         sh.changed.notify_all();
     }
