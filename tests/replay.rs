@@ -387,3 +387,81 @@ fn cli_prints_one_json_object() {
         assert_eq!(r["integrity_errors"], 0);
     }
 }
+
+#[test]
+fn kvvm_adapter_failures_change_nothing_and_lose_no_token() {
+    use kvvm::vmm::faulty::{CopyFault, FaultyBackend};
+    use kvvm::vmm::host::{HostBackend, HostConfig};
+    use kvvm::vmm::BackendOp;
+
+    let host = Arc::new(
+        HostBackend::new(HostConfig {
+            granularity: os_page_size(),
+            copy_threads: 2,
+            ..HostConfig::default()
+        })
+        .unwrap(),
+    );
+    let faulty = Arc::new(FaultyBackend::new(host.clone()));
+    let cache = KvCache::with_backend(
+        CacheConfig {
+            layers: TINY.layers,
+            kv_heads: TINY.kv_heads,
+            head_dim: TINY.head_dim,
+            dtype: DType::F16,
+            max_slots: 4,
+            max_tokens: 512,
+            layout: Layout::PerLayer,
+            page_size: None,
+            budget_bytes: 256 << 10,
+            backend: BackendConfig::default(),
+            lookahead_steps: 0,
+            create_all_pages: false,
+        },
+        faulty.clone(),
+    )
+    .unwrap();
+    let cache = Arc::new(cache);
+    let bpt = cache.geometry().bytes_per_token() as u64;
+    let mut a = KvvmAllocator::new(cache.clone(), 16 << 20).unwrap();
+    assert!(a.admit(1, 100).unwrap());
+    assert!(a.admit(2, 50).unwrap());
+    assert!(a.grow(&[(1, 101), (2, 51)]).unwrap());
+    let before = a.usage();
+
+    // A failed mapping: the admission fails, its slot goes back.
+    faulty.fail_nth(BackendOp::Map, 1);
+    assert!(a.admit(3, 200).is_err());
+    faulty.clear();
+    assert_eq!(a.usage(), before);
+    assert_eq!(cache.stats().allocated_slots, 2);
+
+    // A swap-out whose copy fails (at submission, then at completion): the request keeps
+    // running with its KV.
+    for when in [CopyFault::AtSubmit, CopyFault::AtCompletion] {
+        faulty.fail_nth_copy(1, when);
+        assert!(a.preempt(1).is_err(), "{when:?}");
+        faulty.clear();
+        assert_eq!(a.usage(), before, "{when:?}");
+        assert!(a.slot_of(1).is_some());
+    }
+    assert!(a.grow(&[(1, 102)]).unwrap());
+
+    // A swap-in whose copy fails: the request stays preempted and resumes on the next try.
+    let (how, _) = a.preempt(2).unwrap();
+    assert_eq!(how, Preempted::Swapped);
+    faulty.fail_nth_copy(1, CopyFault::AtCompletion);
+    assert!(a.resume(2, 51).is_err());
+    faulty.clear();
+    assert!(a.slot_of(2).is_none());
+    assert_eq!(a.usage().live_bytes, 102 * bpt);
+    assert!(a.resume(2, 51).unwrap().is_some());
+
+    a.finish(1).unwrap();
+    a.finish(2).unwrap();
+    assert_eq!(a.counters().integrity_errors, 0);
+    assert_eq!(cache.stats().allocated_slots, 0);
+    drop(a);
+    drop(cache);
+    assert_eq!(host.live_pages(), 0, "pages leaked");
+}
