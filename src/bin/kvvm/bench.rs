@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use clap::{Args, Subcommand};
 use kvvm::cache::{CacheConfig, KvCache, Layout, SlotId};
 use kvvm::vmm::host::{HostBackend, HostConfig};
-use kvvm::vmm::{Backend, BackendOp};
+use kvvm::vmm::{self, Backend, BackendKind, BackendOp};
 use kvvm::{Error, Result};
 use nix::sys::mman::{mmap, mmap_anonymous, munmap, MapFlags, ProtFlags};
 
@@ -371,6 +371,8 @@ pub struct StepArgs {
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    backend: BackendArgs,
 }
 
 #[derive(Debug, Default, serde::Serialize)]
@@ -384,18 +386,25 @@ struct StepRun {
 }
 
 fn step_run(a: &StepArgs, layout: Layout, lookahead: usize) -> Result<StepRun> {
-    let host = Arc::new(HostBackend::new(HostConfig {
-        // The benchmark measures mapping, not memory: pages are never touched, so they need no
-        // memory behind them.
-        populate: false,
-        ..HostConfig::default()
-    })?);
+    let opened = vmm::open(&a.backend.config())?;
+    let backend: Arc<dyn Backend> = if opened.kind() == BackendKind::Host {
+        // On the host the benchmark measures mapping, not memory: pages are never touched, so
+        // they need no memory behind them.
+        drop(opened);
+        Arc::new(HostBackend::new(HostConfig {
+            granularity: a.backend.host_granularity,
+            populate: false,
+            ..HostConfig::default()
+        })?)
+    } else {
+        opened
+    };
     let mut cfg = CacheConfig::for_model(&a.model, a.slots, a.max_tokens, u64::MAX / 4)?;
     cfg.layout = layout;
     cfg.lookahead_steps = lookahead;
-    let g = kvvm::cache::Geometry::new(&cfg, host.granularity())?;
+    let g = kvvm::cache::Geometry::new(&cfg, backend.granularity())?;
     cfg.budget_bytes = (g.pages_per_slot * g.buffers * a.slots * g.page_size) as u64;
-    let cache = KvCache::with_backend(cfg, host)?;
+    let cache = KvCache::with_backend(cfg, backend)?;
     let per_page = g.tokens_in(1).max(1);
     // Stagger the requests so that they cross page boundaries at different steps, as in a real
     // batch of requests with different prompt lengths.
@@ -443,8 +452,8 @@ fn bench_step(a: StepArgs) -> Result<()> {
     let mut results = serde_json::Map::new();
     if !a.json {
         println!(
-            "bench step: {} slots of {} shapes, {} steps, {} us simulated compute per step, lookahead {} (host backend)",
-            a.slots, a.model, a.steps, a.compute_us, a.lookahead
+            "bench step: {} slots of {} shapes, {} steps, {} us simulated compute per step, lookahead {} ({} backend)",
+            a.slots, a.model, a.steps, a.compute_us, a.lookahead, format!("{:?}", a.backend.backend).to_lowercase()
         );
         println!(
             "  {:<12} {:>8} {:>12} {:>12} {:>12} {:>10} {:>14} {:>12}",
