@@ -93,8 +93,11 @@
 //! short they are evicted, lowest [`SwapEngine::set_priority`] first and least recently used
 //! within a priority, unless [`SwapEngine::pin`]ned. A copy written by a swap-out is the only
 //! place its request's KV lives and is never evicted; it goes away with [`SwapEngine::release`]
-//! (or becomes evictable once swapped in again). When nothing more can be evicted, the swap fails
-//! with [`Error::HostBudgetExhausted`] and nothing changed.
+//! (or becomes evictable once swapped in again). When the free, unallocated and evictable bytes
+//! together fall short, the swap fails with [`Error::HostBudgetExhausted`] before evicting
+//! anything; when they suffice in total but no hole is large enough even after evicting every
+//! evictable copy (fragmentation), it fails the same way, having evicted only cached copies. In
+//! both cases the slot and every copy a swap-out wrote are as they were.
 
 mod arena;
 
@@ -480,8 +483,8 @@ impl Inner {
     }
 
     /// Takes a host extent of `len` bytes: a free hole, else a new block within the budget, else
-    /// room made by evicting cached copies. Fails without evicting anything when even evicting
-    /// every evictable copy could not make room.
+    /// room made by evicting cached copies. Fails without evicting anything when the free,
+    /// unallocated and evictable bytes together fall short.
     fn alloc_extent(&self, st: &mut State, len: usize) -> Result<Extent> {
         let budget = self.config.host_budget_bytes;
         loop {
