@@ -450,9 +450,11 @@ fn injected_copy_failures_lose_nothing() {
             other => panic!("expected Grow, got {other:?}"),
         }
         assert_eq!(rig.cache.tokens(slot).unwrap(), 0);
+        // (On the host backend swap-in chunks are submitted by the staging thread, so a
+        // submission failure reaches the ticket.)
         rig.faulty.fail_nth_copy(1, CopyFault::AtSubmit);
         assert!(matches!(
-            rig.swap().swap_in(copy, slot),
+            rig.swap().swap_in(copy, slot).and_then(|t| t.wait()),
             Err(Error::Injected { .. })
         ));
         assert_eq!(rig.cache.tokens(slot).unwrap(), 0);
@@ -1199,5 +1201,33 @@ fn pages_stay_until_the_copy_completes_and_other_slots_step_meanwhile() {
         verify_pattern(&cache, c, 1, 120).unwrap();
         verify_pattern(&cache, b, 2, 160).unwrap();
         drop(swap);
+    }
+}
+
+/// A swap-in cut into many chunks (one backend call each on the host backend) whose third
+/// submission or completion fails: the copies already submitted finish before the error is
+/// reported, the slot stays empty and the host copy intact.
+#[test]
+fn failure_in_the_middle_of_a_chunked_swap_in() {
+    for layout in LAYOUTS {
+        let rig = Rig::with(layout, 3, 96, 1 << 20, 0, 4096);
+        let a = rig.request(130, 5);
+        let t = rig.swap().swap_out(a).unwrap();
+        t.wait().unwrap();
+        let copy = t.copy();
+        let slot = rig.cache.alloc_slot_for(130).unwrap();
+        for when in [CopyFault::AtSubmit, CopyFault::AtCompletion] {
+            rig.faulty.clear();
+            rig.faulty.fail_nth_copy(3, when);
+            let r = rig.swap().swap_in(copy, slot).and_then(|t| t.wait());
+            assert!(matches!(r, Err(Error::Injected { .. })), "{when:?}: {r:?}");
+            assert_eq!(rig.cache.tokens(slot).unwrap(), 0);
+            assert_eq!(rig.swap().host_tokens(copy).unwrap(), 130);
+            assert_eq!(rig.swap().stats().in_flight, 0);
+        }
+        rig.faulty.clear();
+        rig.swap().swap_in(copy, slot).unwrap().wait().unwrap();
+        rig.check(slot, 5, 130);
+        rig.finish();
     }
 }
