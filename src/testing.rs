@@ -7,6 +7,8 @@
 //! operation [`Harness::check`] verifies the model's invariants and that **every live token's K
 //! and V bytes read back exactly as written**.
 
+#[cfg(feature = "arbitrary")]
+use arbitrary::Arbitrary;
 use std::sync::Arc;
 
 use crate::cache::{CacheConfig, DType, Kv, KvCache, Layout, SlotId};
@@ -507,4 +509,147 @@ impl Harness {
         }
         Ok(())
     }
+}
+
+/// The input format of the `cache_ops` fuzz target: a harness configuration and an operation
+/// sequence, decoded from raw bytes with `arbitrary`.
+///
+/// Layout of the bytes: a 4-byte header — flags (bit 0: per-layer layout, bit 1: fault
+/// injection, bits 2–4: mapper lookahead), `max_slots = 1 + b1 % 6`, `max_tokens = 1 + 2·b2`,
+/// `budget_pages = 4 + b3 % 61` — then [`Op`]s as `arbitrary` decodes an iterator of them (a
+/// continue byte with bit 0 set before each), at most [`FuzzInput::MAX_OPS`]. Missing bytes read
+/// as zeros, so every byte string is an input. [`FuzzInput::encode`] writes this format back,
+/// which is how the seed corpus is produced.
+#[cfg(feature = "arbitrary")]
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FuzzInput {
+    /// The harness configuration.
+    pub config: HarnessConfig,
+    /// The operations, applied in order.
+    pub ops: Vec<Op>,
+}
+
+#[cfg(feature = "arbitrary")]
+impl FuzzInput {
+    /// Operations beyond this many are ignored (keeps every input fast).
+    pub const MAX_OPS: usize = 200;
+
+    /// Decodes an input. Never fails: short or odd inputs decode to short sequences.
+    pub fn decode(data: &[u8]) -> FuzzInput {
+        let mut u = arbitrary::Unstructured::new(data);
+        let mut byte = || u8::arbitrary(&mut u).unwrap_or(0);
+        let (flags, slots, tokens, budget) = (byte(), byte(), byte(), byte());
+        let config = HarnessConfig {
+            layout: if flags & 1 == 1 {
+                Layout::PerLayer
+            } else {
+                Layout::Interleaved
+            },
+            faults: flags & 2 == 2,
+            lookahead: usize::from((flags >> 2) & 7),
+            max_slots: 1 + usize::from(slots % 6),
+            max_tokens: 1 + 2 * usize::from(tokens),
+            budget_pages: 4 + usize::from(budget % 61),
+        };
+        let mut ops = Vec::new();
+        if let Ok(iter) = u.arbitrary_iter::<Op>() {
+            for op in iter.take(Self::MAX_OPS) {
+                match op {
+                    Ok(op) => ops.push(op),
+                    Err(_) => break,
+                }
+            }
+        }
+        FuzzInput { config, ops }
+    }
+
+    /// Encodes an input so that [`FuzzInput::decode`] gives it back. Configuration values out
+    /// of the format's range are brought into it (`max_slots` 1–6, `max_tokens` odd 1–511,
+    /// `budget_pages` 4–64, `lookahead` 0–7).
+    pub fn encode(&self) -> Vec<u8> {
+        let c = &self.config;
+        let flags = u8::from(c.layout == Layout::PerLayer)
+            | (u8::from(c.faults) << 1)
+            | ((c.lookahead.min(7) as u8) << 2);
+        let mut out = vec![
+            flags,
+            (c.max_slots.clamp(1, 6) - 1) as u8,
+            ((c.max_tokens.clamp(1, 511) - 1) / 2) as u8,
+            (c.budget_pages.clamp(4, 64) - 4) as u8,
+        ];
+        // `arbitrary` picks variant v of n for a little-endian u32 x as (x·n) >> 32.
+        let tag = |out: &mut Vec<u8>, v: u32| {
+            let x = ((u64::from(v) << 32).div_ceil(Op::VARIANTS)) as u32;
+            out.extend_from_slice(&x.to_le_bytes());
+        };
+        for op in self.ops.iter().take(Self::MAX_OPS) {
+            out.push(1);
+            match op {
+                Op::Alloc { hint } => {
+                    tag(&mut out, 0);
+                    out.extend_from_slice(&hint.to_le_bytes());
+                }
+                Op::Free { k } => {
+                    tag(&mut out, 1);
+                    out.push(*k);
+                }
+                Op::Ensure { k, tokens } => {
+                    tag(&mut out, 2);
+                    out.push(*k);
+                    out.extend_from_slice(&tokens.to_le_bytes());
+                }
+                Op::Decode { by } => {
+                    tag(&mut out, 3);
+                    out.push(*by);
+                }
+                Op::Step { items } => {
+                    tag(&mut out, 4);
+                    for (k, t) in items {
+                        out.push(1);
+                        out.push(*k);
+                        out.extend_from_slice(&t.to_le_bytes());
+                    }
+                    out.push(0);
+                }
+                Op::Shrink { k, tokens } => {
+                    tag(&mut out, 5);
+                    out.push(*k);
+                    out.extend_from_slice(&tokens.to_le_bytes());
+                }
+                Op::Reclaim => tag(&mut out, 6),
+                Op::Fault { kind, nth } => {
+                    tag(&mut out, 7);
+                    out.push(*kind);
+                    out.push(*nth);
+                }
+            }
+        }
+        out.push(0);
+        out
+    }
+}
+
+#[cfg(feature = "arbitrary")]
+impl Op {
+    /// Number of variants (what `arbitrary` picks among).
+    const VARIANTS: u64 = 8;
+}
+
+/// Runs one fuzz input (see [`FuzzInput`]): builds the harness, applies every operation with
+/// the harness's invariant and byte-pattern checks after each, then drops the cache and checks
+/// that no page leaked. The `cache_ops` fuzz target and the corpus replay test both call this.
+///
+/// # Errors
+/// A description of the first divergence, naming the operation and the input's configuration.
+#[cfg(feature = "arbitrary")]
+pub fn fuzz_cache_ops(data: &[u8]) -> Result<(), String> {
+    let input = FuzzInput::decode(data);
+    let mut h =
+        Harness::new(input.config).map_err(|e| format!("harness for {:?}: {e}", input.config))?;
+    for (i, op) in input.ops.iter().enumerate() {
+        h.apply(op)
+            .map_err(|e| format!("{:?}, op {i} {op:?}: {e}", input.config))?;
+    }
+    h.finish()
+        .map_err(|e| format!("{:?} after {} ops: {e}", input.config, input.ops.len()))
 }

@@ -93,22 +93,31 @@ pub fn bench_attention(cfg: &BenchConfig) -> Result<BenchReport, KernelError> {
     }
 }
 
-fn median_us(
+/// Times the closures round-robin: `warmup` untimed rounds, then `iters` timed rounds, each
+/// running every closure once, so that drift in the machine's load (a shared machine) affects
+/// every arrangement alike. Returns the median µs of each closure.
+fn median_us_interleaved<const N: usize>(
     warmup: usize,
     iters: usize,
-    mut f: impl FnMut() -> Result<(), KernelError>,
-) -> Result<f64, KernelError> {
+    fs: &mut [&mut dyn FnMut() -> Result<(), KernelError>; N],
+) -> Result<[f64; N], KernelError> {
     for _ in 0..warmup {
-        f()?;
+        for f in fs.iter_mut() {
+            f()?;
+        }
     }
-    let mut times = Vec::with_capacity(iters);
+    let mut times: [Vec<f64>; N] = std::array::from_fn(|_| Vec::with_capacity(iters));
     for _ in 0..iters.max(1) {
-        let t0 = Instant::now();
-        f()?;
-        times.push(t0.elapsed().as_secs_f64() * 1e6);
+        for (f, t) in fs.iter_mut().zip(times.iter_mut()) {
+            let t0 = Instant::now();
+            f()?;
+            t.push(t0.elapsed().as_secs_f64() * 1e6);
+        }
     }
-    times.sort_by(f64::total_cmp);
-    Ok(times[times.len() / 2])
+    Ok(times.map(|mut t| {
+        t.sort_by(f64::total_cmp);
+        t[t.len() / 2]
+    }))
 }
 
 fn bench_typed<T: KvElement>(cfg: &BenchConfig) -> Result<BenchReport, KernelError> {
@@ -142,23 +151,23 @@ fn bench_typed<T: KvElement>(cfg: &BenchConfig) -> Result<BenchReport, KernelErr
     let n = q.len();
     let batch = arranged.batch();
 
-    let (k, v) = arranged.per_layer_views()?;
-    let mut out_pl = vec![0f32; n];
-    let per_layer_us = median_us(cfg.warmup, cfg.iters, || {
-        decode_attention_strided(&k, &v, &batch, &q, &params, &mut out_pl)
-    })?;
-
-    let (k, v) = arranged.interleaved_views()?;
-    let mut out_il = vec![0f32; n];
-    let interleaved_us = median_us(cfg.warmup, cfg.iters, || {
-        decode_attention_strided(&k, &v, &batch, &q, &params, &mut out_il)
-    })?;
-
+    let (kp, vp) = arranged.per_layer_views()?;
+    let (ki, vi) = arranged.interleaved_views()?;
     let (pool, table) = arranged.paged()?;
+    let mut out_pl = vec![0f32; n];
+    let mut out_il = vec![0f32; n];
     let mut out_pg = vec![0f32; n];
-    let paged_us = median_us(cfg.warmup, cfg.iters, || {
-        decode_attention_paged(&pool, &table, arranged.lens(), &q, &params, &mut out_pg)
-    })?;
+    let [per_layer_us, interleaved_us, paged_us] = median_us_interleaved(
+        cfg.warmup,
+        cfg.iters,
+        &mut [
+            &mut || decode_attention_strided(&kp, &vp, &batch, &q, &params, &mut out_pl),
+            &mut || decode_attention_strided(&ki, &vi, &batch, &q, &params, &mut out_il),
+            &mut || {
+                decode_attention_paged(&pool, &table, arranged.lens(), &q, &params, &mut out_pg)
+            },
+        ],
+    )?;
 
     let same = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
     Ok(BenchReport {

@@ -177,6 +177,96 @@ fn backend_map_round(
     Ok(out)
 }
 
+/// Map and unmap time per page (ns) of one round over `pages` pages in address order, either
+/// as vAttention calls the driver — one map call per page, i.e. on CUDA one `cuMemMap` plus one
+/// `cuMemSetAccess` per page per buffer, and one unmap per page — or as kvvm's cache does — one
+/// map call per run (CUDA: a `cuMemMap` per page, then one `cuMemSetAccess` over the run) and one
+/// unmap over the run.
+fn pattern_round(
+    b: &dyn Backend,
+    r: &kvvm::vmm::VaRange,
+    handles: &[kvvm::vmm::PageHandle],
+    page: usize,
+    per_page: bool,
+) -> Result<(f64, f64)> {
+    let n = handles.len().max(1) as f64;
+    let t = Instant::now();
+    if per_page {
+        for (i, h) in handles.iter().enumerate() {
+            b.map(r.addr + (i * page) as u64, &[h])?;
+        }
+    } else {
+        let refs: Vec<&kvvm::vmm::PageHandle> = handles.iter().collect();
+        b.map(r.addr, &refs)?;
+    }
+    let map_ns = t.elapsed().as_nanos() as f64 / n;
+    let t = Instant::now();
+    if per_page {
+        for i in 0..handles.len() {
+            b.unmap(r.addr + (i * page) as u64, page)?;
+        }
+    } else {
+        b.unmap(r.addr, handles.len() * page)?;
+    }
+    Ok((map_ns, t.elapsed().as_nanos() as f64 / n))
+}
+
+/// Medians over `rounds` of [`pattern_round`] for both patterns, interleaved:
+/// ((vAttention map, unmap), (kvvm run map, unmap)) in ns per page.
+#[allow(clippy::type_complexity)]
+fn pattern_rounds(
+    b: &dyn Backend,
+    pages: usize,
+    page: usize,
+    rounds: usize,
+) -> Result<((f64, f64), (f64, f64))> {
+    let r = b.reserve(pages * page)?;
+    let mut handles = Vec::with_capacity(pages);
+    let mut outcome = Ok(());
+    for _ in 0..pages {
+        match b.create_page(page) {
+            Ok(h) => handles.push(h),
+            Err(e) => {
+                outcome = Err(e);
+                break;
+            }
+        }
+    }
+    let mut per_page = (Vec::new(), Vec::new());
+    let mut run = (Vec::new(), Vec::new());
+    if outcome.is_ok() {
+        for _ in 0..rounds.max(1) {
+            match pattern_round(b, &r, &handles, page, true)
+                .and_then(|v| Ok((v, pattern_round(b, &r, &handles, page, false)?)))
+            {
+                Ok(((vm, vu), (km, ku))) => {
+                    per_page.0.push(vm);
+                    per_page.1.push(vu);
+                    run.0.push(km);
+                    run.1.push(ku);
+                }
+                Err(e) => {
+                    outcome = Err(e);
+                    break;
+                }
+            }
+        }
+    }
+    for h in handles {
+        if let Err((_, e)) = b.release_page(h) {
+            outcome = outcome.and(Err(e));
+        }
+    }
+    if let Err(e) = b.free_reservation(r) {
+        outcome = outcome.and(Err(e));
+    }
+    outcome?;
+    Ok((
+        (median(per_page.0), median(per_page.1)),
+        (median(run.0), median(run.1)),
+    ))
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v.get(v.len() / 2).copied().unwrap_or(0.0)
@@ -200,6 +290,10 @@ fn bench_map(a: MapArgs) -> Result<()> {
             raw.extend(raw_map_round(a.pages, page, 1)?);
         }
     }
+    let ((va_map, va_unmap), (run_map, run_unmap)) =
+        pattern_rounds(&*backend, a.pages, page, a.rounds)?;
+    let va_ns = va_map + va_unmap;
+    let run_ns = run_map + run_unmap;
     let kvvm_ns = median(kv);
     let raw_ns = median(raw);
     let ratio = if raw_ns > 0.0 {
@@ -218,6 +312,13 @@ fn bench_map(a: MapArgs) -> Result<()> {
                 "kvvm_ns_per_page": kvvm_ns,
                 "raw_ns_per_page": raw_ns,
                 "ratio": ratio,
+                "vattention_ns_per_page": va_ns,
+                "vattention_map_ns_per_page": va_map,
+                "vattention_unmap_ns_per_page": va_unmap,
+                "kvvm_run_ns_per_page": run_ns,
+                "kvvm_run_map_ns_per_page": run_map,
+                "kvvm_run_unmap_ns_per_page": run_unmap,
+                "vattention_over_kvvm_run": va_ns / run_ns,
             })
         );
     } else {
@@ -225,6 +326,20 @@ fn bench_map(a: MapArgs) -> Result<()> {
         println!("  kvvm backend   {kvvm_ns:>10.0} ns/page");
         println!("  raw syscalls   {raw_ns:>10.0} ns/page");
         println!("  ratio          {ratio:>10.3}  (target <= 1.25)");
+        println!(
+            "  call patterns over {} pages in address order (map + unmap, ns/page):",
+            a.pages
+        );
+        println!(
+            "    vAttention: map + access per page   {va_ns:>10.0}  (map {va_map:.0}, unmap {va_unmap:.0})"
+        );
+        println!(
+            "    kvvm: one map call per run          {run_ns:>10.0}  (map {run_map:.0}, unmap {run_unmap:.0})"
+        );
+        println!(
+            "    vAttention / kvvm                   {:>10.3}",
+            va_ns / run_ns
+        );
     }
     Ok(())
 }
