@@ -79,7 +79,8 @@ struct Live {
 #[derive(Debug)]
 pub struct Harness {
     cache: Option<KvCache>,
-    host: Arc<HostBackend>,
+    /// The host backend [`Harness::new`] made, whose pages [`Harness::finish`] checks.
+    host: Option<Arc<HostBackend>>,
     faulty: Option<Arc<FaultyBackend>>,
     live: Vec<Live>,
     next_generation: u32,
@@ -99,7 +100,8 @@ pub struct HarnessConfig {
     pub max_slots: usize,
     /// Tokens per slot.
     pub max_tokens: usize,
-    /// Budget in pages of the OS page size.
+    /// Budget in pages: of the OS page size for [`Harness::new`], of the backend's granularity
+    /// for [`Harness::with_backend`].
     pub budget_pages: usize,
 }
 
@@ -229,12 +231,35 @@ impl Harness {
             copy_threads: 1,
             ..HostConfig::default()
         })?);
+        Self::build(config, host.clone(), Some(host))
+    }
+
+    /// The same cache on `backend` (e.g. the CUDA backend over a stand-in driver), with pages of
+    /// its granularity: [`HarnessConfig::budget_pages`] counts such pages. With
+    /// [`HarnessConfig::faults`], calls go through a [`FaultyBackend`] wrapping `backend`.
+    /// [`Harness::finish`] cannot see `backend`'s pages: the caller checks them for leaks.
+    ///
+    /// The stamping functions write the cache's memory from the CPU, so `backend` must map
+    /// memory that this process can address (as the host backend does).
+    ///
+    /// # Errors
+    /// Any error creating the cache.
+    pub fn with_backend(config: HarnessConfig, backend: Arc<dyn Backend>) -> crate::Result<Self> {
+        Self::build(config, backend, None)
+    }
+
+    fn build(
+        config: HarnessConfig,
+        backend: Arc<dyn Backend>,
+        host: Option<Arc<HostBackend>>,
+    ) -> crate::Result<Self> {
+        let page = backend.granularity();
         let faulty = config
             .faults
-            .then(|| Arc::new(FaultyBackend::new(host.clone())));
+            .then(|| Arc::new(FaultyBackend::new(backend.clone())));
         let backend: Arc<dyn Backend> = match &faulty {
             Some(f) => f.clone(),
-            None => host.clone(),
+            None => backend,
         };
         let cache = KvCache::with_backend(
             CacheConfig {
@@ -494,7 +519,8 @@ impl Harness {
         Ok(())
     }
 
-    /// Drops the cache and checks that every page went back to the system.
+    /// Drops the cache and checks that every page went back to the system (on the host backend
+    /// of [`Harness::new`]; after [`Harness::with_backend`] the caller checks its backend).
     ///
     /// # Errors
     /// A description of the leak.
@@ -503,7 +529,7 @@ impl Harness {
             f.clear();
         }
         self.cache.take();
-        let left = self.host.live_pages();
+        let left = self.host.as_ref().map_or(0, |h| h.live_pages());
         if left != 0 {
             return Err(format!("{left} pages leaked after the cache was dropped"));
         }

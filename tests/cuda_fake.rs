@@ -3,7 +3,13 @@
 //! into `PROT_NONE` reservations) and loaded through `KVVM_LIBCUDA`. The tests drive
 //! [`CudaBackend`] through the [`Backend`] trait, check the driver calls it makes with the fake's
 //! call counters, inject driver failures, check that nothing leaks with the fake's live object
-//! counters, and run a `KvCache` + `SwapEngine` round trip on it.
+//! counters, and run `KvCache` and `SwapEngine` on it: a swap round trip, the background mapper,
+//! concurrent swaps while the fake's device thread completes copies at unpredictable times, and
+//! the cache model test (`kvvm::testing::Harness`) with injected faults.
+//!
+//! The fake checks, when a queued copy runs, that its device range is still mapped: every test
+//! ends by asserting that no copy found it unmapped (pages given back before their transfer
+//! finished) and that every asynchronous copy used page-locked host memory.
 //!
 //! The fake's state is process-wide, so the tests of this file take a lock and run one at a time
 //! (under cargo-nextest each runs in its own process anyway). Without a C compiler every test
@@ -15,9 +21,12 @@ use std::process::Command;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use libloading::Library;
+use proptest::prelude::*;
+use proptest::test_runner::Config;
 
 use kvvm::cache::{CacheConfig, DType, KvCache, Layout, SlotId};
 use kvvm::swap::{SwapConfig, SwapEngine};
+use kvvm::testing::{Harness, HarnessConfig, Op};
 use kvvm::vmm::cuda::{CudaBackend, COPY_STREAMS};
 use kvvm::vmm::{
     Backend, BackendChoice, BackendConfig, BackendKind, BackendOp, CopyKind, CopyRegion,
@@ -126,6 +135,12 @@ impl Fake {
         assert_eq!(rc, 0, "the fake's device thread cannot start");
     }
 
+    /// Sets the granularity; only possible while nothing is reserved or created.
+    fn set_granularity(&self, bytes: usize) -> bool {
+        // SAFETY: takes a plain integer; only touches the fake's own state.
+        unsafe { (self.set_granularity)(bytes) == 0 }
+    }
+
     fn set_total_mem(&self, bytes: usize) {
         // SAFETY: takes a plain integer; only touches the fake's own state.
         unsafe { (self.set_total_mem)(bytes) }
@@ -223,8 +238,7 @@ fn load() -> Option<Fake> {
         path,
         _lib: lib,
     };
-    // SAFETY: takes a plain integer; nothing is reserved or created yet.
-    assert_eq!(unsafe { (fake.set_granularity)(G) }, 0);
+    assert!(fake.set_granularity(G));
     let d = kvvm_sys::driver().expect("kvvm-sys loads the fake driver");
     assert_eq!(
         Path::new(d.path()),
@@ -259,6 +273,8 @@ impl Session {
         fake.clear_faults();
         fake.hold(false);
         fake.set_async(false);
+        // Fails only if an earlier test left objects behind, which that test reports.
+        fake.set_granularity(G);
         fake.set_vmm_supported(true);
         fake.set_total_mem(TOTAL_MEM);
         Some(Session {
@@ -1223,6 +1239,150 @@ fn concurrent_swaps_with_an_asynchronous_device() {
         for (kind, n) in s.live_counts() {
             assert_eq!(n, 0, "{layout:?}: {n} {kind} left in the fake driver");
         }
+    }
+    s.finish();
+}
+
+/// Cache operations, as the host model test draws them, with injected backend faults.
+fn op_strategy() -> BoxedStrategy<Op> {
+    let tokens = 0u16..=220;
+    prop_oneof![
+        3 => any::<u16>().prop_map(|hint| Op::Alloc { hint: hint % 220 }),
+        2 => any::<u8>().prop_map(|k| Op::Free { k }),
+        4 => (any::<u8>(), tokens.clone()).prop_map(|(k, tokens)| Op::Ensure { k, tokens }),
+        4 => (1u8..=20).prop_map(|by| Op::Decode { by }),
+        2 => proptest::collection::vec((any::<u8>(), tokens.clone()), 1..4)
+            .prop_map(|items| Op::Step { items }),
+        2 => (any::<u8>(), tokens).prop_map(|(k, tokens)| Op::Shrink { k, tokens }),
+        1 => Just(Op::Reclaim),
+        2 => (0u8..4, 0u8..4).prop_map(|(kind, nth)| Op::Fault { kind, nth }),
+    ]
+    .boxed()
+}
+
+proptest! {
+    #![proptest_config(Config { cases: 256, failure_persistence: None, ..Config::default() })]
+
+    /// The cache model test of `tests/cache_model.rs` on the CUDA backend over the fake, with
+    /// OS-page granularity: every cache path (growth, shrink, free, reclaim, rollback after an
+    /// injected failure) under the driver's rules (whole mappings only, access set per run,
+    /// context bound on every thread), every live byte checked after every operation, and no
+    /// driver object left at the end.
+    #[test]
+    fn cache_model_on_the_fake(
+        per_layer in any::<bool>(),
+        lookahead in prop_oneof![Just(0usize), Just(2)],
+        faults in any::<bool>(),
+        ops in proptest::collection::vec(op_strategy(), 1..60),
+    ) {
+        let Some(s) = Session::start() else {
+            eprintln!("skipped: no C compiler to build tests/fixtures/fakecuda.c");
+            return Ok(());
+        };
+        let page = kvvm::vmm::host::os_page_size();
+        prop_assert!(s.set_granularity(page));
+        let b = Arc::new(backend());
+        let config = HarnessConfig {
+            layout: if per_layer { Layout::PerLayer } else { Layout::Interleaved },
+            lookahead,
+            faults,
+            ..HarnessConfig::default()
+        };
+        let mut h = Harness::with_backend(config, b.clone() as Arc<dyn Backend>).unwrap();
+        for op in &ops {
+            if let Err(e) = h.apply(op) {
+                return Err(TestCaseError::fail(format!("after {op:?}: {e}")));
+            }
+        }
+        h.finish().map_err(TestCaseError::fail)?;
+        drop(b);
+        s.finish();
+    }
+}
+
+#[test]
+fn a_stream_waiting_on_a_swap_in_event_sees_every_token() {
+    // A serving engine's compute stream may wait on a swap-in ticket's event instead of the
+    // host waiting: everything it runs afterwards must see the whole transfer. On the fake's
+    // device thread, streams progress in random order, so without the wait (or with an event
+    // recorded before the last chunk) the read below would see the pages' poison bytes.
+    let s = session!();
+    for layout in [Layout::Interleaved, Layout::PerLayer] {
+        let b = Arc::new(backend());
+        let cache = Arc::new(
+            KvCache::with_backend(
+                cache_config(layout, 2, 16, 0),
+                b.clone() as Arc<dyn Backend>,
+            )
+            .unwrap(),
+        );
+        let swap = SwapEngine::new(
+            cache.clone(),
+            SwapConfig {
+                host_budget_bytes: 4 << 20,
+                chunk_bytes: 16 << 10,
+                max_in_flight: 2,
+            },
+        )
+        .unwrap();
+        let tokens = 200;
+        let slot = cache.alloc_slot_for(tokens).unwrap();
+        cache.ensure(slot, tokens).unwrap();
+        stamp(&cache, slot, 7, 0, tokens);
+        let out = swap.swap_out(slot).unwrap();
+        out.wait().unwrap();
+        let copy = out.copy();
+
+        let stream = result::stream_create(CU_STREAM_NON_BLOCKING).unwrap();
+        s.set_async(true);
+        for _ in 0..4 {
+            s.hold(true);
+            let slot = cache.alloc_slot_for(tokens).unwrap();
+            let t = swap.swap_in(copy, slot).unwrap();
+            let event = t.event().expect("a swap-in with tokens has an event") as usize as CUevent;
+            let ranges = cache.slot_ranges(slot, tokens).unwrap();
+            let len: usize = ranges.iter().map(|r| r.len).sum();
+            let h = b.alloc_host(len).unwrap();
+            // SAFETY: `stream` and `event` are live (the ticket keeps its event); the slot's
+            // ranges are mapped by `swap_in` and stay mapped until the slot is freed after the
+            // stream is synchronized; `h` is a pinned buffer of `len` bytes read only after that.
+            unsafe {
+                result::stream_wait_event(stream, event, 0).unwrap();
+                let mut at = h.addr();
+                for r in &ranges {
+                    let dst = std::ptr::with_exposed_provenance_mut(at as usize);
+                    result::memcpy_dtoh_async(dst, r.addr, r.len, stream).unwrap();
+                    at += r.len as u64;
+                }
+            }
+            s.hold(false);
+            // SAFETY: `stream` is live.
+            unsafe { result::stream_synchronize(stream) }.unwrap();
+            t.wait().unwrap();
+            verify(&cache, slot, 7, tokens);
+            let mut at = h.addr();
+            for r in &ranges {
+                // SAFETY: both are readable for `r.len` bytes: the slot's mapped range and the
+                // part of `h` the stream wrote, which no copy uses any more.
+                let (dev, host) = unsafe {
+                    (
+                        std::slice::from_raw_parts(r.addr as usize as *const u8, r.len),
+                        std::slice::from_raw_parts(at as usize as *const u8, r.len),
+                    )
+                };
+                assert!(dev == host, "the stream read before the swap-in completed");
+                at += r.len as u64;
+            }
+            b.free_host(h).map_err(|(_, e)| e).unwrap();
+            cache.free_slot(slot).unwrap();
+        }
+        s.set_async(false);
+        // SAFETY: `stream` is idle and not used afterwards.
+        unsafe { result::stream_destroy(stream) }.unwrap();
+        swap.release(copy).unwrap();
+        drop(swap);
+        drop(cache);
+        drop(b);
     }
     s.finish();
 }

@@ -169,6 +169,10 @@ fn mooncake_slice_replays_with_intact_kv() {
     check_report(&report, &config);
     // Mooncake prompts are far longer than 2048 tokens: they are cut, and say so.
     assert!(report.truncated > 0);
+    // Shared prefixes are counted from the hash ids, never more than the prompts hold.
+    assert!(report.shared_prefix_tokens <= report.prompt_tokens);
+    let expect = replay::shared_prefix_tokens(&trace.requests);
+    assert_eq!(report.shared_prefix_tokens, expect);
 }
 
 #[test]
@@ -305,6 +309,24 @@ fn malformed_lines_name_file_and_line() {
 }
 
 #[test]
+fn shared_prefixes_count_leading_known_blocks() {
+    let line = |ts: u64, len: usize, ids: &str| {
+        format!(
+            r#"{{"timestamp": {ts}, "input_length": {len}, "output_length": 1, "hash_ids": [{ids}]}}"#
+        )
+    };
+    let text = [
+        line(0, 1200, "1, 2, 3"),
+        line(5, 1100, "1, 2, 9"), // two leading blocks known: 1024 tokens
+        line(9, 300, "1"),        // one known block, capped at the prompt: 300
+        line(12, 900, "7, 1"),    // the first block is new: nothing shared
+    ]
+    .join("\n");
+    let t = read_trace_from(Path::new("p.jsonl"), text.as_bytes(), None).unwrap();
+    assert_eq!(replay::shared_prefix_tokens(&t.requests), 1024 + 300);
+}
+
+#[test]
 fn format_is_detected_by_extension_then_content() {
     let line = r#"{"timestamp": 1500, "input_length": 10, "output_length": 2}"#;
     let t = read_trace_from(
@@ -364,4 +386,82 @@ fn cli_prints_one_json_object() {
     for r in v["results"].as_array().unwrap() {
         assert_eq!(r["integrity_errors"], 0);
     }
+}
+
+#[test]
+fn kvvm_adapter_failures_change_nothing_and_lose_no_token() {
+    use kvvm::vmm::faulty::{CopyFault, FaultyBackend};
+    use kvvm::vmm::host::{HostBackend, HostConfig};
+    use kvvm::vmm::BackendOp;
+
+    let host = Arc::new(
+        HostBackend::new(HostConfig {
+            granularity: os_page_size(),
+            copy_threads: 2,
+            ..HostConfig::default()
+        })
+        .unwrap(),
+    );
+    let faulty = Arc::new(FaultyBackend::new(host.clone()));
+    let cache = KvCache::with_backend(
+        CacheConfig {
+            layers: TINY.layers,
+            kv_heads: TINY.kv_heads,
+            head_dim: TINY.head_dim,
+            dtype: DType::F16,
+            max_slots: 4,
+            max_tokens: 512,
+            layout: Layout::PerLayer,
+            page_size: None,
+            budget_bytes: 256 << 10,
+            backend: BackendConfig::default(),
+            lookahead_steps: 0,
+            create_all_pages: false,
+        },
+        faulty.clone(),
+    )
+    .unwrap();
+    let cache = Arc::new(cache);
+    let bpt = cache.geometry().bytes_per_token() as u64;
+    let mut a = KvvmAllocator::new(cache.clone(), 16 << 20).unwrap();
+    assert!(a.admit(1, 100).unwrap());
+    assert!(a.admit(2, 50).unwrap());
+    assert!(a.grow(&[(1, 101), (2, 51)]).unwrap());
+    let before = a.usage();
+
+    // A failed mapping: the admission fails, its slot goes back.
+    faulty.fail_nth(BackendOp::Map, 1);
+    assert!(a.admit(3, 200).is_err());
+    faulty.clear();
+    assert_eq!(a.usage(), before);
+    assert_eq!(cache.stats().allocated_slots, 2);
+
+    // A swap-out whose copy fails (at submission, then at completion): the request keeps
+    // running with its KV.
+    for when in [CopyFault::AtSubmit, CopyFault::AtCompletion] {
+        faulty.fail_nth_copy(1, when);
+        assert!(a.preempt(1).is_err(), "{when:?}");
+        faulty.clear();
+        assert_eq!(a.usage(), before, "{when:?}");
+        assert!(a.slot_of(1).is_some());
+    }
+    assert!(a.grow(&[(1, 102)]).unwrap());
+
+    // A swap-in whose copy fails: the request stays preempted and resumes on the next try.
+    let (how, _) = a.preempt(2).unwrap();
+    assert_eq!(how, Preempted::Swapped);
+    faulty.fail_nth_copy(1, CopyFault::AtCompletion);
+    assert!(a.resume(2, 51).is_err());
+    faulty.clear();
+    assert!(a.slot_of(2).is_none());
+    assert_eq!(a.usage().live_bytes, 102 * bpt);
+    assert!(a.resume(2, 51).unwrap().is_some());
+
+    a.finish(1).unwrap();
+    a.finish(2).unwrap();
+    assert_eq!(a.counters().integrity_errors, 0);
+    assert_eq!(cache.stats().allocated_slots, 0);
+    drop(a);
+    drop(cache);
+    assert_eq!(host.live_pages(), 0, "pages leaked");
 }

@@ -103,6 +103,10 @@ impl Slot {
     }
     /// Pool pages needed so that every buffer has `target` pages.
     fn missing(&self, target: usize) -> usize {
+        if self.min_pages >= target {
+            // Every buffer has enough (the common case of a decode step): no need to look.
+            return 0;
+        }
         self.pages
             .iter()
             .map(|p| target.saturating_sub(p.len()))

@@ -271,35 +271,19 @@ impl KvvmAllocator {
         }
     }
 
-    /// Makes sure every slot of a step that just succeeded has pages for its new tokens.
-    ///
-    /// A `step` whose own reclamation took the mapped-ahead pages of another slot of the same
-    /// batch could commit that slot's tokens without pages behind them (fixed in the cache by
-    /// keeping the pages of pending targets); this check maps what is missing, or, when that
-    /// does not fit, puts the slot back to the tokens it had and reports no room.
-    fn repair(&self, batch: &[(u64, usize)]) -> Result<bool> {
-        let mut ok = true;
+    /// Checks the cache's promise that a successful step mapped every slot's new tokens, before
+    /// any stamp is written there (a broken promise is reported, never written through).
+    fn check_mapped(&self, batch: &[(u64, usize)]) -> Result<()> {
         for &(id, t) in batch {
-            let (slot, had) = self.slot(id)?;
-            if self.cache.capacity(slot)? >= t {
-                continue;
-            }
-            tracing::warn!("slot {slot}: {t} tokens committed with pages for fewer; mapping them");
-            self.cache.shrink(slot, had)?;
-            match self.cache.ensure(slot, t) {
-                Ok(()) => {}
-                Err(e) if exhausted(&e) => ok = false,
-                Err(e) => return Err(e),
+            let (slot, _) = self.slot(id)?;
+            let capacity = self.cache.capacity(slot)?;
+            if capacity < t {
+                return Err(Error::InvalidArgument(format!(
+                    "cache invariant broken: slot {slot} holds {t} tokens with pages for {capacity}"
+                )));
             }
         }
-        if !ok {
-            // All or nothing, as `step` promises: every slot goes back to its tokens.
-            for &(id, _) in batch {
-                let (slot, had) = self.slot(id)?;
-                self.cache.shrink(slot, had)?;
-            }
-        }
-        Ok(ok)
+        Ok(())
     }
 
     fn stamp_new(&self, id: u64, slot: SlotId, from: usize, to: usize) -> Result<()> {
@@ -346,9 +330,7 @@ impl KvAllocator for KvvmAllocator {
             Err(e) if exhausted(&e) => return Ok(false),
             Err(e) => return Err(e),
         }
-        if !self.repair(batch)? {
-            return Ok(false);
-        }
+        self.check_mapped(batch)?;
         let mut items = Vec::new();
         for &(id, t) in batch {
             if let Some(r) = self.running.get_mut(&id) {

@@ -45,6 +45,15 @@ pub enum AllocatorKind {
 }
 
 impl AllocatorKind {
+    /// The name in reports.
+    pub fn name(self) -> String {
+        match self {
+            AllocatorKind::Kvvm(l) => format!("kvvm-{l}"),
+            AllocatorKind::Paged(b) => format!("paged-{b}"),
+            AllocatorKind::Static => "static".into(),
+        }
+    }
+
     /// The four allocators of the report, in report order.
     pub const ALL: [AllocatorKind; 4] = [
         AllocatorKind::Kvvm(Layout::Interleaved),
@@ -88,6 +97,12 @@ pub struct Report {
     pub requests: usize,
     /// Requests longer than `max_tokens` (cut to fit).
     pub truncated: usize,
+    /// Prompt tokens in leading blocks whose hash an earlier request of the trace already had
+    /// (Mooncake `hash_ids`, 512-token blocks; 0 for traces without them): what prefix sharing
+    /// could save. Not used by the replay.
+    pub shared_prefix_tokens: u64,
+    /// Prompt tokens of all requests.
+    pub prompt_tokens: u64,
     /// Model preset.
     pub model: String,
     /// KV bytes per token.
@@ -161,6 +176,9 @@ pub fn replay(
     if config.allocators.is_empty() {
         return Err(Error::InvalidConfig("no allocator to replay".into()));
     }
+    if config.sched.max_slots == 0 {
+        return Err(Error::InvalidConfig("max_slots must be positive".into()));
+    }
     let jobs = sched::prepare(&trace.requests, config.sched.max_tokens, config.sched.speed)?;
     let mut results = Vec::with_capacity(config.allocators.len());
     for (k, &kind) in config.allocators.iter().enumerate() {
@@ -178,6 +196,8 @@ pub fn replay(
         format: trace.format,
         requests: jobs.len(),
         truncated: jobs.iter().filter(|j| j.truncated).count(),
+        shared_prefix_tokens: shared_prefix_tokens(&trace.requests),
+        prompt_tokens: trace.requests.iter().map(|r| r.context_tokens as u64).sum(),
         model: config.model.name.to_string(),
         token_bytes: config.model.token_bytes(config.dtype) as u64,
         budget_bytes: config.budget_bytes,
@@ -186,6 +206,19 @@ pub fn replay(
         sched: config.sched,
         results,
     })
+}
+
+/// Tokens of [`Report::shared_prefix_tokens`].
+pub fn shared_prefix_tokens(requests: &[Request]) -> u64 {
+    const BLOCK: u64 = 512;
+    let mut seen = std::collections::HashSet::new();
+    let mut shared = 0;
+    for r in requests {
+        let lead = r.hash_ids.iter().take_while(|h| seen.contains(*h)).count() as u64;
+        shared += (lead * BLOCK).min(r.context_tokens as u64);
+        seen.extend(r.hash_ids.iter().copied());
+    }
+    shared
 }
 
 fn gib(b: u64) -> String {
@@ -212,6 +245,13 @@ impl Report {
             self.sched.speed,
             self.sched.max_slots,
         );
+        if self.shared_prefix_tokens > 0 {
+            let _ = writeln!(
+                s,
+                "{:.1}% of prompt tokens lie in prefixes an earlier request shared (hash_ids; not reused by this replay)",
+                100.0 * self.shared_prefix_tokens as f64 / self.prompt_tokens.max(1) as f64
+            );
+        }
         let _ = writeln!(
             s,
             "{:<17} {:>6} {:>5} {:>6} {:>8} {:>9} {:>9} {:>9} {:>7} {:>9} {:>8} {:>6}",

@@ -399,7 +399,12 @@ pub fn simulate(
         queue.drain(..admitted);
         if running.is_empty() {
             // Nothing could be admitted although nothing runs: the head request cannot fit.
-            let i = queue[0];
+            let Some(&i) = queue.first() else {
+                return Err(Error::InvalidConfig(format!(
+                    "{}: nothing runs and nothing waits",
+                    alloc.name()
+                )));
+            };
             return Err(Error::InvalidConfig(format!(
                 "request {} ({} tokens) does not fit the budget of {} even alone",
                 jobs[i].id,

@@ -118,7 +118,7 @@ pub fn run(args: ReplayArgs) -> Result<()> {
             .unwrap_or_else(|_| ProgressStyle::default_bar())
             .progress_chars("=> "),
     );
-    let names: Vec<String> = allocators.iter().map(|a| format!("{a:?}")).collect();
+    let names: Vec<String> = allocators.iter().map(|a| a.name()).collect();
     let report = replay::replay(&trace, &config, &mut |k, done| {
         bar.set_prefix(names[k].clone());
         bar.set_position(k as u64 * n + done as u64);
