@@ -450,9 +450,11 @@ fn injected_copy_failures_lose_nothing() {
             other => panic!("expected Grow, got {other:?}"),
         }
         assert_eq!(rig.cache.tokens(slot).unwrap(), 0);
+        // (On the host backend swap-in chunks are submitted by the staging thread, so a
+        // submission failure reaches the ticket.)
         rig.faulty.fail_nth_copy(1, CopyFault::AtSubmit);
         assert!(matches!(
-            rig.swap().swap_in(copy, slot),
+            rig.swap().swap_in(copy, slot).and_then(|t| t.wait()),
             Err(Error::Injected { .. })
         ));
         assert_eq!(rig.cache.tokens(slot).unwrap(), 0);
@@ -1027,5 +1029,205 @@ fn concurrent_swaps_and_steps_keep_every_token() {
             "grown requests reuse their host copies"
         );
         owned.finish();
+    }
+}
+
+/// A backend whose copies do not complete until the test opens a gate.
+#[derive(Debug)]
+struct Gated {
+    inner: Arc<dyn Backend>,
+    gate: Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
+}
+
+#[derive(Debug)]
+struct GatedCompletion {
+    inner: Box<dyn kvvm::vmm::Completion>,
+    gate: Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
+}
+
+impl kvvm::vmm::Completion for GatedCompletion {
+    fn poll(&self) -> kvvm::Result<bool> {
+        if !*self.gate.0.lock().unwrap() {
+            return Ok(false);
+        }
+        self.inner.poll()
+    }
+    fn wait(&self) -> kvvm::Result<()> {
+        let mut open = self.gate.0.lock().unwrap();
+        while !*open {
+            open = self.gate.1.wait(open).unwrap();
+        }
+        drop(open);
+        self.inner.wait()
+    }
+}
+
+impl Backend for Gated {
+    fn info(&self) -> kvvm::vmm::BackendInfo {
+        self.inner.info()
+    }
+    fn kind(&self) -> kvvm::vmm::BackendKind {
+        self.inner.kind()
+    }
+    fn granularity(&self) -> usize {
+        self.inner.granularity()
+    }
+    fn reserve(&self, len: usize) -> kvvm::Result<kvvm::vmm::VaRange> {
+        self.inner.reserve(len)
+    }
+    fn free_reservation(&self, range: kvvm::vmm::VaRange) -> kvvm::Result<()> {
+        self.inner.free_reservation(range)
+    }
+    fn create_page(&self, size: usize) -> kvvm::Result<kvvm::vmm::PageHandle> {
+        self.inner.create_page(size)
+    }
+    fn release_page(
+        &self,
+        page: kvvm::vmm::PageHandle,
+    ) -> Result<(), (kvvm::vmm::PageHandle, Error)> {
+        self.inner.release_page(page)
+    }
+    fn map(&self, va: u64, pages: &[&kvvm::vmm::PageHandle]) -> kvvm::Result<()> {
+        self.inner.map(va, pages)
+    }
+    fn unmap(&self, va: u64, len: usize) -> kvvm::Result<()> {
+        self.inner.unmap(va, len)
+    }
+    fn alloc_host(&self, len: usize) -> kvvm::Result<kvvm::vmm::HostBuffer> {
+        self.inner.alloc_host(len)
+    }
+    fn free_host(&self, buf: kvvm::vmm::HostBuffer) -> Result<(), (kvvm::vmm::HostBuffer, Error)> {
+        self.inner.free_host(buf)
+    }
+    unsafe fn copy_async(
+        &self,
+        kind: kvvm::vmm::CopyKind,
+        regions: &[kvvm::vmm::CopyRegion],
+    ) -> kvvm::Result<Box<dyn kvvm::vmm::Completion>> {
+        // SAFETY: forwarded unchanged; the caller upholds `copy_async`'s contract until the
+        // returned completion (which completes no earlier than the inner one) reports done.
+        let inner = unsafe { self.inner.copy_async(kind, regions) }?;
+        Ok(Box::new(GatedCompletion {
+            inner,
+            gate: self.gate.clone(),
+        }))
+    }
+    fn synchronize(&self) -> kvvm::Result<()> {
+        self.inner.synchronize()
+    }
+}
+
+/// While a swap-out's copy is in flight the slot keeps its pages and stays allocated, other slots
+/// step (and map pages) freely, and the ticket reports "not yet"; the slot is freed only after
+/// the copy completed. The same for a swap-in: the slot gets its tokens only at completion.
+#[test]
+fn pages_stay_until_the_copy_completes_and_other_slots_step_meanwhile() {
+    for layout in LAYOUTS {
+        let host: Arc<dyn Backend> = Arc::new(
+            HostBackend::new(HostConfig {
+                granularity: os_page_size(),
+                copy_threads: 2,
+                ..HostConfig::default()
+            })
+            .unwrap(),
+        );
+        let gate = Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
+        let backend = Arc::new(Gated {
+            inner: host,
+            gate: gate.clone(),
+        });
+        let cache = Arc::new(
+            KvCache::with_backend(
+                CacheConfig {
+                    layers: 2,
+                    kv_heads: 2,
+                    head_dim: 8,
+                    dtype: DType::F32,
+                    max_slots: 3,
+                    max_tokens: MAX_TOKENS,
+                    layout,
+                    page_size: None,
+                    budget_bytes: (64 * os_page_size()) as u64,
+                    backend: BackendConfig::default(),
+                    lookahead_steps: 0,
+                    create_all_pages: false,
+                },
+                backend,
+            )
+            .unwrap(),
+        );
+        let swap = SwapEngine::new(cache.clone(), SwapConfig::default()).unwrap();
+        let set_gate = |open: bool| {
+            *gate.0.lock().unwrap() = open;
+            gate.1.notify_all();
+        };
+        let a = cache.alloc_slot().unwrap();
+        cache.ensure(a, 120).unwrap();
+        write_pattern(&cache, a, 1, 0, 120).unwrap();
+        let b = cache.alloc_slot().unwrap();
+        cache.ensure(b, 10).unwrap();
+        write_pattern(&cache, b, 2, 0, 10).unwrap();
+
+        let t = swap.swap_out(a).unwrap();
+        assert!(!t.poll().unwrap());
+        assert_eq!(swap.stats().in_flight, 1);
+        // Other slots grow (mapping new pages) while the copy is held.
+        for to in [40, 90, 150] {
+            let from = cache.tokens(b).unwrap();
+            cache.step(&[(b, to)]).unwrap();
+            write_pattern(&cache, b, 2, from, to).unwrap();
+        }
+        // The swapped slot still has its pages and its KV.
+        assert!(cache.is_allocated(a));
+        assert!(cache.capacity(a).unwrap() >= 120);
+        verify_pattern(&cache, a, 1, 120).unwrap();
+        assert!(!t.poll().unwrap());
+        set_gate(true);
+        t.wait().unwrap();
+        assert!(!cache.is_allocated(a));
+        assert_eq!(cache.capacity(a).unwrap(), 0);
+
+        // Swap-in: the slot holds no tokens until the copy completed.
+        set_gate(false);
+        let c = cache.alloc_slot_for(120).unwrap();
+        let t = swap.swap_in(t.copy(), c).unwrap();
+        assert!(!t.poll().unwrap());
+        assert_eq!(cache.tokens(c).unwrap(), 0);
+        cache.step(&[(b, 160)]).unwrap();
+        write_pattern(&cache, b, 2, 150, 160).unwrap();
+        set_gate(true);
+        t.wait().unwrap();
+        assert_eq!(cache.tokens(c).unwrap(), 120);
+        verify_pattern(&cache, c, 1, 120).unwrap();
+        verify_pattern(&cache, b, 2, 160).unwrap();
+        drop(swap);
+    }
+}
+
+/// A swap-in cut into many chunks (one backend call each on the host backend) whose third
+/// submission or completion fails: the copies already submitted finish before the error is
+/// reported, the slot stays empty and the host copy intact.
+#[test]
+fn failure_in_the_middle_of_a_chunked_swap_in() {
+    for layout in LAYOUTS {
+        let rig = Rig::with(layout, 3, 96, 1 << 20, 0, 4096);
+        let a = rig.request(130, 5);
+        let t = rig.swap().swap_out(a).unwrap();
+        t.wait().unwrap();
+        let copy = t.copy();
+        let slot = rig.cache.alloc_slot_for(130).unwrap();
+        for when in [CopyFault::AtSubmit, CopyFault::AtCompletion] {
+            rig.faulty.clear();
+            rig.faulty.fail_nth_copy(3, when);
+            let r = rig.swap().swap_in(copy, slot).and_then(|t| t.wait());
+            assert!(matches!(r, Err(Error::Injected { .. })), "{when:?}: {r:?}");
+            assert_eq!(rig.cache.tokens(slot).unwrap(), 0);
+            assert_eq!(rig.swap().host_tokens(copy).unwrap(), 130);
+            assert_eq!(rig.swap().stats().in_flight, 0);
+        }
+        rig.faulty.clear();
+        rig.swap().swap_in(copy, slot).unwrap().wait().unwrap();
+        rig.check(slot, 5, 130);
+        rig.finish();
     }
 }

@@ -93,8 +93,11 @@
 //! short they are evicted, lowest [`SwapEngine::set_priority`] first and least recently used
 //! within a priority, unless [`SwapEngine::pin`]ned. A copy written by a swap-out is the only
 //! place its request's KV lives and is never evicted; it goes away with [`SwapEngine::release`]
-//! (or becomes evictable once swapped in again). When nothing more can be evicted, the swap fails
-//! with [`Error::HostBudgetExhausted`] and nothing changed.
+//! (or becomes evictable once swapped in again). When the free, unallocated and evictable bytes
+//! together fall short, the swap fails with [`Error::HostBudgetExhausted`] before evicting
+//! anything; when they suffice in total but no hole is large enough even after evicting every
+//! evictable copy (fragmentation), it fails the same way, having evicted only cached copies. In
+//! both cases the slot and every copy a swap-out wrote are as they were.
 
 mod arena;
 
@@ -176,6 +179,9 @@ pub struct SwapEngine {
     /// Hands transfers to the completion thread; dropped first at teardown.
     tx: Option<crossbeam_channel::Sender<Arc<Transfer>>>,
     worker: Option<JoinHandle<()>>,
+    /// Host backend: hands swap-ins to the staging thread (see [`Staged`]).
+    stage_tx: Option<crossbeam_channel::Sender<StageJob>>,
+    stager: Option<JoinHandle<()>>,
 }
 
 /// A transfer in flight: poll or wait for it. Dropping a ticket does not cancel the transfer; the
@@ -411,35 +417,103 @@ fn prefault(addr: u64, len: usize) {
     }
 }
 
-/// Submits `regions` (`kind`): in one call, or, with `prefault`, one call per region after
-/// populating its destination, so that populating the next region overlaps copying this one.
-/// On a submission error, waits for the copies already submitted and returns the error.
+/// Submits `regions` (`kind`) in one call (none if empty).
 fn submit(
     backend: &dyn Backend,
     kind: CopyKind,
     regions: &[CopyRegion],
-    prefault_dst: bool,
 ) -> Result<Vec<Box<dyn Completion>>> {
     if regions.is_empty() {
         return Ok(Vec::new());
     }
-    if !prefault_dst {
-        // SAFETY: forwarded from the caller, who upholds `copy_async`'s contract for `regions`.
-        return Ok(vec![unsafe { backend.copy_async(kind, regions) }?]);
+    // SAFETY: forwarded from the caller, who upholds `copy_async`'s contract for `regions`.
+    Ok(vec![unsafe { backend.copy_async(kind, regions) }?])
+}
+
+/// A host-backend swap-in's copies, submitted by the engine's staging thread one chunk at a
+/// time after populating the chunk's page tables (see [`prefault`]), so that `swap_in` returns
+/// at once and populating a chunk overlaps copying the previous one.
+#[derive(Debug, Default)]
+struct Staged {
+    /// Set once every chunk is submitted (or submission failed): the copies and the
+    /// submission error.
+    done: Mutex<Option<Submitted>>,
+    cv: Condvar,
+}
+
+/// What the staging thread submitted for one swap-in: the copies, and the submission error.
+type Submitted = (Arc<Vec<Box<dyn Completion>>>, Option<Error>);
+
+/// The [`Completion`] of a [`Staged`] swap-in.
+#[derive(Debug)]
+struct StagedCompletion(Arc<Staged>);
+
+impl StagedCompletion {
+    fn submitted(&self, block: bool) -> Option<Submitted> {
+        let mut done = self.0.done.lock().unwrap_or_else(|p| p.into_inner());
+        while block && done.is_none() {
+            done = self.0.cv.wait(done).unwrap_or_else(|p| p.into_inner());
+        }
+        done.clone()
     }
-    let mut out: Vec<Box<dyn Completion>> = Vec::with_capacity(regions.len());
-    for r in regions {
-        prefault(r.dst, r.len);
-        // SAFETY: as above, for one of the caller's regions.
-        match unsafe { backend.copy_async(kind, std::slice::from_ref(r)) } {
-            Ok(c) => out.push(c),
-            Err(e) => {
-                let _ = wait_all(&out);
-                return Err(e);
+}
+
+impl Completion for StagedCompletion {
+    fn poll(&self) -> Result<bool> {
+        let Some((copies, submit_err)) = self.submitted(false) else {
+            return Ok(false);
+        };
+        let mut first_err = None;
+        for c in copies.iter() {
+            match c.poll() {
+                Ok(false) => return Ok(false),
+                Ok(true) => {}
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
             }
         }
+        submit_err.or(first_err).map_or(Ok(true), Err)
     }
-    Ok(out)
+
+    fn wait(&self) -> Result<()> {
+        let (copies, submit_err) = self
+            .submitted(true)
+            .unwrap_or_else(|| (Arc::new(Vec::new()), None));
+        let copied = wait_all(&copies);
+        submit_err.map_or(copied, Err)
+    }
+}
+
+/// One swap-in for the staging thread.
+#[derive(Debug)]
+struct StageJob {
+    staged: Arc<Staged>,
+    regions: Vec<CopyRegion>,
+}
+
+/// The staging thread: populates and submits each job's chunks in order.
+fn stage(backend: Arc<dyn Backend>, rx: crossbeam_channel::Receiver<StageJob>) {
+    for job in rx {
+        let mut copies: Vec<Box<dyn Completion>> = Vec::with_capacity(job.regions.len());
+        let mut error = None;
+        for r in &job.regions {
+            prefault(r.dst, r.len);
+            // SAFETY: `swap_in` built these regions under `copy_async`'s contract: the slot
+            // (destination) and the host copy (source) stay busy until the transfer finishes,
+            // which waits for this job's completion, hence for every copy submitted here.
+            match unsafe { backend.copy_async(CopyKind::HostToDevice, std::slice::from_ref(r)) } {
+                Ok(c) => copies.push(c),
+                Err(e) => {
+                    error = Some(e);
+                    break;
+                }
+            }
+        }
+        *job.staged.done.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some((Arc::new(copies), error));
+        job.staged.cv.notify_all();
+    }
 }
 
 /// Appends `[src, src+len)` → `[dst, dst+len)` to `out` in pieces of at most `chunk` bytes.
@@ -480,8 +554,8 @@ impl Inner {
     }
 
     /// Takes a host extent of `len` bytes: a free hole, else a new block within the budget, else
-    /// room made by evicting cached copies. Fails without evicting anything when even evicting
-    /// every evictable copy could not make room.
+    /// room made by evicting cached copies. Fails without evicting anything when the free,
+    /// unallocated and evictable bytes together fall short.
     fn alloc_extent(&self, st: &mut State, len: usize) -> Result<Extent> {
         let budget = self.config.host_budget_bytes;
         loop {
@@ -686,11 +760,26 @@ impl SwapEngine {
                 }
             })
             .map_err(|e| Error::InvalidConfig(format!("cannot start the swap thread: {e}")))?;
-        Ok(SwapEngine {
+        let mut engine = SwapEngine {
             inner,
             tx: Some(tx),
             worker: Some(worker),
-        })
+            stage_tx: None,
+            stager: None,
+        };
+        if engine.inner.backend().kind() == BackendKind::Host {
+            let (stage_tx, stage_rx) = crossbeam_channel::unbounded::<StageJob>();
+            let backend: Arc<dyn Backend> = engine.inner.cache.backend().clone();
+            let stager = std::thread::Builder::new()
+                .name("kvvm-swap-stage".into())
+                .spawn(move || stage(backend, stage_rx))
+                .map_err(|e| {
+                    Error::InvalidConfig(format!("cannot start the swap staging thread: {e}"))
+                })?;
+            engine.stage_tx = Some(stage_tx);
+            engine.stager = Some(stager);
+        }
+        Ok(engine)
     }
 
     /// The cache this engine swaps for.
@@ -878,7 +967,7 @@ impl SwapEngine {
         // transfer finishes; the destinations lie in copy `id`'s extent in the arena (host
         // buffers of this backend), which nothing else reads, writes or frees while the copy is
         // busy; destinations of distinct regions are disjoint.
-        let completions = match submit(inner.backend(), CopyKind::DeviceToHost, &regions, false) {
+        let completions = match submit(inner.backend(), CopyKind::DeviceToHost, &regions) {
             Ok(c) => c,
             Err(e) => {
                 undo(&mut inner.lock());
@@ -963,26 +1052,34 @@ impl SwapEngine {
             }
         }
         let bytes: u64 = regions.iter().map(|r| r.len as u64).sum();
-        // On the host backend, pages mapped just now have no page-table entries yet: populate
-        // each chunk's destination before submitting it, overlapping with the copy of the
-        // previous chunk, instead of taking a fault per OS page inside the copy.
-        let prefault_dst = inner.backend().kind() == BackendKind::Host;
-        // SAFETY: the destinations are the slot's first `tokens` tokens, whose pages
-        // `swap_in_begin` mapped; the slot stays busy (nobody else maps, unmaps or uses it)
-        // until this transfer finishes. The sources lie in the copy's extent, which stays
-        // allocated and unwritten while the copy is busy. Destinations are disjoint.
-        let completions = match submit(
-            inner.backend(),
-            CopyKind::HostToDevice,
-            &regions,
-            prefault_dst,
-        ) {
-            Ok(c) => c,
-            Err(e) => {
-                inner.cache.swap_abort(slot);
-                unbusy(&mut inner.lock());
-                return Err(e);
+        // On the host backend, pages mapped just now have no page-table entries yet: the staging
+        // thread populates each chunk's destination before submitting it (overlapping with the
+        // copy of the previous chunk) instead of the copy taking a fault per OS page.
+        let staged = match (&self.stage_tx, regions.is_empty()) {
+            (Some(tx), false) => {
+                let staged = Arc::new(Staged::default());
+                let job = StageJob {
+                    staged: staged.clone(),
+                    regions: regions.clone(),
+                };
+                tx.send(job).ok().map(|()| staged)
             }
+            _ => None,
+        };
+        let completions: Vec<Box<dyn Completion>> = match staged {
+            Some(staged) => vec![Box::new(StagedCompletion(staged))],
+            // SAFETY: the destinations are the slot's first `tokens` tokens, whose pages
+            // `swap_in_begin` mapped; the slot stays busy (nobody else maps, unmaps or uses it)
+            // until this transfer finishes. The sources lie in the copy's extent, which stays
+            // allocated and unwritten while the copy is busy. Destinations are disjoint.
+            None => match submit(inner.backend(), CopyKind::HostToDevice, &regions) {
+                Ok(c) => c,
+                Err(e) => {
+                    inner.cache.swap_abort(slot);
+                    unbusy(&mut inner.lock());
+                    return Err(e);
+                }
+            },
         };
         Ok(self.launch(Transfer {
             dir: Direction::In,
@@ -1084,7 +1181,12 @@ impl SwapEngine {
 
 impl Drop for SwapEngine {
     fn drop(&mut self) {
-        // Closing the channel lets the completion thread finish every queued transfer and exit.
+        // Closing the channels lets the staging thread submit every queued swap-in and the
+        // completion thread finish every queued transfer, and both exit.
+        self.stage_tx.take();
+        if let Some(h) = self.stager.take() {
+            let _ = h.join();
+        }
         self.tx.take();
         if let Some(h) = self.worker.take() {
             let _ = h.join();
