@@ -19,10 +19,10 @@ use kvvm::Error;
 const MAX_SLOTS: usize = 24;
 const MAX_TOKENS: usize = 384;
 const BATCH: usize = 16;
-const STEPS: usize = 600;
+const STEPS: usize = 1500;
 const WORKERS: usize = 2;
 const WORKER_SLOTS: usize = 3;
-const WORKER_OPS: usize = 400;
+const WORKER_OPS: usize = 1000;
 
 /// A small xorshift generator: each thread gets its own fixed seed, so a failure replays.
 struct Rng(u64);
@@ -226,7 +226,7 @@ fn decode_loop<'a>(cache: &'a KvCache, tight: bool, start: &Barrier) -> Result<O
                 break;
             }
         }
-        if step % 60 == 59 {
+        if step % 100 == 99 {
             o.verify().map_err(|e| format!("decode step {step}: {e}"))?;
         }
     }
