@@ -418,6 +418,13 @@ impl Geometry {
         (tokens * self.token_bytes).div_ceil(self.page_size)
     }
 
+    /// Whether `pages` pages per buffer hold `tokens` tokens (`pages_for(tokens) <= pages`,
+    /// without a division: this is on every decode step's path).
+    #[inline]
+    pub fn fits(&self, tokens: usize, pages: usize) -> bool {
+        tokens * self.token_bytes <= pages * self.page_size
+    }
+
     /// Tokens that `pages` pages (per buffer) hold, capped at `max_tokens`.
     pub fn tokens_in(&self, pages: usize) -> usize {
         (pages * self.page_size / self.token_bytes).min(self.max_tokens)

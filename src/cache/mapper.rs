@@ -5,21 +5,55 @@
 //! tokens; the mapper then maps every slot up to `2 × lookahead` tokens ahead, so wake-ups come
 //! in batches, at most once per `lookahead` steps for a batch growing in lockstep.
 //!
+//! In a steady decode loop it also wakes itself (a timed wait on the same condition variable)
+//! shortly before the first slot would run short, from the measured step cadence, so that the
+//! caller rarely needs to notify it.
+//!
 //! It sleeps on a condition variable until a step records new targets, maps only what the pool
 //! can supply without reclaiming (it never takes pages from anyone), and never holds the cache's
 //! lock during a backend call.
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use super::{attach, Shared};
+use super::{attach, Shared, State};
 use crate::cache::stats::mark_background_thread;
 
 pub(super) fn run(sh: Arc<Shared>) {
     mark_background_thread();
+    // Growth calls already accounted for by the last self-wake prediction.
+    let mut seen_steps = u64::MAX;
     loop {
         let mut st = sh.lock();
         while !st.shutdown && !st.mapper_wake {
-            st = sh.mapper_cv.wait(st).unwrap_or_else(|p| p.into_inner());
+            // In a steady decode loop the mapper wakes itself shortly before the first slot
+            // would run short, so that the caller never has to notify it (on a virtual machine
+            // a futex wake of an idle core costs several microseconds of the caller's step).
+            let timeout = (st.clock.steps != seen_steps)
+                .then(|| self_wake_in(&sh, &st))
+                .flatten();
+            seen_steps = st.clock.steps;
+            st.mapper_sleeping = true;
+            let timed_out = match timeout {
+                Some(d) => {
+                    let (g, r) = sh
+                        .mapper_cv
+                        .wait_timeout(st, d)
+                        .unwrap_or_else(|p| p.into_inner());
+                    st = g;
+                    r.timed_out()
+                }
+                None => {
+                    st = sh.mapper_cv.wait(st).unwrap_or_else(|p| p.into_inner());
+                    false
+                }
+            };
+            st.mapper_sleeping = false;
+            // Act on a timed wake-up only if the batch kept growing since the prediction (and
+            // since the last `quiesce`): an idle or quiesced cache is left alone.
+            if timed_out && st.clock.steps > seen_steps.max(st.clock.fence) {
+                break;
+            }
         }
         if st.shutdown {
             return;
@@ -79,4 +113,40 @@ pub(super) fn run(sh: Arc<Shared>) {
         drop(st);
         sh.finish(&busy);
     }
+}
+
+/// When to wake up unasked: after three quarters of the steps the batch can still take, at the
+/// measured step cadence, before a slot's mapped headroom falls below the look-ahead (when the
+/// caller would notify). `None` when the cadence is unknown or a slot is already at that point.
+fn self_wake_in(sh: &Shared, st: &State) -> Option<Duration> {
+    if st.clock.interval_ns == 0 {
+        return None;
+    }
+    let steps = st
+        .slots
+        .iter()
+        .filter(|s| s.allocated && s.ahead > 0)
+        .map(|s| {
+            let mapped = sh
+                .geometry
+                .tokens_in(s.min_pages)
+                .min(sh.geometry.max_tokens);
+            if mapped >= sh.geometry.max_tokens {
+                // Fully mapped: this slot never needs the mapper again.
+                return u64::MAX;
+            }
+            mapped.saturating_sub(s.tokens + sh.lookahead) as u64
+        })
+        .min()?;
+    if steps == 0 || steps == u64::MAX {
+        return None;
+    }
+    // Wake just after a step is expected to end (the last step's time plus a whole number of
+    // intervals, plus a twentieth of one), so that the mapping happens while the caller
+    // computes rather than during its next step.
+    let interval = st.clock.interval_ns;
+    let ahead = (steps * 3 / 4).max(1);
+    let due = st.clock.last?
+        + Duration::from_nanos(interval.saturating_mul(ahead).saturating_add(interval / 20));
+    Some(due.saturating_duration_since(std::time::Instant::now()))
 }

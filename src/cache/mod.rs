@@ -122,9 +122,44 @@ struct State {
     mapper_wake: bool,
     /// The mapper holds pages or busy slots.
     mapper_active: bool,
+    /// The mapper waits on its condition variable (a wake-up needs a notification).
+    mapper_sleeping: bool,
+    /// Decode-step cadence, so that the mapper can wake itself before slots run short.
+    clock: StepClock,
     mapper_batches: u64,
+    mapper_notified: u64,
     mapper_pages: u64,
     reclaimed_pages: u64,
+}
+
+/// The cadence of growth calls, measured by `commit_tokens`.
+#[derive(Debug, Default)]
+struct StepClock {
+    /// When the last growth committed.
+    last: Option<std::time::Instant>,
+    /// Moving average of the time between growth calls, in nanoseconds (0: unknown).
+    interval_ns: u64,
+    /// Growth calls committed so far.
+    steps: u64,
+    /// `steps` at the last `quiesce`: the mapper does not wake itself again before a growth
+    /// call after it, so that a quiesced cache stays still.
+    fence: u64,
+}
+
+impl StepClock {
+    fn tick(&mut self) {
+        let now = std::time::Instant::now();
+        if let Some(last) = self.last {
+            let dt = u64::try_from((now - last).as_nanos()).unwrap_or(u64::MAX);
+            self.interval_ns = if self.interval_ns == 0 {
+                dt
+            } else {
+                (self.interval_ns.saturating_mul(7) / 8).saturating_add(dt / 8)
+            };
+        }
+        self.last = Some(now);
+        self.steps += 1;
+    }
 }
 
 /// A planned mapping: `pages` go into buffer `buffer` of `slot` starting at page index `start`.
@@ -506,6 +541,7 @@ impl KvCache {
                 .sum(),
             allocated_slots: st.slots.iter().filter(|s| s.allocated).count(),
             mapper_batches: st.mapper_batches,
+            mapper_notified: st.mapper_notified,
             mapper_pages: st.mapper_pages,
             reclaimed_pages: st.reclaimed_pages,
             ..CacheStats::default()
@@ -521,13 +557,15 @@ impl KvCache {
         stats
     }
 
-    /// Waits until the background mapper has nothing left to do (for tests and benchmarks).
+    /// Waits until the background mapper has nothing left to do, and keeps it from waking
+    /// itself until the next growth call (for tests and benchmarks that inspect the mappings).
     pub fn quiesce(&self) {
         let sh = &*self.shared;
         let mut st = sh.lock();
         while st.mapper_wake || st.mapper_active || st.slots.iter().any(|s| s.busy) {
             st = sh.changed.wait(st).unwrap_or_else(|p| p.into_inner());
         }
+        st.clock.fence = st.clock.steps;
     }
 }
 
@@ -603,6 +641,9 @@ impl Shared {
             let work: Vec<(usize, usize, usize)> = targets
                 .iter()
                 .filter_map(|&(i, t)| {
+                    if g.fits(t, st.slots[i].min_pages) {
+                        return None;
+                    }
                     let need = g.pages_for(t);
                     let missing = st.slots[i].missing(need);
                     (missing > 0).then_some((i, need, missing))
@@ -722,18 +763,24 @@ impl Shared {
     #[must_use]
     fn commit_tokens(&self, st: &mut State, targets: &[(usize, usize)]) -> bool {
         let mut wake = false;
+        if self.lookahead > 0 {
+            st.clock.tick();
+        }
         for &(i, t) in targets {
             let s = &mut st.slots[i];
             s.tokens = s.tokens.max(t);
             if self.lookahead > 0 {
                 s.ahead = (s.tokens + self.lookahead).min(self.geometry.max_tokens);
-                wake |= self.geometry.pages_for(s.ahead) > s.min_pages;
+                wake |= !self.geometry.fits(s.ahead, s.min_pages);
             }
         }
         if wake {
             st.mapper_wake = true;
         }
-        wake
+        // A mapper that is awake sees the flag before it sleeps again: no system call needed.
+        let notify = wake && st.mapper_sleeping;
+        st.mapper_notified += u64::from(notify);
+        notify
     }
 
     /// Wakes the background mapper (call without holding the lock).

@@ -201,6 +201,9 @@ pub struct CacheStats {
     pub foreground_calls: u64,
     /// Times the background mapper mapped ahead.
     pub mapper_batches: u64,
+    /// Times a growth call had to notify the sleeping mapper (the rest of its batches it
+    /// started by itself, from the measured step cadence, or found pending when it woke).
+    pub mapper_notified: u64,
     /// Pages the background mapper mapped (per buffer page counts summed over buffers).
     pub mapper_pages: u64,
     /// Pages taken back from free slots under pressure.

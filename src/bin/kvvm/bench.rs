@@ -378,7 +378,11 @@ pub struct StepArgs {
 #[derive(Debug, Default, serde::Serialize)]
 struct StepRun {
     p50_ns: u64,
+    p90_ns: u64,
     p99_ns: u64,
+    p999_ns: u64,
+    mapper_batches: u64,
+    mapper_notified: u64,
     max_ns: u64,
     pages_mapped: usize,
     backend_calls: u64,
@@ -441,6 +445,10 @@ fn step_run(a: &StepArgs, layout: Layout, lookahead: usize) -> Result<StepRun> {
     Ok(StepRun {
         p50_ns: percentile(&lat, 0.50),
         p99_ns: percentile(&lat, 0.99),
+        p90_ns: percentile(&lat, 0.90),
+        p999_ns: percentile(&lat, 0.999),
+        mapper_batches: stats.mapper_batches,
+        mapper_notified: stats.mapper_notified,
         max_ns: lat.last().copied().unwrap_or(0),
         pages_mapped: stats.pool.in_use,
         backend_calls: cache.backend().total_calls() - calls0,
@@ -478,6 +486,14 @@ fn bench_step(a: StepArgs) -> Result<()> {
                 );
             }
             println!(
+                "  {:<12} async p90 {} ns, p99.9 {} ns; mapper batches {}, of which the caller notified {}",
+                layout.name(),
+                asy.p90_ns,
+                asy.p999_ns,
+                asy.mapper_batches,
+                asy.mapper_notified
+            );
+            println!(
                 "  {:<12} async p99 / inline p99 = {:.3} (target <= 0.1)",
                 layout.name(),
                 asy.p99_ns as f64 / inline.p99_ns.max(1) as f64
@@ -496,6 +512,12 @@ fn bench_step(a: StepArgs) -> Result<()> {
                 "backend_calls": asy.backend_calls,
                 "inline_backend_calls": inline.backend_calls,
                 "async_foreground_calls": asy.foreground_calls,
+                "inline_p90_ns": inline.p90_ns,
+                "inline_p999_ns": inline.p999_ns,
+                "async_p90_ns": asy.p90_ns,
+                "async_p999_ns": asy.p999_ns,
+                "mapper_batches": asy.mapper_batches,
+                "mapper_notified": asy.mapper_notified,
                 "inline_foreground_calls": inline.foreground_calls,
                 "p99_ratio": asy.p99_ns as f64 / inline.p99_ns.max(1) as f64,
             }),
