@@ -58,7 +58,7 @@ pub struct MapArgs {
     #[arg(long, default_value_t = 2 << 20)]
     page_size: usize,
     /// Rounds (the median round is reported).
-    #[arg(long, default_value_t = 7)]
+    #[arg(long, default_value_t = 31)]
     rounds: usize,
     /// Print one JSON object.
     #[arg(long)]
