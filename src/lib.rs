@@ -25,3 +25,8 @@ pub mod testing;
 pub mod vmm;
 
 pub use error::{Error, Result};
+
+/// The Rust examples of `README.md`, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
