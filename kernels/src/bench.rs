@@ -4,7 +4,7 @@ use std::time::Instant;
 
 use half::{bf16, f16};
 
-use crate::data::{arrange, random_queries, ArrangeOptions, KvData, VLLM_BLOCK_SIZE};
+use crate::data::{arrange, random_queries, ArrangeOptions, Arranged, KvData, VLLM_BLOCK_SIZE};
 use crate::{
     decode_attention_paged, decode_attention_strided, DType, DecodeParams, KernelError, KvElement,
 };
@@ -120,7 +120,27 @@ fn median_us_interleaved<const N: usize>(
     }))
 }
 
-fn bench_typed<T: KvElement>(cfg: &BenchConfig) -> Result<BenchReport, KernelError> {
+/// The benchmark's inputs, the same for every arrangement and every device: random K/V for
+/// `batch` sequences of `context` tokens arranged per-layer, interleaved and paged, random
+/// queries, and the decode parameters.
+#[derive(Debug)]
+pub struct BenchInputs<T: KvElement> {
+    /// The K/V data in the three arrangements.
+    pub arranged: Arranged<T>,
+    /// Queries, `[batch, q_heads, head_dim]`, in f32.
+    pub q: Vec<f32>,
+    /// Decode parameters (query heads, scale).
+    pub params: DecodeParams,
+    /// Bytes of K and V read by one decode step.
+    pub kv_bytes: usize,
+}
+
+/// Builds the inputs of [`bench_attention`] (and of its GPU counterpart in the `kvvm` CLI).
+///
+/// # Errors
+/// [`KernelError::InvalidParameter`] for a zero batch, context or layer count, or shapes the
+/// arrangement rejects.
+pub fn bench_inputs<T: KvElement>(cfg: &BenchConfig) -> Result<BenchInputs<T>, KernelError> {
     if cfg.batch == 0 || cfg.context == 0 || cfg.layers == 0 {
         return Err(KernelError::InvalidParameter(
             "batch, context and layers must be positive".into(),
@@ -140,14 +160,27 @@ fn bench_typed<T: KvElement>(cfg: &BenchConfig) -> Result<BenchReport, KernelErr
         seed: cfg.seed ^ 0x9e37_79b9,
     };
     let arranged = arrange(&data, &opts)?;
-    drop(data);
-    let params = DecodeParams::new(cfg.q_heads);
     let q = random_queries(
         cfg.batch,
         cfg.q_heads,
         cfg.head_dim,
         cfg.seed.wrapping_add(1),
     );
+    Ok(BenchInputs {
+        arranged,
+        q,
+        params: DecodeParams::new(cfg.q_heads),
+        kv_bytes,
+    })
+}
+
+fn bench_typed<T: KvElement>(cfg: &BenchConfig) -> Result<BenchReport, KernelError> {
+    let BenchInputs {
+        arranged,
+        q,
+        params,
+        kv_bytes,
+    } = bench_inputs::<T>(cfg)?;
     let n = q.len();
     let batch = arranged.batch();
 

@@ -23,7 +23,7 @@ pub mod gpu;
 pub mod reference;
 pub mod view;
 
-pub use bench::{bench_attention, BenchConfig, BenchReport};
+pub use bench::{bench_attention, bench_inputs, BenchConfig, BenchInputs, BenchReport};
 pub use cpu::{decode_attention_paged, decode_attention_strided, DecodeParams};
 pub use element::{DType, KvElement};
 pub use error::KernelError;

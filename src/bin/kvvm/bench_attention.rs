@@ -9,13 +9,14 @@ use std::time::Instant;
 use clap::Args;
 use kvvm::vmm::{BackendChoice, BackendKind};
 use kvvm::{Error, Result};
-use kvvm_kernels::data::{arrange, random_queries, ArrangeOptions, KvData, VLLM_BLOCK_SIZE};
 use kvvm_kernels::gpu::{
     launch_paged, launch_strided, DeviceBuffer, DevicePod, DeviceView, GpuKernels, PagedLaunch,
     StridedLaunch,
 };
 use kvvm_kernels::view::{interleaved_strides, per_layer_strides};
-use kvvm_kernels::{bench_attention, BenchConfig, DType, DecodeParams, KernelError, KvElement};
+use kvvm_kernels::{
+    bench_attention, bench_inputs, BenchConfig, BenchInputs, DType, KernelError, KvElement,
+};
 
 use crate::BackendArgs;
 
@@ -230,34 +231,12 @@ fn gpu_bench<T: KvElement + DevicePod>(
     cfg: &BenchConfig,
     device: String,
 ) -> Result<Report> {
-    if cfg.batch == 0 || cfg.context == 0 || cfg.layers == 0 {
-        return Err(Error::InvalidArgument(
-            "batch, context and layers must be positive".into(),
-        ));
-    }
-    let lens = vec![cfg.context; cfg.batch];
-    let data =
-        KvData::<T>::random(&lens, cfg.kv_heads, cfg.head_dim, cfg.seed).map_err(kernel_error)?;
-    let kv_bytes = data.bytes();
-    let opts = ArrangeOptions {
-        layers: cfg.layers,
-        layer: cfg.layers / 2,
-        extra_slots: 0,
-        extra_tokens: 0,
-        block_size: VLLM_BLOCK_SIZE,
-        extra_blocks: 0,
-        sparse_interleaved: true,
-        seed: cfg.seed ^ 0x9e37_79b9,
-    };
-    let arranged = arrange(&data, &opts).map_err(kernel_error)?;
-    drop(data);
-    let params = DecodeParams::new(cfg.q_heads);
-    let q = random_queries(
-        cfg.batch,
-        cfg.q_heads,
-        cfg.head_dim,
-        cfg.seed.wrapping_add(1),
-    );
+    let BenchInputs {
+        arranged,
+        q,
+        params,
+        kv_bytes,
+    } = bench_inputs::<T>(cfg).map_err(kernel_error)?;
     let shape = arranged.view_shape();
     let [_, tokens, hk, d] = shape;
     let batch = arranged.batch();
