@@ -940,13 +940,14 @@ kvvm_status kvvm_cache_slot_ranges(struct kvvm_cache cache,
 
 /**
  * Writes the address and length of the `[kv_heads, head_dim]` row of `token` in layer `layer`'s
- * K or V of `slot` to `*row`, checking that the token is mapped.
+ * K or V of `slot` to `*row`, checking that the slot is allocated and `token` is one of its live
+ * tokens (below `kvvm_cache_tokens`; pages beyond them may be reclaimed at any time).
  *
  * Thread-safe.
  *
  * # Errors
  * `KVVM_INVALID_HANDLE`, `KVVM_NULL_POINTER`, `KVVM_INVALID_ARGUMENT` (anything out of range,
- * the token not mapped).
+ * a free slot, a token that is not live).
  *
  * # Safety
  * `row` is null or points to a writable `kvvm_range`.
@@ -1030,8 +1031,9 @@ kvvm_status kvvm_cache_quiesce(struct kvvm_cache cache);
  * Exports layer `layer`'s K or V (`kv`: `kvvm_kv`) as a DLPack 1.1 versioned tensor:
  * with `slot == KVVM_ALL_SLOTS`, the whole batch `[max_slots, max_tokens, kv_heads, head_dim]`
  * (`tokens` is ignored; only mapped tokens may be accessed); otherwise the first `tokens` tokens
- * of `slot`, `[tokens, kv_heads, head_dim]`, which must all be mapped now
- * (`tokens <= kvvm_cache_capacity`). Strides are in elements; the tensor is writable.
+ * of `slot`, `[tokens, kv_heads, head_dim]`, which must be live tokens (`tokens <=
+ * kvvm_cache_tokens`: pages beyond them may be reclaimed by any call at any time). Strides are
+ * in elements; the tensor is writable.
  *
  * The tensor keeps the cache alive until its deleter runs (call `(*out)->deleter(*out)` or
  * `kvvm_dlpack_free`, once). It does not keep pages mapped: shrinking, freeing or swapping the

@@ -300,6 +300,9 @@ impl CacheConfig {
     }
 }
 
+/// The most slots a cache may have (a bound on up-front bookkeeping, far above any batch).
+pub const MAX_SLOTS: usize = 1 << 20;
+
 /// Sizes derived from a [`CacheConfig`] and the page size.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
 pub struct Geometry {
@@ -349,8 +352,10 @@ impl Geometry {
                 return bad(format!("{name} must be positive"));
             }
         }
-        if c.max_slots > u32::MAX as usize {
-            return bad(format!("max_slots {} exceeds {}", c.max_slots, u32::MAX));
+        // Each slot costs a little bookkeeping memory up front: bound it so that a wild value
+        // is an error rather than an allocation failure (which aborts the process).
+        if c.max_slots > MAX_SLOTS {
+            return bad(format!("max_slots {} exceeds {MAX_SLOTS}", c.max_slots));
         }
         let page_size = c.page_size.unwrap_or(granularity);
         if granularity == 0 || page_size == 0 || page_size % granularity != 0 {

@@ -130,7 +130,8 @@ impl KvCache {
         let i = slot as usize;
         let mut st = sh.lock();
         st.slots[i].busy = false;
-        let wake = sh.commit_tokens(&mut st, &[(i, tokens)]);
+        // Not a decode step: it must not shorten the step cadence the mapper measures.
+        let wake = sh.commit_tokens(&mut st, &[(i, tokens)], None, false);
         drop(st);
         sh.changed.notify_all();
         sh.wake_mapper(wake);

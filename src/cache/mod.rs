@@ -81,9 +81,11 @@ struct Slot {
     ahead: usize,
     /// Cached smallest page count over the buffers (kept by `refresh`).
     min_pages: usize,
-    /// Tokens promised by a growth call in flight (0 when none): reclamation keeps the pages
-    /// they need even before the call commits its new token count.
+    /// Tokens promised by growth calls in flight (0 when none): reclamation keeps the pages
+    /// they need even before the calls commit their new token counts.
     pending: usize,
+    /// Growth calls in flight that made a promise in `pending` (it is cleared when the last ends).
+    promises: u32,
     /// Bumped whenever the slot's tokens stop being a continuation of what they were
     /// (allocation, shrink): lets the swap engine tell whether a host copy still matches.
     epoch: u64,
@@ -392,6 +394,8 @@ impl KvCache {
             st = sh.changed.wait(st).unwrap_or_else(|p| p.into_inner());
         }
         let i = sh.check_slot(&st, slot)?;
+        // Beyond max_tokens nothing is mapped anyway (and `pages_for` must not overflow).
+        let tokens = tokens.min(sh.geometry.max_tokens);
         let keep = sh.geometry.pages_for(tokens);
         let s = &mut st.slots[i];
         if tokens < s.tokens {
@@ -503,15 +507,17 @@ impl KvCache {
     }
 
     /// Address and length of the `[kv_heads, head_dim]` row of `token` in `layer`'s K or V of
-    /// `slot`, checking that the token lies in mapped memory.
+    /// `slot`, checking that the slot is allocated and the token is one of its live tokens (pages
+    /// beyond the live tokens may be reclaimed by any other call at any time).
     ///
     /// # Errors
-    /// [`Error::InvalidArgument`] if anything is out of range or the token is not mapped.
+    /// [`Error::InvalidArgument`] if anything is out of range, the slot is free, or the token is
+    /// not below [`KvCache::tokens`].
     pub fn row(&self, slot: SlotId, token: usize, layer: usize, kv: Kv) -> Result<ByteRange> {
-        let cap = self.capacity(slot)?;
-        if token >= cap {
+        let live = self.tokens(slot)?;
+        if token >= live {
             return Err(Error::InvalidArgument(format!(
-                "token {token} of slot {slot} is not mapped (capacity {cap})"
+                "token {token} of slot {slot} is not a live token (the slot holds {live})"
             )));
         }
         let v = self.layer_view(layer, kv)?;
@@ -635,6 +641,8 @@ impl Shared {
             targets.reverse();
             targets.dedup_by_key(|t| t.0);
         }
+        // Which occupant of each slot this call is for (see `commit_tokens`).
+        let epochs: Vec<u64> = targets.iter().map(|&(i, _)| st.slots[i].epoch).collect();
         // Wait until no slot that needs pages is busy, then claim them all at once (no
         // hold-and-wait, so concurrent steps cannot deadlock).
         let work: Vec<(usize, usize, usize)> = loop {
@@ -663,7 +671,7 @@ impl Shared {
             }
         };
         if work.is_empty() {
-            let wake = self.commit_tokens(&mut st, &targets);
+            let wake = self.commit_tokens(&mut st, &targets, Some(&epochs), true);
             drop(st);
             self.wake_mapper(wake);
             return Ok(());
@@ -676,6 +684,7 @@ impl Shared {
         for &(i, t) in &targets {
             let s = &mut st.slots[i];
             s.pending = s.pending.max(t);
+            s.promises += 1;
         }
         let total: usize = work.iter().map(|w| w.2).sum();
         // A slot left uneven by an earlier failed unmap may hold pages beyond its target in one
@@ -726,7 +735,7 @@ impl Shared {
                 for &i in &busy {
                     st.slots[i].busy = false;
                 }
-                let wake = self.commit_tokens(&mut st, &targets);
+                let wake = self.commit_tokens(&mut st, &targets, Some(&epochs), true);
                 clear_pending(&mut st, &targets);
                 drop(st);
                 self.changed.notify_all();
@@ -761,13 +770,24 @@ impl Shared {
     /// Returns whether the mapper was given work: the caller must then call
     /// [`Shared::wake_mapper`] after releasing the lock.
     #[must_use]
-    fn commit_tokens(&self, st: &mut State, targets: &[(usize, usize)]) -> bool {
+    fn commit_tokens(
+        &self,
+        st: &mut State,
+        targets: &[(usize, usize)],
+        epochs: Option<&[u64]>,
+        decode: bool,
+    ) -> bool {
         let mut wake = false;
-        if self.lookahead > 0 {
+        if self.lookahead > 0 && decode {
             st.clock.tick();
         }
-        for &(i, t) in targets {
+        for (k, &(i, t)) in targets.iter().enumerate() {
             let s = &mut st.slots[i];
+            // A slot of the batch that needed no page was not held: if it was freed (and maybe
+            // handed to another request) meanwhile, the new occupant must not inherit tokens.
+            if !s.allocated || epochs.is_some_and(|e| e.get(k) != Some(&s.epoch)) {
+                continue;
+            }
             s.tokens = s.tokens.max(t);
             if self.lookahead > 0 {
                 s.ahead = (s.tokens + self.lookahead).min(self.geometry.max_tokens);
@@ -996,12 +1016,13 @@ impl Shared {
 /// A planned shrink: (slot, pages to keep per buffer, (buffer, current length) of each tail).
 type Shrink = (usize, usize, Vec<(usize, usize)>);
 
-/// Forgets the promises of a growth call that has finished: a slot's promise is cleared unless a
-/// concurrent call on the same slot promised more.
+/// Forgets the promises of a growth call that has finished: a slot's promise is cleared when no
+/// other call in flight still holds one (their largest promise stands until then).
 fn clear_pending(st: &mut State, targets: &[(usize, usize)]) {
-    for &(i, t) in targets {
+    for &(i, _) in targets {
         let s = &mut st.slots[i];
-        if s.pending <= t {
+        s.promises = s.promises.saturating_sub(1);
+        if s.promises == 0 {
             s.pending = 0;
         }
     }

@@ -164,11 +164,12 @@ fn describe(c: &KvCache, layer: u32, kv: u32, slot: u32, tokens: u64) -> FfiResu
         });
     }
     let tokens = to_usize(tokens, "tokens")?;
-    // `capacity` checks the slot's range.
-    let cap = c.capacity(slot)?;
-    if tokens > cap {
+    // Only live tokens: pages beyond them may be reclaimed by any other call at any time.
+    // (`tokens` checks that the slot is in range and allocated.)
+    let live = c.tokens(slot)?;
+    if tokens > live {
         return Err(FfiError::arg(format!(
-            "slot {slot} has {cap} tokens mapped, cannot export {tokens}"
+            "slot {slot} holds {live} tokens, cannot export {tokens}"
         )));
     }
     Ok(Described {
@@ -243,8 +244,9 @@ unsafe extern "C" fn legacy_deleter(p: *mut kvvm_dl_managed_tensor) {
 /// Exports layer `layer`'s K or V (`kv`: `kvvm_kv`) as a DLPack 1.1 versioned tensor:
 /// with `slot == KVVM_ALL_SLOTS`, the whole batch `[max_slots, max_tokens, kv_heads, head_dim]`
 /// (`tokens` is ignored; only mapped tokens may be accessed); otherwise the first `tokens` tokens
-/// of `slot`, `[tokens, kv_heads, head_dim]`, which must all be mapped now
-/// (`tokens <= kvvm_cache_capacity`). Strides are in elements; the tensor is writable.
+/// of `slot`, `[tokens, kv_heads, head_dim]`, which must be live tokens (`tokens <=
+/// kvvm_cache_tokens`: pages beyond them may be reclaimed by any call at any time). Strides are
+/// in elements; the tensor is writable.
 ///
 /// The tensor keeps the cache alive until its deleter runs (call `(*out)->deleter(*out)` or
 /// `kvvm_dlpack_free`, once). It does not keep pages mapped: shrinking, freeing or swapping the

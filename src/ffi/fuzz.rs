@@ -64,6 +64,8 @@ pub fn run_calls(data: &[u8]) -> usize {
             kvvm_status::from_raw(s as u32).is_some(),
             "bad status {s:?}"
         );
+        // A panic caught at the boundary is still a bug: no input may reach one.
+        assert_ne!(s, kvvm_status::KVVM_PANIC, "a call panicked");
         if s == kvvm_status::KVVM_OK {
             succeeded.set(succeeded.get() + 1);
         }

@@ -1076,13 +1076,14 @@ pub unsafe extern "C" fn kvvm_cache_slot_ranges(
 }
 
 /// Writes the address and length of the `[kv_heads, head_dim]` row of `token` in layer `layer`'s
-/// K or V of `slot` to `*row`, checking that the token is mapped.
+/// K or V of `slot` to `*row`, checking that the slot is allocated and `token` is one of its live
+/// tokens (below `kvvm_cache_tokens`; pages beyond them may be reclaimed at any time).
 ///
 /// Thread-safe.
 ///
 /// # Errors
 /// `KVVM_INVALID_HANDLE`, `KVVM_NULL_POINTER`, `KVVM_INVALID_ARGUMENT` (anything out of range,
-/// the token not mapped).
+/// a free slot, a token that is not live).
 ///
 /// # Safety
 /// `row` is null or points to a writable `kvvm_range`.

@@ -128,7 +128,7 @@ pub fn prepare(requests: &[Request], max_tokens: usize, speed: f64) -> Result<Ve
         .iter()
         .map(|r| {
             let mut output = r.output_tokens.max(1);
-            if output > max_tokens / 2 && r.context_tokens + output > max_tokens {
+            if output > max_tokens / 2 && r.context_tokens.saturating_add(output) > max_tokens {
                 output = max_tokens / 2;
             }
             let context = r.context_tokens.max(1).min(max_tokens - output);

@@ -185,6 +185,9 @@ fn parse_datetime(s: &str) -> std::result::Result<f64, String> {
         return Err(bad());
     };
     let y: i64 = y.parse().map_err(|_| bad())?;
+    if !(0..=9999).contains(&y) {
+        return Err(bad());
+    }
     let mo: u32 = mo.parse().map_err(|_| bad())?;
     let da: u32 = da.parse().map_err(|_| bad())?;
     let mut t = time.split(':');

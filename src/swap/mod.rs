@@ -111,6 +111,9 @@ use crate::cache::{KvCache, SlotId};
 use crate::error::{Error, Result};
 use crate::vmm::{Backend, BackendKind, Completion, CopyKind, CopyRegion};
 
+/// The smallest [`SwapConfig::chunk_bytes`] accepted.
+pub const MIN_CHUNK_BYTES: usize = 256;
+
 /// Options of a [`SwapEngine`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct SwapConfig {
@@ -734,9 +737,14 @@ impl SwapEngine {
     /// [`Error::InvalidConfig`] for a zero chunk size or in-flight limit, or when the completion
     /// thread cannot be started.
     pub fn new(cache: Arc<KvCache>, config: SwapConfig) -> Result<Self> {
-        if config.chunk_bytes == 0 || config.max_in_flight == 0 {
+        // Tiny chunks would describe a swap with one copy region per few bytes (memory use
+        // proportional to the bytes moved); a huge in-flight limit would not bound anything.
+        if config.chunk_bytes < MIN_CHUNK_BYTES
+            || config.max_in_flight == 0
+            || config.max_in_flight > 1 << 16
+        {
             return Err(Error::InvalidConfig(format!(
-                "swap chunk_bytes ({}) and max_in_flight ({}) must be positive",
+                "swap chunk_bytes ({}) must be at least {MIN_CHUNK_BYTES} and max_in_flight ({}) within 1..=65536",
                 config.chunk_bytes, config.max_in_flight
             )));
         }

@@ -43,6 +43,9 @@ const COPY_SPLIT: usize = 4 << 20;
 /// Arena growth step (the memfd is sparse: growth costs nothing until pages are allocated).
 const ARENA_GROWTH: u64 = 64 << 30;
 
+/// The most copy worker threads a host backend may start.
+pub const MAX_COPY_THREADS: usize = 256;
+
 /// Options of the host backend.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct HostConfig {
@@ -159,6 +162,12 @@ impl HostBackend {
         }
         let memfd = memfd_create(c"kvvm-arena", MemFdCreateFlag::MFD_CLOEXEC)
             .map_err(|e| sys_err(BackendOp::CreatePage, "memfd_create", e))?;
+        if config.copy_threads > MAX_COPY_THREADS {
+            return Err(Error::InvalidConfig(format!(
+                "copy_threads {} exceeds {MAX_COPY_THREADS}",
+                config.copy_threads
+            )));
+        }
         let copier = CopyPool::new(config.copy_threads.max(1))?;
         let max_map_count = config.max_map_count.unwrap_or_else(system_max_map_count);
         let map_limit = max_map_count.saturating_sub(config.map_count_reserve);
