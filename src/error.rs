@@ -99,6 +99,10 @@ pub enum Error {
     /// An error from reading or parsing input (traces, configuration files).
     #[error("{0}")]
     Input(String),
+    /// A bug inside kvvm was caught (a panic in a background step); the state it names may need
+    /// to be rebuilt.
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 impl Error {

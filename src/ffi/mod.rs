@@ -142,6 +142,7 @@ impl kvvm_status {
             Error::InvalidConfig(_) => KVVM_INVALID_CONFIG,
             Error::InvalidArgument(_) | Error::Input(_) => KVVM_INVALID_ARGUMENT,
             Error::Unsupported(_) => KVVM_UNSUPPORTED,
+            Error::Internal(_) => KVVM_INTERNAL,
             #[allow(unreachable_patterns)]
             _ => KVVM_INTERNAL,
         }

@@ -377,7 +377,13 @@ impl Transfer {
                 Phase::Finishing => return None,
             }
         }
-        let r = inner.finish(self, copied);
+        // Whatever happens in `finish`, the transfer must reach `Done`: waiters (the completion
+        // thread, `quiesce`, the engine's drop) would otherwise wait forever.
+        let r =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.finish(self, copied)))
+                .unwrap_or_else(|_| {
+                    Err(Error::Internal("finishing a swap transfer panicked".into()))
+                });
         *self.phase() = Phase::Done(r.clone());
         self.done.notify_all();
         Some(r)
