@@ -641,8 +641,10 @@ impl Shared {
             targets.reverse();
             targets.dedup_by_key(|t| t.0);
         }
-        // Which occupant of each slot this call is for (see `commit_tokens`).
-        let epochs: Vec<u64> = targets.iter().map(|&(i, _)| st.slots[i].epoch).collect();
+        // Which occupant of each slot this call is for (see `commit_tokens`): recorded only
+        // when the lock is about to be released, the fast path holds it throughout.
+        let mut epochs: Option<Vec<u64>> = None;
+        let record = |st: &State| targets.iter().map(|&(i, _)| st.slots[i].epoch).collect();
         // Wait until no slot that needs pages is busy, then claim them all at once (no
         // hold-and-wait, so concurrent steps cannot deadlock).
         let work: Vec<(usize, usize, usize)> = loop {
@@ -664,6 +666,9 @@ impl Shared {
             {
                 break work;
             }
+            if epochs.is_none() {
+                epochs = Some(record(&st));
+            }
             st = self.changed.wait(st).unwrap_or_else(|p| p.into_inner());
             // Slots may have been freed meanwhile.
             for &(i, _) in &targets {
@@ -671,11 +676,12 @@ impl Shared {
             }
         };
         if work.is_empty() {
-            let wake = self.commit_tokens(&mut st, &targets, Some(&epochs), true);
+            let wake = self.commit_tokens(&mut st, &targets, epochs.as_deref(), true);
             drop(st);
             self.wake_mapper(wake);
             return Ok(());
         }
+        let epochs = epochs.unwrap_or_else(|| record(&st));
         for &(i, _, _) in &work {
             st.slots[i].busy = true;
         }
@@ -1030,11 +1036,20 @@ fn clear_pending(st: &mut State, targets: &[(usize, usize)]) {
 
 /// Attaches mapped pieces to their slots.
 fn attach(st: &mut State, pieces: Vec<Piece>) {
+    // Pieces come grouped by slot: refresh each slot once, after its last piece (a refresh
+    // looks at every buffer, so once per piece would be quadratic in the per-layer layout).
+    let mut last: Option<usize> = None;
     for p in pieces {
+        if let Some(prev) = last.filter(|&prev| prev != p.slot) {
+            st.slots[prev].refresh();
+        }
+        last = Some(p.slot);
         let s = &mut st.slots[p.slot];
         debug_assert_eq!(s.pages[p.buffer].len(), p.start);
         s.pages[p.buffer].extend(p.pages);
-        s.refresh();
+    }
+    if let Some(prev) = last {
+        st.slots[prev].refresh();
     }
 }
 
