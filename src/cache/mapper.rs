@@ -21,18 +21,17 @@ use crate::cache::stats::mark_background_thread;
 
 pub(super) fn run(sh: Arc<Shared>) {
     mark_background_thread();
-    // Growth calls already accounted for by the last self-wake prediction.
-    let mut seen_steps = u64::MAX;
     loop {
         let mut st = sh.lock();
         while !st.shutdown && !st.mapper_wake {
             // In a steady decode loop the mapper wakes itself shortly before the first slot
             // would run short, so that the caller never has to notify it (on a virtual machine
             // a futex wake of an idle core costs several microseconds of the caller's step).
-            let timeout = (st.clock.steps != seen_steps)
-                .then(|| self_wake_in(&sh, &st))
-                .flatten();
-            seen_steps = st.clock.steps;
+            let timeout = if st.clock.steps > st.clock.fence {
+                self_wake_in(&sh, &st)
+            } else {
+                None
+            };
             st.mapper_sleeping = true;
             let timed_out = match timeout {
                 Some(d) => {
@@ -49,9 +48,8 @@ pub(super) fn run(sh: Arc<Shared>) {
                 }
             };
             st.mapper_sleeping = false;
-            // Act on a timed wake-up only if the batch kept growing since the prediction (and
-            // since the last `quiesce`): an idle or quiesced cache is left alone.
-            if timed_out && st.clock.steps > seen_steps.max(st.clock.fence) {
+            // A quiesced cache is left alone until the next growth call.
+            if timed_out && st.clock.steps > st.clock.fence {
                 break;
             }
         }
@@ -141,12 +139,22 @@ fn self_wake_in(sh: &Shared, st: &State) -> Option<Duration> {
     if steps == 0 || steps == u64::MAX {
         return None;
     }
+    let interval = st.clock.interval_ns;
+    let last = st.clock.last?;
+    let now = std::time::Instant::now();
+    if now.saturating_duration_since(last) > Duration::from_nanos(interval.saturating_mul(4)) {
+        // The batch stopped stepping: wait to be asked.
+        return None;
+    }
     // Wake just after a step is expected to end (the last step's time plus a whole number of
     // intervals, plus a twentieth of one), so that the mapping happens while the caller
-    // computes rather than during its next step.
-    let interval = st.clock.interval_ns;
+    // computes rather than during its next step. Never sooner than half an interval: a wake-up
+    // that finds nothing new to do must not repeat before the next step can have happened.
     let ahead = (steps * 3 / 4).max(1);
-    let due = st.clock.last?
-        + Duration::from_nanos(interval.saturating_mul(ahead).saturating_add(interval / 20));
-    Some(due.saturating_duration_since(std::time::Instant::now()))
+    let due =
+        last + Duration::from_nanos(interval.saturating_mul(ahead).saturating_add(interval / 20));
+    Some(
+        due.saturating_duration_since(now)
+            .max(Duration::from_nanos(interval / 2)),
+    )
 }
