@@ -12,12 +12,7 @@ impl KvCache {
     /// tokens and its epoch (which changes whenever the slot is allocated anew or shrunk).
     pub(crate) fn swap_out_begin(&self, slot: SlotId) -> Result<(usize, u64)> {
         let sh = &*self.shared;
-        let mut st = sh.lock();
-        let mut i = sh.check_slot(&st, slot)?;
-        while st.slots[i].busy {
-            st = sh.changed.wait(st).unwrap_or_else(|p| p.into_inner());
-            i = sh.check_slot(&st, slot)?;
-        }
+        let (mut st, i) = sh.wait_idle(sh.lock(), slot)?;
         let s = &mut st.slots[i];
         s.busy = true;
         // The slot is about to lose every page: growth on it must wait (and then finds it free).
@@ -32,16 +27,7 @@ impl KvCache {
     pub(crate) fn swap_out_commit(&self, slot: SlotId) {
         let sh = &*self.shared;
         let i = slot as usize;
-        let tails: Vec<(usize, usize)> = {
-            let st = sh.lock();
-            st.slots[i]
-                .pages
-                .iter()
-                .enumerate()
-                .filter(|(_, p)| !p.is_empty())
-                .map(|(b, p)| (b, p.len()))
-                .collect()
-        };
+        let tails = sh.lock().slots[i].tails(0);
         if let Err(e) = sh.unmap_tails(i, 0, &tails) {
             tracing::warn!("slot {slot}: unmapping after swap-out failed, pages stay mapped: {e}");
         }
@@ -73,12 +59,7 @@ impl KvCache {
                 g.max_tokens
             )));
         }
-        let mut st = sh.lock();
-        let mut i = sh.check_slot(&st, slot)?;
-        while st.slots[i].busy {
-            st = sh.changed.wait(st).unwrap_or_else(|p| p.into_inner());
-            i = sh.check_slot(&st, slot)?;
-        }
+        let (mut st, i) = sh.wait_idle(sh.lock(), slot)?;
         let s = &mut st.slots[i];
         if s.tokens != 0 {
             return Err(Error::InvalidArgument(format!(

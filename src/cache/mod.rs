@@ -96,6 +96,16 @@ impl Slot {
     fn mapped(&self) -> usize {
         self.min_pages
     }
+    /// (buffer, page count) of every buffer holding more than `keep` pages: what to unmap to
+    /// cut the slot to `keep` pages per buffer.
+    fn tails(&self, keep: usize) -> Vec<(usize, usize)> {
+        self.pages
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.len() > keep)
+            .map(|(b, p)| (b, p.len()))
+            .collect()
+    }
     /// Recomputes the cached page count after the page lists changed.
     fn refresh(&mut self) {
         self.min_pages = self.pages.iter().map(Vec::len).min().unwrap_or(0);
@@ -347,12 +357,7 @@ impl KvCache {
     /// [`Error::InvalidArgument`] if the slot is out of range or not allocated.
     pub fn free_slot(&self, slot: SlotId) -> Result<()> {
         let sh = &*self.shared;
-        let mut st = sh.lock();
-        let i = sh.check_slot(&st, slot)?;
-        while st.slots[i].busy {
-            st = sh.changed.wait(st).unwrap_or_else(|p| p.into_inner());
-        }
-        let i = sh.check_slot(&st, slot)?;
+        let (mut st, i) = sh.wait_idle(sh.lock(), slot)?;
         let s = &mut st.slots[i];
         s.allocated = false;
         s.tokens = 0;
@@ -388,12 +393,7 @@ impl KvCache {
     /// mapped to it (nothing leaks).
     pub fn shrink(&self, slot: SlotId, tokens: usize) -> Result<()> {
         let sh = &*self.shared;
-        let mut st = sh.lock();
-        let i = sh.check_slot(&st, slot)?;
-        while st.slots[i].busy {
-            st = sh.changed.wait(st).unwrap_or_else(|p| p.into_inner());
-        }
-        let i = sh.check_slot(&st, slot)?;
+        let (mut st, i) = sh.wait_idle(sh.lock(), slot)?;
         // Beyond max_tokens nothing is mapped anyway (and `pages_for` must not overflow).
         let tokens = tokens.min(sh.geometry.max_tokens);
         let keep = sh.geometry.pages_for(tokens);
@@ -408,13 +408,7 @@ impl KvCache {
         }
         s.busy = true;
         s.shrinking = true;
-        let tails: Vec<(usize, usize)> = s
-            .pages
-            .iter()
-            .enumerate()
-            .filter(|(_, p)| p.len() > keep)
-            .map(|(b, p)| (b, p.len()))
-            .collect();
+        let tails = s.tails(keep);
         drop(st);
         let r = sh.unmap_tails(i, keep, &tails);
         sh.finish(&[i]);
@@ -590,6 +584,21 @@ impl Shared {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Waits until no one is changing `slot`'s mappings, re-checking after every wait that it
+    /// is still allocated; returns the lock and the slot's index.
+    fn wait_idle<'a>(
+        &'a self,
+        mut st: MutexGuard<'a, State>,
+        slot: SlotId,
+    ) -> Result<(MutexGuard<'a, State>, usize)> {
+        let mut i = self.check_slot(&st, slot)?;
+        while st.slots[i].busy {
+            st = self.changed.wait(st).unwrap_or_else(|p| p.into_inner());
+            i = self.check_slot(&st, slot)?;
+        }
+        Ok((st, i))
+    }
+
     fn check_slot(&self, st: &State, slot: SlotId) -> Result<usize> {
         match st.slots.get(slot as usize) {
             Some(s) if s.allocated => Ok(slot as usize),
@@ -699,13 +708,7 @@ impl Shared {
         let surplus: Vec<Shrink> = if self.pool.available() < total {
             work.iter()
                 .filter_map(|&(i, need, _)| {
-                    let tails: Vec<(usize, usize)> = st.slots[i]
-                        .pages
-                        .iter()
-                        .enumerate()
-                        .filter(|(_, p)| p.len() > need)
-                        .map(|(b, p)| (b, p.len()))
-                        .collect();
+                    let tails = st.slots[i].tails(need);
                     (!tails.is_empty()).then_some((i, need, tails))
                 })
                 .collect()
@@ -962,13 +965,7 @@ impl Shared {
             if freed == 0 {
                 continue;
             }
-            let tails: Vec<(usize, usize)> = s
-                .pages
-                .iter()
-                .enumerate()
-                .filter(|(_, p)| p.len() > keep)
-                .map(|(b, p)| (b, p.len()))
-                .collect();
+            let tails = s.tails(keep);
             remaining = remaining.saturating_sub(freed);
             s.busy = true;
             s.shrinking = true;
