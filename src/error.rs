@@ -1,6 +1,6 @@
 //! The error type shared by every layer of kvvm.
 
-use crate::vmm::{BackendKind, BackendOp};
+use crate::kind::{BackendKind, BackendOp};
 
 /// Result alias used throughout kvvm.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -90,15 +90,13 @@ pub enum Error {
     /// The operation is not supported by this backend or build.
     #[error("unsupported: {0}")]
     Unsupported(String),
-    /// A failure injected by [`crate::vmm::faulty::FaultyBackend`].
+    /// A failure injected by `kvvm::vmm::faulty::FaultyBackend` (feature `testing`).
+    #[cfg(feature = "testing")]
     #[error("injected fault in {op}")]
     Injected {
         /// The operation that was made to fail.
         op: BackendOp,
     },
-    /// An error from reading or parsing input (traces, configuration files).
-    #[error("{0}")]
-    Input(String),
     /// A bug inside kvvm was caught (a panic in a background step); the state it names may need
     /// to be rebuilt.
     #[error("internal error: {0}")]

@@ -63,7 +63,8 @@ impl PoolConfig {
 }
 
 /// Counters of a [`PagePool`].
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct PoolStats {
     /// Page size in bytes.
     pub page_size: usize,
@@ -257,7 +258,7 @@ impl PagePool {
             let handle = std::thread::Builder::new()
                 .name("kvvm-pool".into())
                 .spawn(move || {
-                    crate::cache::stats::mark_background_thread();
+                    crate::vmm::mark_background_thread();
                     inner.background()
                 })
                 .map_err(|e| Error::InvalidConfig(format!("cannot start the pool thread: {e}")))?;

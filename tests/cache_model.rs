@@ -6,7 +6,7 @@ use proptest::prelude::*;
 use proptest::test_runner::Config;
 use proptest_state_machine::{prop_state_machine, ReferenceStateMachine, StateMachineTest};
 
-use kvvm::cache::Layout;
+use kvvm::Layout;
 use kvvm::testing::{Harness, HarnessConfig, Op};
 
 /// The reference only tracks how many slots are live, so that it generates meaningful indices;

@@ -10,7 +10,7 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
 
-use kvvm::cache::{CacheConfig, DType, Kv, KvCache, Layout, SlotId};
+use kvvm::{CacheConfig, DType, Kv, KvCache, Layout, SlotId};
 use kvvm::testing::{stamp_tokens, verify_tokens};
 use kvvm::vmm::host::{os_page_size, HostBackend, HostConfig};
 use kvvm::vmm::{Backend, BackendConfig};
@@ -285,7 +285,7 @@ fn worker<'a>(
 
 /// Samples what may be read at any time and checks what holds at any time.
 fn reader(cache: &KvCache, stop: &AtomicBool, samples: &AtomicU64) -> Result<(), String> {
-    let budget = cache.pool().stats().budget_pages;
+    let budget = cache.stats().pool.budget_pages;
     while !stop.load(Ordering::Acquire) {
         let s = cache.stats();
         if s.pool.live > budget {
@@ -336,7 +336,7 @@ fn stress(layout: Layout, tight: bool) {
         lookahead_steps: 8,
         create_all_pages: false,
     };
-    let probe = kvvm::cache::Geometry::new(
+    let probe = kvvm::Geometry::new(
         &CacheConfig {
             budget_bytes: u64::MAX,
             ..config.clone()

@@ -24,8 +24,8 @@ use libloading::Library;
 use proptest::prelude::*;
 use proptest::test_runner::Config;
 
-use kvvm::cache::{CacheConfig, DType, KvCache, Layout, SlotId};
-use kvvm::swap::{SwapConfig, SwapEngine};
+use kvvm::{CacheConfig, DType, KvCache, Layout, SlotId};
+use kvvm::{SwapConfig, SwapEngine};
 use kvvm::testing::{Harness, HarnessConfig, Op};
 use kvvm::vmm::cuda::{CudaBackend, COPY_STREAMS};
 use kvvm::vmm::{

@@ -8,7 +8,7 @@
 
 use std::path::PathBuf;
 
-use kvvm::cache::Layout;
+use kvvm::Layout;
 use kvvm::testing::{fuzz_cache_ops, FuzzInput, HarnessConfig, Op};
 
 fn corpus_dir() -> PathBuf {

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use proptest::prelude::*;
 use proptest::test_runner::Config;
 
-use kvvm::cache::{CacheConfig, DType, KvCache, Layout, SlotId};
-use kvvm::swap::{HostCopyId, SwapConfig, SwapEngine, SwapTicket};
+use kvvm::{CacheConfig, DType, KvCache, Layout, SlotId};
+use kvvm::{HostCopyId, SwapConfig, SwapEngine, SwapTicket};
 
 /// Stamps tokens `from..to` of `slot` with the pattern of `generation`.
 fn write_pattern(

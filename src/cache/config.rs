@@ -7,10 +7,9 @@ use crate::error::{Error, Result};
 use crate::vmm::BackendConfig;
 
 /// Element type of the KV cache.
-#[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
-)]
-#[serde(rename_all = "lowercase")]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "lowercase"))]
 pub enum DType {
     /// IEEE half precision.
     #[default]
@@ -71,10 +70,9 @@ impl FromStr for DType {
 }
 
 /// How the KV of all layers is laid out in virtual memory.
-#[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
-)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "kebab-case"))]
 pub enum Layout {
     /// `2 × layers` buffers, each `[max_slots, max_tokens, kv_heads, head_dim]` (vAttention's
     /// default). A page holds many tokens of one layer.
@@ -116,7 +114,8 @@ impl FromStr for Layout {
 }
 
 /// Attention shapes of a model, per tensor-parallel rank.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct ModelShape {
     /// Preset name.
     pub name: &'static str,
@@ -304,7 +303,8 @@ impl CacheConfig {
 pub const MAX_SLOTS: usize = 1 << 20;
 
 /// Sizes derived from a [`CacheConfig`] and the page size.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct Geometry {
     /// Layout.
     pub layout: Layout,

@@ -45,22 +45,24 @@
 //! mappings (`ensure`, `step`, `shrink`, `free_slot`, and the background mapper) are serialized
 //! per slot. Views and statistics may be read at any time.
 
-pub mod config;
+mod config;
 mod hooks;
 mod mapper;
-pub mod stats;
-pub mod view;
+mod stats;
+mod view;
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
-pub use config::{CacheConfig, DType, Geometry, Layout, ModelShape, PRESETS};
-pub use stats::{CacheStats, MeteredBackend, OpStats};
+pub use config::{
+    CacheConfig, DType, Geometry, Layout, ModelShape, MAX_SLOTS, MAX_VIRTUAL_BYTES, PRESETS,
+};
+pub use stats::CacheStats;
 pub use view::{ByteRange, Device, Kv, TensorView};
 
 use crate::error::{Error, Result};
 use crate::pool::{PagePool, PoolConfig};
-use crate::vmm::{Backend, BackendOp, PageHandle, VaRange};
+use crate::vmm::{Backend, BackendOp, MeteredBackend, PageHandle, VaRange};
 
 /// Index of a slot, `0..max_slots`.
 pub type SlotId = u32;
@@ -294,18 +296,19 @@ impl KvCache {
         &self.shared.geometry
     }
 
-    /// The backend (metered: its counters are part of [`KvCache::stats`]).
+    /// The backend the cache maps its pages through, wrapped in the meter whose counters are
+    /// part of [`KvCache::stats`].
+    ///
+    /// Use it to allocate host buffers ([`Backend::alloc_host`]) and copy between them and the
+    /// cache's rows ([`Backend::copy_async`]) on the cache's own device, as a stamping or
+    /// prefetching tool does. Mapping or unmapping through it behind the cache's back breaks the
+    /// cache's invariants.
     pub fn backend(&self) -> &Arc<MeteredBackend> {
         &self.shared.backend
     }
 
-    /// The page pool.
-    pub fn pool(&self) -> &PagePool {
-        &self.shared.pool
-    }
-
     /// The reserved range of every buffer.
-    pub fn buffers(&self) -> &[VaRange] {
+    pub(crate) fn buffers(&self) -> &[VaRange] {
         &self.shared.buffers
     }
 

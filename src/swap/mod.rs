@@ -153,7 +153,8 @@ impl HostCopyId {
 }
 
 /// Counters of a [`SwapEngine`].
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct SwapStats {
     /// Bytes copied device to host by completed swap-outs.
     pub bytes_out: u64,

@@ -18,6 +18,7 @@
 #![allow(non_camel_case_types)]
 
 pub mod dlpack;
+#[cfg(feature = "testing")]
 pub mod fuzz;
 mod registry;
 pub mod swap;
@@ -29,9 +30,9 @@ use std::sync::Arc;
 
 use static_assertions::{assert_eq_align, assert_eq_size, const_assert_eq};
 
-use crate::cache::{CacheConfig, DType, Kv, KvCache, Layout, ModelShape, SlotId};
-use crate::error::Error;
-use crate::vmm::{BackendChoice, BackendConfig, BackendKind};
+use kvvm::{CacheConfig, DType, Kv, KvCache, Layout, ModelShape, SlotId};
+use kvvm::Error;
+use kvvm::vmm::{BackendChoice, BackendConfig, BackendKind};
 
 use registry::Object;
 
@@ -132,7 +133,9 @@ impl kvvm_status {
     pub fn from_error(e: &Error) -> Self {
         use kvvm_status::*;
         match e {
-            Error::Backend { .. } | Error::Injected { .. } => KVVM_BACKEND_ERROR,
+            Error::Backend { .. } => KVVM_BACKEND_ERROR,
+            #[cfg(feature = "testing")]
+            Error::Injected { .. } => KVVM_BACKEND_ERROR,
             Error::Driver(_) => KVVM_DRIVER_ERROR,
             Error::BudgetExhausted { .. } => KVVM_BUDGET_EXHAUSTED,
             Error::MapCountExhausted { .. } => KVVM_MAP_COUNT_EXHAUSTED,
@@ -140,7 +143,7 @@ impl kvvm_status {
             Error::Grow { source, .. } => Self::from_error(source),
             Error::SlotsExhausted { .. } => KVVM_SLOTS_EXHAUSTED,
             Error::InvalidConfig(_) => KVVM_INVALID_CONFIG,
-            Error::InvalidArgument(_) | Error::Input(_) => KVVM_INVALID_ARGUMENT,
+            Error::InvalidArgument(_) => KVVM_INVALID_ARGUMENT,
             Error::Unsupported(_) => KVVM_UNSUPPORTED,
             Error::Internal(_) => KVVM_INTERNAL,
             #[allow(unreachable_patterns)]

@@ -17,7 +17,7 @@ use super::{
     cache_of, device_code, guard, kv_from, kvvm_cache, kvvm_status, out, to_usize, FfiError,
     FfiResult, KVVM_ALL_SLOTS,
 };
-use crate::cache::{DType, KvCache};
+use kvvm::{DType, KvCache};
 
 /// DLPack major version of the exported tensors.
 pub const KVVM_DLPACK_MAJOR: u32 = 1;
