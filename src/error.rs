@@ -1,5 +1,6 @@
 //! The error type shared by every layer of kvvm.
 
+use crate::cache::SlotId;
 use crate::kind::{BackendKind, BackendOp};
 
 /// Result alias used throughout kvvm.
@@ -69,7 +70,7 @@ pub enum Error {
     #[error("slot {slot}: {missing_pages} pages missing: {source}")]
     Grow {
         /// The slot that could not grow.
-        slot: u32,
+        slot: SlotId,
         /// How many pages it lacked.
         missing_pages: usize,
         /// Why they could not be mapped.
@@ -80,6 +81,39 @@ pub enum Error {
     SlotsExhausted {
         /// The cache's slot count.
         max_slots: usize,
+    },
+    /// A slot index at or above the cache's `max_slots`.
+    #[error("slot {slot} out of range (max_slots {max_slots})")]
+    SlotOutOfRange {
+        /// The slot asked for.
+        slot: SlotId,
+        /// The cache's slot count.
+        max_slots: usize,
+    },
+    /// The slot exists but is not allocated (never allocated, freed, or swapped out).
+    #[error("slot {slot} is not allocated")]
+    SlotNotAllocated {
+        /// The slot asked for.
+        slot: SlotId,
+    },
+    /// A token at or beyond the slot's live tokens (pages there may be reclaimed at any time).
+    #[error("token {token} of slot {slot} is not a live token (the slot holds {live})")]
+    TokenNotLive {
+        /// The slot.
+        slot: SlotId,
+        /// The token asked for.
+        token: usize,
+        /// The slot's live tokens.
+        live: usize,
+    },
+    /// A background thread (mapper, page pool, copy workers, swap completion) could not be
+    /// started; the object being created was not created.
+    #[error("cannot start the {thread} thread: {message}")]
+    ThreadSpawn {
+        /// The thread's name.
+        thread: &'static str,
+        /// The operating system's reason.
+        message: String,
     },
     /// A configuration that cannot work.
     #[error("invalid configuration: {0}")]
@@ -110,7 +144,8 @@ impl Error {
         match self {
             Error::BudgetExhausted { .. }
             | Error::MapCountExhausted { .. }
-            | Error::HostBudgetExhausted { .. } => true,
+            | Error::HostBudgetExhausted { .. }
+            | Error::ThreadSpawn { .. } => true,
             Error::Backend { code, backend, .. } => match backend {
                 BackendKind::Host => *code == libc::ENOMEM as i64,
                 BackendKind::Cuda => *code == kvvm_sys::CUDA_ERROR_OUT_OF_MEMORY as i64,

@@ -87,4 +87,3 @@ impl fmt::Display for BackendOp {
         f.write_str(self.name())
     }
 }
-

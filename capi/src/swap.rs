@@ -187,7 +187,7 @@ pub unsafe extern "C" fn kvvm_swap_out(
         let s = swap_of(swap)?;
         // SAFETY: per this function's contract.
         let o = unsafe { out(out_ticket, "out_ticket") }?;
-        register_ticket(s.swap_out(slot)?, o);
+        register_ticket(s.swap_out(kvvm::SlotId::new(slot))?, o);
         Ok(())
     })
 }
@@ -217,7 +217,10 @@ pub unsafe extern "C" fn kvvm_swap_in(
         let s = swap_of(swap)?;
         // SAFETY: per this function's contract.
         let o = unsafe { out(out_ticket, "out_ticket") }?;
-        register_ticket(s.swap_in(HostCopyId::from_raw(copy), slot)?, o);
+        register_ticket(
+            s.swap_in(HostCopyId::from_raw(copy), kvvm::SlotId::new(slot))?,
+            o,
+        );
         Ok(())
     })
 }

@@ -7,9 +7,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::{Args, Subcommand};
-use kvvm::{CacheConfig, KvCache, Layout, SlotId};
 use kvvm::vmm::host::{HostBackend, HostConfig};
 use kvvm::vmm::{self, Backend, BackendKind, BackendOp};
+use kvvm::{CacheConfig, KvCache, Layout, SlotId};
 use kvvm::{Error, Result};
 use nix::sys::mman::{mmap, mmap_anonymous, munmap, MapFlags, ProtFlags};
 

@@ -12,10 +12,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use clap::Args;
-use kvvm::{ByteRange, CacheConfig, Kv, KvCache, Layout, SlotId};
-use kvvm::{SwapConfig, SwapEngine, SwapTicket};
 use kvvm::vmm::{Backend, BackendKind, Completion, CopyKind, CopyRegion, HostBuffer};
+use kvvm::{ByteRange, CacheConfig, Kv, KvCache, Layout, SlotId};
 use kvvm::{Error, Result};
+use kvvm::{SwapConfig, SwapEngine, SwapTicket};
 
 use crate::BackendArgs;
 

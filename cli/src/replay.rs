@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use kvvm::{DType, Layout, ModelShape};
-use kvvm_replay::{self as replay, AllocatorKind, Error, ReplayConfig, Result, SchedConfig, StepModel};
+use kvvm_replay::{
+    self as replay, AllocatorKind, Error, ReplayConfig, Result, SchedConfig, StepModel,
+};
 
 use crate::BackendArgs;
 

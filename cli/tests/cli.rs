@@ -54,4 +54,3 @@ fn cli_prints_one_json_object() {
         assert_eq!(r["integrity_errors"], 0);
     }
 }
-

@@ -6,10 +6,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::alloc::{Cost, Counters, KvAllocator, Preempted, Usage};
-use kvvm::{Kv, KvCache, SlotId, TensorView};
 use crate::error::{Error, Result};
-use kvvm::{HostCopyId, SwapConfig, SwapEngine};
 use kvvm::vmm::{Backend, CopyKind, CopyRegion, HostBuffer};
+use kvvm::{HostCopyId, SwapConfig, SwapEngine};
+use kvvm::{Kv, KvCache, SlotId, TensorView};
 
 /// The stamp of token `token` of request `id` in stamped row `row`: a 64-bit mix
 /// (splitmix64's finalizer) of the three, never constant across tokens, requests or rows.
@@ -77,7 +77,7 @@ impl Stamper {
                     // buffer, which this stamper owns and no copy is using now.
                     unsafe { (src as usize as *mut u64).write_unaligned(stamp(id, token, r)) };
                     regions.push(CopyRegion {
-                        dst: v.row_addr(slot as usize, token, 0),
+                        dst: v.row_addr(slot.as_usize(), token, 0),
                         src,
                         len: 8,
                     });
@@ -105,7 +105,7 @@ impl Stamper {
                 for (r, v) in self.views.iter().enumerate() {
                     regions.push(CopyRegion {
                         dst: base + (((t - start) * rows + r) * 8) as u64,
-                        src: v.row_addr(slot as usize, t, 0),
+                        src: v.row_addr(slot.as_usize(), t, 0),
                         len: 8,
                     });
                 }
@@ -209,7 +209,7 @@ impl KvvmAllocator {
         let g = self.cache.geometry();
         self.running
             .values()
-            .map(|&(s, _)| stats.pages_per_slot.get(s as usize).copied().unwrap_or(0) as u64)
+            .map(|&(s, _)| stats.pages_per_slot.get(s.as_usize()).copied().unwrap_or(0) as u64)
             .sum::<u64>()
             * (g.page_size * g.buffers) as u64
     }
@@ -403,7 +403,11 @@ impl KvAllocator for KvvmAllocator {
             Ok(t) => t,
             Err(e) => {
                 self.cache.free_slot(slot)?;
-                return if exhausted(&e) { Ok(None) } else { Err(e.into()) };
+                return if exhausted(&e) {
+                    Ok(None)
+                } else {
+                    Err(e.into())
+                };
             }
         };
         if let Err(e) = ticket.wait() {

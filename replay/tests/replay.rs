@@ -4,14 +4,14 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use kvvm::vmm::host::os_page_size;
+use kvvm::vmm::{BackendChoice, BackendConfig};
 use kvvm::{CacheConfig, DType, KvCache, Layout, ModelShape};
+use kvvm_replay::Error;
 use kvvm_replay::{
     self, read_trace, trace::read_trace_from, AllocatorKind, KvAllocator, KvvmAllocator, Preempted,
     ReplayConfig, Report, SchedConfig, TraceFormat,
 };
-use kvvm::vmm::host::os_page_size;
-use kvvm::vmm::{BackendChoice, BackendConfig};
-use kvvm_replay::Error;
 
 /// A small model: 2 layers, 2 KV heads of 16 f16 elements (256 bytes per token interleaved).
 const TINY: ModelShape = ModelShape {
@@ -179,20 +179,18 @@ fn mooncake_slice_replays_with_intact_kv() {
 #[test]
 fn kvvm_swap_reuses_the_host_copy_and_keeps_every_token() {
     for layout in [Layout::Interleaved, Layout::PerLayer] {
-        let cache = KvCache::new(CacheConfig {
-            layers: TINY.layers,
-            kv_heads: TINY.kv_heads,
-            head_dim: TINY.head_dim,
-            dtype: DType::F16,
-            max_slots: 4,
-            max_tokens: 512,
-            layout,
-            page_size: None,
-            budget_bytes: 256 << 10,
-            backend: host(),
-            lookahead_steps: 0,
-            create_all_pages: false,
-        })
+        let cache = KvCache::new(
+            CacheConfig::new(TINY.layers, TINY.kv_heads, TINY.head_dim)
+                .with_dtype(DType::F16)
+                .with_max_slots(4)
+                .with_max_tokens(512)
+                .with_layout(layout)
+                .with_page_size(None)
+                .with_budget_bytes(256 << 10)
+                .with_backend(host())
+                .with_lookahead_steps(0)
+                .with_create_all_pages(false),
+        )
         .unwrap();
         let bpt = cache.geometry().bytes_per_token() as u64;
         let mut a = KvvmAllocator::new(Arc::new(cache), 16 << 20).unwrap();
@@ -231,20 +229,18 @@ fn kvvm_swap_reuses_the_host_copy_and_keeps_every_token() {
 #[test]
 fn kvvm_stamps_detect_corruption() {
     let cache = Arc::new(
-        KvCache::new(CacheConfig {
-            layers: TINY.layers,
-            kv_heads: TINY.kv_heads,
-            head_dim: TINY.head_dim,
-            dtype: DType::F16,
-            max_slots: 2,
-            max_tokens: 256,
-            layout: Layout::Interleaved,
-            page_size: None,
-            budget_bytes: 128 << 10,
-            backend: host(),
-            lookahead_steps: 0,
-            create_all_pages: false,
-        })
+        KvCache::new(
+            CacheConfig::new(TINY.layers, TINY.kv_heads, TINY.head_dim)
+                .with_dtype(DType::F16)
+                .with_max_slots(2)
+                .with_max_tokens(256)
+                .with_layout(Layout::Interleaved)
+                .with_page_size(None)
+                .with_budget_bytes(128 << 10)
+                .with_backend(host())
+                .with_lookahead_steps(0)
+                .with_create_all_pages(false),
+        )
         .unwrap(),
     );
     let mut a = KvvmAllocator::new(cache.clone(), 1 << 20).unwrap();
@@ -359,20 +355,16 @@ fn kvvm_adapter_failures_change_nothing_and_lose_no_token() {
     );
     let faulty = Arc::new(FaultyBackend::new(host.clone()));
     let cache = KvCache::with_backend(
-        CacheConfig {
-            layers: TINY.layers,
-            kv_heads: TINY.kv_heads,
-            head_dim: TINY.head_dim,
-            dtype: DType::F16,
-            max_slots: 4,
-            max_tokens: 512,
-            layout: Layout::PerLayer,
-            page_size: None,
-            budget_bytes: 256 << 10,
-            backend: BackendConfig::default(),
-            lookahead_steps: 0,
-            create_all_pages: false,
-        },
+        CacheConfig::new(TINY.layers, TINY.kv_heads, TINY.head_dim)
+            .with_dtype(DType::F16)
+            .with_max_slots(4)
+            .with_max_tokens(512)
+            .with_layout(Layout::PerLayer)
+            .with_page_size(None)
+            .with_budget_bytes(256 << 10)
+            .with_backend(BackendConfig::default())
+            .with_lookahead_steps(0)
+            .with_create_all_pages(false),
         faulty.clone(),
     )
     .unwrap();

@@ -8,9 +8,9 @@ use std::ffi::{c_char, c_longlong, CString};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use kvvm::vmm::{BackendChoice, BackendConfig};
 use kvvm::{DType, Layout, ModelShape};
 use kvvm_replay::{self, read_trace, AllocatorKind, ReplayConfig, SchedConfig};
-use kvvm::vmm::{BackendChoice, BackendConfig};
 use libloading::Library;
 
 /// Builds the fake into `CARGO_TARGET_TMPDIR` under a name of its own. `None` without a C

@@ -6,11 +6,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::error::{Error, Result};
 use super::{
     Backend, BackendInfo, BackendKind, BackendOp, Completion, CopyKind, CopyRegion, HostBuffer,
     PageHandle, VaRange,
 };
+use crate::error::{Error, Result};
 
 thread_local! {
     static BACKGROUND: Cell<bool> = const { Cell::new(false) };
@@ -180,4 +180,3 @@ impl Backend for MeteredBackend {
         self.inner.map_headroom()
     }
 }
-
