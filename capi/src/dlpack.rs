@@ -255,7 +255,7 @@ unsafe extern "C" fn legacy_deleter(p: *mut kvvm_dl_managed_tensor) {
 /// Thread-safe.
 ///
 /// # Errors
-/// `KVVM_INVALID_HANDLE`, `KVVM_NULL_POINTER`, `KVVM_INVALID_ARGUMENT`.
+/// `KVVM_STATUS_INVALID_HANDLE`, `KVVM_STATUS_NULL_POINTER`, `KVVM_STATUS_INVALID_ARGUMENT`.
 ///
 /// # Safety
 /// `out` is null or points to a writable pointer.

@@ -8,7 +8,7 @@
 use std::ffi::c_char;
 
 use super::dlpack::{kvvm_cache_export_dlpack, kvvm_dl_managed_tensor_versioned, kvvm_dlpack_free};
-use super::swap::*;
+
 use super::*;
 
 struct Bytes<'a>(&'a [u8]);
@@ -65,8 +65,8 @@ pub fn run_calls(data: &[u8]) -> usize {
             "bad status {s:?}"
         );
         // A panic caught at the boundary is still a bug: no input may reach one.
-        assert_ne!(s, kvvm_status::KVVM_PANIC, "a call panicked");
-        if s == kvvm_status::KVVM_OK {
+        assert_ne!(s, kvvm_status::KVVM_STATUS_PANIC, "a call panicked");
+        if s == kvvm_status::KVVM_STATUS_OK {
             succeeded.set(succeeded.get() + 1);
         }
         s
@@ -136,7 +136,7 @@ pub fn run_calls(data: &[u8]) -> usize {
                 let mut h = kvvm_cache::default();
                 // SAFETY: valid pointers to locals; `struct_size` is at most the struct's size.
                 let s = check(unsafe { kvvm_cache_create(&c, &mut h) });
-                if s == kvvm_status::KVVM_OK {
+                if s == kvvm_status::KVVM_STATUS_OK {
                     assert_ne!(h.id, 0);
                     caches.push(h);
                 } else {
@@ -145,14 +145,14 @@ pub fn run_calls(data: &[u8]) -> usize {
             }
             1 => {
                 let h = pick(&mut b, &caches, &dead);
-                let s = check(kvvm_cache_destroy(h));
+                let s = check(kvvm_cache_free(h));
                 if let Some(i) = caches.iter().position(|&c| c == h) {
-                    assert_eq!(s, kvvm_status::KVVM_OK);
+                    assert_eq!(s, kvvm_status::KVVM_STATUS_OK);
                     caches.remove(i);
                     dead.push(h);
-                    assert_eq!(kvvm_cache_destroy(h), kvvm_status::KVVM_INVALID_HANDLE);
+                    assert_eq!(kvvm_cache_free(h), kvvm_status::KVVM_STATUS_INVALID_HANDLE);
                 } else {
-                    assert_eq!(s, kvvm_status::KVVM_INVALID_HANDLE);
+                    assert_eq!(s, kvvm_status::KVVM_STATUS_INVALID_HANDLE);
                 }
             }
             2 => {
@@ -166,7 +166,7 @@ pub fn run_calls(data: &[u8]) -> usize {
                 };
                 // SAFETY: `p` is null or a valid local.
                 let s = check(unsafe { kvvm_cache_alloc_slot_for(h, b.num().unwrap_or(0), p) });
-                if s == kvvm_status::KVVM_OK {
+                if s == kvvm_status::KVVM_STATUS_OK {
                     assert!(!null && slot != u32::MAX);
                 }
             }
@@ -178,11 +178,11 @@ pub fn run_calls(data: &[u8]) -> usize {
                 let h = pick(&mut b, &caches, &dead);
                 let slot = b.num().unwrap_or(0) as u32;
                 let tokens = b.num().unwrap_or(0);
-                if check(kvvm_cache_ensure(h, slot, tokens)) == kvvm_status::KVVM_OK {
+                if check(kvvm_cache_ensure(h, slot, tokens)) == kvvm_status::KVVM_STATUS_OK {
                     let mut t = 0;
                     // SAFETY: valid local.
                     let s = unsafe { kvvm_cache_tokens(h, slot, &mut t) };
-                    assert_eq!(s, kvvm_status::KVVM_OK);
+                    assert_eq!(s, kvvm_status::KVVM_STATUS_OK);
                     assert_eq!(t, tokens);
                 }
             }
@@ -220,7 +220,7 @@ pub fn run_calls(data: &[u8]) -> usize {
                 let st = check(unsafe { kvvm_cache_tokens(h, slot, &mut t) });
                 // SAFETY: valid locals.
                 let sc = check(unsafe { kvvm_cache_capacity(h, slot, &mut c) });
-                if st == kvvm_status::KVVM_OK && sc == kvvm_status::KVVM_OK {
+                if st == kvvm_status::KVVM_STATUS_OK && sc == kvvm_status::KVVM_STATUS_OK {
                     assert!(t <= c, "tokens {t} above capacity {c}");
                 }
             }
@@ -236,7 +236,7 @@ pub fn run_calls(data: &[u8]) -> usize {
                         v.as_mut_ptr(),
                     )
                 });
-                if s == kvvm_status::KVVM_OK {
+                if s == kvvm_status::KVVM_STATUS_OK {
                     // SAFETY: written on success.
                     let v = unsafe { v.assume_init() };
                     assert_eq!(v.ndim, 4);
@@ -259,14 +259,14 @@ pub fn run_calls(data: &[u8]) -> usize {
                         &mut n,
                     )
                 });
-                if s == kvvm_status::KVVM_OK {
+                if s == kvvm_status::KVVM_STATUS_OK {
                     assert!(n <= cap);
                 }
             }
             10 => {
                 // Rows are accessed outside the library: no swap may be moving them meanwhile.
                 for &s in &swaps {
-                    assert_eq!(kvvm_swap_quiesce(s), kvvm_status::KVVM_OK);
+                    assert_eq!(kvvm_swap_quiesce(s), kvvm_status::KVVM_STATUS_OK);
                 }
                 let h = pick(&mut b, &caches, &dead);
                 let slot = b.num().unwrap_or(0) as u32;
@@ -276,7 +276,7 @@ pub fn run_calls(data: &[u8]) -> usize {
                 let mut r = kvvm_range::default();
                 // SAFETY: valid local.
                 if check(unsafe { kvvm_cache_row(h, slot, token, layer, kv, &mut r) })
-                    == kvvm_status::KVVM_OK
+                    == kvvm_status::KVVM_STATUS_OK
                 {
                     let pattern: Vec<u8> = (0..r.len).map(|i| (i as u8) ^ (token as u8)).collect();
                     let mut back = vec![0u8; r.len as usize];
@@ -292,7 +292,7 @@ pub fn run_calls(data: &[u8]) -> usize {
                                 pattern.as_ptr(),
                                 pattern.len()
                             ),
-                            kvvm_status::KVVM_OK
+                            kvvm_status::KVVM_STATUS_OK
                         );
                         assert_eq!(
                             kvvm_cache_read_row(
@@ -304,7 +304,7 @@ pub fn run_calls(data: &[u8]) -> usize {
                                 back.as_mut_ptr(),
                                 back.len()
                             ),
-                            kvvm_status::KVVM_OK
+                            kvvm_status::KVVM_STATUS_OK
                         );
                     }
                     assert_eq!(pattern, back);
@@ -342,7 +342,7 @@ pub fn run_calls(data: &[u8]) -> usize {
                         &mut t,
                     )
                 });
-                if s == kvvm_status::KVVM_OK {
+                if s == kvvm_status::KVVM_STATUS_OK {
                     assert!(!t.is_null());
                     tensors.push(t);
                 }
@@ -379,7 +379,9 @@ pub fn run_calls(data: &[u8]) -> usize {
                 cfg.max_in_flight = u32::from(b.u8().unwrap_or(0) % 4);
                 let mut s = kvvm_swap::default();
                 // SAFETY: valid locals.
-                if check(unsafe { kvvm_swap_create(h, &cfg, &mut s) }) == kvvm_status::KVVM_OK {
+                if check(unsafe { kvvm_swap_create(h, &cfg, &mut s) })
+                    == kvvm_status::KVVM_STATUS_OK
+                {
                     swaps.push(s);
                 }
             }
@@ -388,10 +390,11 @@ pub fn run_calls(data: &[u8]) -> usize {
                 let mut t = kvvm_ticket::default();
                 // SAFETY: valid local.
                 let st = check(unsafe { kvvm_swap_out(s, b.num().unwrap_or(0) as u32, &mut t) });
-                if st == kvvm_status::KVVM_OK {
+                if st == kvvm_status::KVVM_STATUS_OK {
                     let mut c = 0;
                     // SAFETY: valid local.
-                    assert_eq!(unsafe { kvvm_ticket_copy(t, &mut c) }, kvvm_status::KVVM_OK);
+                    let st = unsafe { kvvm_ticket_copy(t, &mut c) };
+                    assert_eq!(st, kvvm_status::KVVM_STATUS_OK);
                     copies.push(c);
                     tickets.push(t);
                 }
@@ -403,7 +406,7 @@ pub fn run_calls(data: &[u8]) -> usize {
                 // SAFETY: valid local.
                 let st =
                     check(unsafe { kvvm_swap_in(s, copy, b.num().unwrap_or(0) as u32, &mut t) });
-                if st == kvvm_status::KVVM_OK {
+                if st == kvvm_status::KVVM_STATUS_OK {
                     tickets.push(t);
                 }
             }
@@ -420,7 +423,7 @@ pub fn run_calls(data: &[u8]) -> usize {
                         4 => check(kvvm_ticket_bytes(t, &mut v)),
                         _ => {
                             let st = check(kvvm_ticket_free(t));
-                            if st == kvvm_status::KVVM_OK {
+                            if st == kvvm_status::KVVM_STATUS_OK {
                                 tickets.retain(|&x| x != t);
                             }
                             st
@@ -449,26 +452,26 @@ pub fn run_calls(data: &[u8]) -> usize {
             }
             21 => {
                 let s = pick_swap(&mut b, &swaps);
-                if check(kvvm_swap_destroy(s)) == kvvm_status::KVVM_OK {
+                if check(kvvm_swap_free(s)) == kvvm_status::KVVM_STATUS_OK {
                     swaps.retain(|&x| x != s);
-                    assert_eq!(kvvm_swap_destroy(s), kvvm_status::KVVM_INVALID_HANDLE);
+                    assert_eq!(kvvm_swap_free(s), kvvm_status::KVVM_STATUS_INVALID_HANDLE);
                 }
             }
             _ => {}
         }
     }
     for t in tickets {
-        assert_eq!(kvvm_ticket_free(t), kvvm_status::KVVM_OK);
+        assert_eq!(kvvm_ticket_free(t), kvvm_status::KVVM_STATUS_OK);
     }
     for s in swaps {
-        assert_eq!(kvvm_swap_destroy(s), kvvm_status::KVVM_OK);
+        assert_eq!(kvvm_swap_free(s), kvvm_status::KVVM_STATUS_OK);
     }
     for t in tensors {
         // SAFETY: exports whose deleters have not run.
         unsafe { kvvm_dlpack_free(t) };
     }
     for h in caches {
-        assert_eq!(kvvm_cache_destroy(h), kvvm_status::KVVM_OK);
+        assert_eq!(kvvm_cache_free(h), kvvm_status::KVVM_STATUS_OK);
     }
     succeeded.get()
 }

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use super::{kvvm_status, FfiError, FfiResult};
+use crate::{kvvm_status, FfiError, FfiResult};
 use kvvm::KvCache;
 use kvvm::{SwapEngine, SwapTicket};
 
@@ -42,12 +42,12 @@ pub(crate) fn insert(o: Object) -> u64 {
 fn invalid(kind: &str, id: u64) -> FfiError {
     if id == 0 {
         FfiError::new(
-            kvvm_status::KVVM_INVALID_HANDLE,
+            kvvm_status::KVVM_STATUS_INVALID_HANDLE,
             format!("null {kind} handle"),
         )
     } else {
         FfiError::new(
-            kvvm_status::KVVM_INVALID_HANDLE,
+            kvvm_status::KVVM_STATUS_INVALID_HANDLE,
             format!("{kind} handle {id} is not valid (destroyed, or never created)"),
         )
     }

@@ -4,9 +4,20 @@ use std::sync::Arc;
 
 use static_assertions::{assert_eq_align, assert_eq_size};
 
-use super::registry::{self, Object};
-use super::{cache_of, guard, kvvm_cache, kvvm_status, kvvm_swap, kvvm_ticket, out, FfiError};
 use kvvm::{HostCopyId, SwapConfig, SwapEngine};
+
+use crate::registry::{self, Object};
+use crate::{cache_of, guard, kvvm_cache, kvvm_status, kvvm_ticket, out, FfiError};
+
+/// Handle of a swap engine. `{0}` is the null handle.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct kvvm_swap {
+    /// Registry id (opaque).
+    pub id: u64,
+}
+
+assert_eq_size!(kvvm_swap, u64);
 
 /// Options of a swap engine. Fill with `kvvm_swap_config_init`, then change fields.
 /// `struct_size` follows the rules of `kvvm_config`.
@@ -94,7 +105,7 @@ pub unsafe extern "C" fn kvvm_swap_config_init(config: *mut kvvm_swap_config) ->
 /// Thread-safe.
 ///
 /// # Errors
-/// `KVVM_INVALID_HANDLE`, `KVVM_NULL_POINTER` (`out_swap`), `KVVM_INVALID_CONFIG`.
+/// `KVVM_STATUS_INVALID_HANDLE`, `KVVM_STATUS_NULL_POINTER` (`out_swap`), `KVVM_STATUS_INVALID_CONFIG`.
 ///
 /// # Safety
 /// `config` is null or valid for reads of `config->struct_size` bytes; `out_swap` is null or
@@ -115,7 +126,7 @@ pub unsafe extern "C" fn kvvm_swap_create(
             let known = std::mem::size_of::<kvvm_swap_config>();
             // SAFETY: `config` is valid for `size` bytes per the contract.
             let bytes = unsafe {
-                super::versioned_bytes(
+                crate::config::versioned_bytes(
                     config.cast(),
                     size,
                     KVVM_SWAP_CONFIG_SIZE_V1 as usize,
@@ -132,7 +143,10 @@ pub unsafe extern "C" fn kvvm_swap_create(
         // SAFETY: per this function's contract.
         let o = unsafe { out(out_swap, "out_swap") }?;
         let chunk = usize::try_from(cfg.chunk_bytes).map_err(|_| {
-            FfiError::new(kvvm_status::KVVM_INVALID_CONFIG, "chunk_bytes too large")
+            FfiError::new(
+                kvvm_status::KVVM_STATUS_INVALID_CONFIG,
+                "chunk_bytes too large",
+            )
         })?;
         let engine = SwapEngine::new(
             c,
@@ -147,20 +161,27 @@ pub unsafe extern "C" fn kvvm_swap_create(
     })
 }
 
-/// Destroys a swap engine handle. Transfers in flight are finished first (this call may block
+/// Frees a swap engine handle. Transfers in flight are finished first (this call may block
 /// until they are); host copies are freed. Tickets of the engine stay valid handles (their
 /// transfers are finished).
 ///
 /// Thread-safe.
 ///
 /// # Errors
-/// `KVVM_INVALID_HANDLE`.
+/// `KVVM_STATUS_INVALID_HANDLE`.
 #[no_mangle]
-pub extern "C" fn kvvm_swap_destroy(swap: kvvm_swap) -> kvvm_status {
+pub extern "C" fn kvvm_swap_free(swap: kvvm_swap) -> kvvm_status {
     guard(|| registry::remove_swap(swap.id))
 }
 
-fn register_ticket(t: kvvm::SwapTicket, o: &mut kvvm_ticket) {
+/// Deprecated name of `kvvm_swap_free` (kept for one release).
+#[no_mangle]
+#[deprecated(note = "use kvvm_swap_free")]
+pub extern "C" fn kvvm_swap_destroy(swap: kvvm_swap) -> kvvm_status {
+    kvvm_swap_free(swap)
+}
+
+pub(crate) fn register_ticket(t: kvvm::SwapTicket, o: &mut kvvm_ticket) {
     o.id = registry::insert(Object::Ticket(Arc::new(t)));
 }
 
@@ -172,8 +193,8 @@ fn register_ticket(t: kvvm::SwapTicket, o: &mut kvvm_ticket) {
 /// Thread-safe; may block while the in-flight limit is reached.
 ///
 /// # Errors
-/// `KVVM_INVALID_HANDLE`, `KVVM_NULL_POINTER`, `KVVM_INVALID_ARGUMENT` (slot not allocated),
-/// `KVVM_HOST_BUDGET_EXHAUSTED`, backend errors; the slot is then as it was.
+/// `KVVM_STATUS_INVALID_HANDLE`, `KVVM_STATUS_NULL_POINTER`, `KVVM_STATUS_INVALID_ARGUMENT` (slot not allocated),
+/// `KVVM_STATUS_HOST_BUDGET_EXHAUSTED`, backend errors; the slot is then as it was.
 ///
 /// # Safety
 /// `out_ticket` is null or points to a writable `kvvm_ticket`.
@@ -201,8 +222,8 @@ pub unsafe extern "C" fn kvvm_swap_out(
 /// reached.
 ///
 /// # Errors
-/// `KVVM_INVALID_HANDLE`, `KVVM_NULL_POINTER`, `KVVM_INVALID_ARGUMENT` (unknown copy, slot not
-/// allocated or not empty), `KVVM_BUDGET_EXHAUSTED`, backend errors; nothing changed then.
+/// `KVVM_STATUS_INVALID_HANDLE`, `KVVM_STATUS_NULL_POINTER`, `KVVM_STATUS_INVALID_ARGUMENT` (unknown copy, slot not
+/// allocated or not empty), `KVVM_STATUS_BUDGET_EXHAUSTED`, backend errors; nothing changed then.
 ///
 /// # Safety
 /// `out_ticket` is null or points to a writable `kvvm_ticket`.
@@ -230,7 +251,7 @@ pub unsafe extern "C" fn kvvm_swap_in(
 /// Thread-safe.
 ///
 /// # Errors
-/// `KVVM_INVALID_HANDLE`; `KVVM_INVALID_ARGUMENT` for an unknown, released or evicted copy.
+/// `KVVM_STATUS_INVALID_HANDLE`; `KVVM_STATUS_INVALID_ARGUMENT` for an unknown, released or evicted copy.
 #[no_mangle]
 pub extern "C" fn kvvm_swap_release(swap: kvvm_swap, copy: u64) -> kvvm_status {
     guard(|| Ok(swap_of(swap)?.release(HostCopyId::from_raw(copy))?))
@@ -252,7 +273,7 @@ pub extern "C" fn kvvm_swap_pin(swap: kvvm_swap, copy: u64, pinned: u32) -> kvvm
 /// Thread-safe.
 ///
 /// # Errors
-/// As `kvvm_swap_release`; `KVVM_INVALID_ARGUMENT` for a priority above 255.
+/// As `kvvm_swap_release`; `KVVM_STATUS_INVALID_ARGUMENT` for a priority above 255.
 #[no_mangle]
 pub extern "C" fn kvvm_swap_set_priority(swap: kvvm_swap, copy: u64, priority: u32) -> kvvm_status {
     guard(|| {
@@ -268,7 +289,7 @@ pub extern "C" fn kvvm_swap_set_priority(swap: kvvm_swap, copy: u64, priority: u
 /// Thread-safe.
 ///
 /// # Errors
-/// As `kvvm_swap_release`; `KVVM_NULL_POINTER`.
+/// As `kvvm_swap_release`; `KVVM_STATUS_NULL_POINTER`.
 ///
 /// # Safety
 /// `tokens` is null or points to a writable `uint64_t`.
@@ -292,7 +313,7 @@ pub unsafe extern "C" fn kvvm_swap_host_tokens(
 /// Thread-safe.
 ///
 /// # Errors
-/// `KVVM_INVALID_HANDLE`, `KVVM_NULL_POINTER`, `KVVM_INVALID_ARGUMENT` for a `struct_size`
+/// `KVVM_STATUS_INVALID_HANDLE`, `KVVM_STATUS_NULL_POINTER`, `KVVM_STATUS_INVALID_ARGUMENT` for a `struct_size`
 /// below `KVVM_SWAP_STATS_SIZE_V1`.
 ///
 /// # Safety
@@ -342,117 +363,11 @@ pub unsafe extern "C" fn kvvm_swap_get_stats(
 /// Thread-safe.
 ///
 /// # Errors
-/// `KVVM_INVALID_HANDLE`.
+/// `KVVM_STATUS_INVALID_HANDLE`.
 #[no_mangle]
 pub extern "C" fn kvvm_swap_quiesce(swap: kvvm_swap) -> kvvm_status {
     guard(|| {
         swap_of(swap)?.quiesce();
         Ok(())
     })
-}
-
-/// Writes 1 to `*done` once the transfer and its bookkeeping are complete, 0 while in flight.
-/// Never blocks on the copy.
-///
-/// Thread-safe.
-///
-/// # Errors
-/// `KVVM_INVALID_HANDLE`, `KVVM_NULL_POINTER`; the transfer's own error if it failed (the slot
-/// and host copy are then as they were before the swap).
-///
-/// # Safety
-/// `done` is null or points to a writable `uint32_t`.
-#[no_mangle]
-pub unsafe extern "C" fn kvvm_ticket_poll(ticket: kvvm_ticket, done: *mut u32) -> kvvm_status {
-    guard(|| {
-        let t = registry::get_ticket(ticket.id)?;
-        // SAFETY: per this function's contract.
-        let o = unsafe { out(done, "done") }?;
-        *o = u32::from(t.poll()?);
-        Ok(())
-    })
-}
-
-/// Blocks until the transfer is complete.
-///
-/// Thread-safe.
-///
-/// # Errors
-/// `KVVM_INVALID_HANDLE`; the transfer's own error if it failed.
-#[no_mangle]
-pub extern "C" fn kvvm_ticket_wait(ticket: kvvm_ticket) -> kvvm_status {
-    guard(|| Ok(registry::get_ticket(ticket.id)?.wait()?))
-}
-
-/// Writes the CUDA event (`CUevent`) recorded after the transfer's copy to `*event`, which a
-/// stream can wait on with `cuStreamWaitEvent`; writes 0 on the host backend or when nothing was
-/// copied. The event belongs to kvvm and is valid until the ticket is freed.
-///
-/// Thread-safe.
-///
-/// # Errors
-/// `KVVM_INVALID_HANDLE`, `KVVM_NULL_POINTER`.
-///
-/// # Safety
-/// `event` is null or points to a writable `uint64_t`.
-#[no_mangle]
-pub unsafe extern "C" fn kvvm_ticket_event(ticket: kvvm_ticket, event: *mut u64) -> kvvm_status {
-    guard(|| {
-        let t = registry::get_ticket(ticket.id)?;
-        // SAFETY: per this function's contract.
-        let o = unsafe { out(event, "event") }?;
-        *o = t.event().unwrap_or(0);
-        Ok(())
-    })
-}
-
-/// Writes the id of the host copy the transfer reads or writes to `*copy`.
-///
-/// Thread-safe.
-///
-/// # Errors
-/// `KVVM_INVALID_HANDLE`, `KVVM_NULL_POINTER`.
-///
-/// # Safety
-/// `copy` is null or points to a writable `uint64_t`.
-#[no_mangle]
-pub unsafe extern "C" fn kvvm_ticket_copy(ticket: kvvm_ticket, copy: *mut u64) -> kvvm_status {
-    guard(|| {
-        let t = registry::get_ticket(ticket.id)?;
-        // SAFETY: per this function's contract.
-        let o = unsafe { out(copy, "copy") }?;
-        *o = t.copy().raw();
-        Ok(())
-    })
-}
-
-/// Writes the bytes the transfer copies to `*bytes`.
-///
-/// Thread-safe.
-///
-/// # Errors
-/// `KVVM_INVALID_HANDLE`, `KVVM_NULL_POINTER`.
-///
-/// # Safety
-/// `bytes` is null or points to a writable `uint64_t`.
-#[no_mangle]
-pub unsafe extern "C" fn kvvm_ticket_bytes(ticket: kvvm_ticket, bytes: *mut u64) -> kvvm_status {
-    guard(|| {
-        let t = registry::get_ticket(ticket.id)?;
-        // SAFETY: per this function's contract.
-        let o = unsafe { out(bytes, "bytes") }?;
-        *o = t.bytes();
-        Ok(())
-    })
-}
-
-/// Frees a ticket handle. The transfer is not cancelled: the engine finishes it.
-///
-/// Thread-safe.
-///
-/// # Errors
-/// `KVVM_INVALID_HANDLE`.
-#[no_mangle]
-pub extern "C" fn kvvm_ticket_free(ticket: kvvm_ticket) -> kvvm_status {
-    guard(|| registry::remove_ticket(ticket.id))
 }

@@ -6,13 +6,14 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 
 use kvvm_capi::dlpack::*;
-use kvvm_capi::swap::*;
+
 use kvvm_capi::*;
 
 fn small_config() -> kvvm_config {
     let mut c = kvvm_config::default();
     // SAFETY: valid local.
-    assert_eq!(unsafe { kvvm_config_init(&mut c) }, kvvm_status::KVVM_OK);
+    let st = unsafe { kvvm_config_init(&mut c) };
+    assert_eq!(st, kvvm_status::KVVM_STATUS_OK);
     c.layers = 2;
     c.kv_heads = 2;
     c.head_dim = 32;
@@ -29,7 +30,7 @@ fn create(c: &kvvm_config) -> kvvm_cache {
     let mut h = kvvm_cache::default();
     // SAFETY: valid locals.
     let s = unsafe { kvvm_cache_create(c, &mut h) };
-    assert_eq!(s, kvvm_status::KVVM_OK, "{}", last_error());
+    assert_eq!(s, kvvm_status::KVVM_STATUS_OK, "{}", last_error());
     h
 }
 
@@ -96,13 +97,16 @@ fn tensors_keep_the_cache_alive_after_destroy() {
     unsafe {
         assert_eq!(
             kvvm_cache_alloc_slot(cache, &mut slot),
-            kvvm_status::KVVM_OK
+            kvvm_status::KVVM_STATUS_OK
         );
-        assert_eq!(kvvm_cache_ensure(cache, slot, 30), kvvm_status::KVVM_OK);
+        assert_eq!(
+            kvvm_cache_ensure(cache, slot, 30),
+            kvvm_status::KVVM_STATUS_OK
+        );
         let mut t = std::ptr::null_mut();
         assert_eq!(
             kvvm_cache_export_dlpack(cache, 1, kvvm_kv::KVVM_V as u32, slot, 30, &mut t),
-            kvvm_status::KVVM_OK
+            kvvm_status::KVVM_STATUS_OK
         );
         let mut whole = std::ptr::null_mut();
         assert_eq!(
@@ -114,7 +118,7 @@ fn tensors_keep_the_cache_alive_after_destroy() {
                 0,
                 &mut whole
             ),
-            kvvm_status::KVVM_OK
+            kvvm_status::KVVM_STATUS_OK
         );
         let tt = &(*t).dl_tensor;
         assert_eq!((*t).version.major, 1);
@@ -134,8 +138,11 @@ fn tensors_keep_the_cache_alive_after_destroy() {
                 *data.add(tok * strides[0] as usize + e) = (tok * 1000 + e) as f32;
             }
         }
-        assert_eq!(kvvm_cache_destroy(cache), kvvm_status::KVVM_OK);
-        assert_eq!(kvvm_cache_destroy(cache), kvvm_status::KVVM_INVALID_HANDLE);
+        assert_eq!(kvvm_cache_free(cache), kvvm_status::KVVM_STATUS_OK);
+        assert_eq!(
+            kvvm_cache_free(cache),
+            kvvm_status::KVVM_STATUS_INVALID_HANDLE
+        );
         assert!(last_error().contains("not valid"), "{}", last_error());
         // Still readable through the other tensor after the handle is gone.
         let w = &(*whole).dl_tensor;
@@ -170,14 +177,14 @@ fn destroy_while_other_threads_use_the_handle() {
                     // SAFETY: valid local.
                     let s = unsafe { kvvm_cache_alloc_slot(cache, &mut slot) };
                     match s {
-                        kvvm_status::KVVM_OK => {
+                        kvvm_status::KVVM_STATUS_OK => {
                             let e = kvvm_cache_ensure(cache, slot, 10 + i * 50);
                             assert!(
                                 matches!(
                                     e,
-                                    kvvm_status::KVVM_OK
-                                        | kvvm_status::KVVM_INVALID_HANDLE
-                                        | kvvm_status::KVVM_BUDGET_EXHAUSTED
+                                    kvvm_status::KVVM_STATUS_OK
+                                        | kvvm_status::KVVM_STATUS_INVALID_HANDLE
+                                        | kvvm_status::KVVM_STATUS_BUDGET_EXHAUSTED
                                 ),
                                 "{e:?}"
                             );
@@ -185,19 +192,20 @@ fn destroy_while_other_threads_use_the_handle() {
                             assert!(
                                 matches!(
                                     f,
-                                    kvvm_status::KVVM_OK | kvvm_status::KVVM_INVALID_HANDLE
+                                    kvvm_status::KVVM_STATUS_OK
+                                        | kvvm_status::KVVM_STATUS_INVALID_HANDLE
                                 ),
                                 "{f:?}"
                             );
                             ok += 1;
                             progress.fetch_add(1, Ordering::Relaxed);
                         }
-                        kvvm_status::KVVM_INVALID_HANDLE => {
+                        kvvm_status::KVVM_STATUS_INVALID_HANDLE => {
                             if stop.load(Ordering::Relaxed) {
                                 break;
                             }
                         }
-                        kvvm_status::KVVM_SLOTS_EXHAUSTED => {}
+                        kvvm_status::KVVM_STATUS_SLOTS_EXHAUSTED => {}
                         other => panic!("unexpected {other:?}"),
                     }
                 }
@@ -209,11 +217,14 @@ fn destroy_while_other_threads_use_the_handle() {
     while progress.load(Ordering::Relaxed) < 6 && !workers.iter().all(|w| w.is_finished()) {
         std::thread::yield_now();
     }
-    assert_eq!(kvvm_cache_destroy(cache), kvvm_status::KVVM_OK);
+    assert_eq!(kvvm_cache_free(cache), kvvm_status::KVVM_STATUS_OK);
     stop.store(true, Ordering::Relaxed);
     let ok: u32 = workers.into_iter().map(|w| w.join().unwrap()).sum();
     assert!(ok > 0);
-    assert_eq!(kvvm_cache_quiesce(cache), kvvm_status::KVVM_INVALID_HANDLE);
+    assert_eq!(
+        kvvm_cache_quiesce(cache),
+        kvvm_status::KVVM_STATUS_INVALID_HANDLE
+    );
 }
 
 #[test]
@@ -231,18 +242,18 @@ fn versioned_struct_sizes() {
     let mut h = kvvm_cache::default();
     // SAFETY: `n` is valid for `struct_size` bytes.
     let s = unsafe { kvvm_cache_create(&n.base, &mut h) };
-    assert_eq!(s, kvvm_status::KVVM_INVALID_CONFIG);
+    assert_eq!(s, kvvm_status::KVVM_STATUS_INVALID_CONFIG);
     assert!(last_error().contains("newer"), "{}", last_error());
     n.extra = 0;
     // SAFETY: as above.
     let s = unsafe { kvvm_cache_create(&n.base, &mut h) };
-    assert_eq!(s, kvvm_status::KVVM_OK);
+    assert_eq!(s, kvvm_status::KVVM_STATUS_OK);
     let mut old = small_config();
     old.struct_size = KVVM_CONFIG_SIZE_V1 - 8;
     let mut h2 = kvvm_cache::default();
     // SAFETY: valid local.
     let s = unsafe { kvvm_cache_create(&old, &mut h2) };
-    assert_eq!(s, kvvm_status::KVVM_INVALID_CONFIG);
+    assert_eq!(s, kvvm_status::KVVM_STATUS_INVALID_CONFIG);
     assert_eq!(h2.id, 0);
 
     // Stats: a larger caller struct gets the known prefix, the tail untouched.
@@ -260,7 +271,7 @@ fn versioned_struct_sizes() {
     };
     // SAFETY: valid for `struct_size` bytes.
     let s = unsafe { kvvm_cache_stats(h, &mut st.base) };
-    assert_eq!(s, kvvm_status::KVVM_OK);
+    assert_eq!(s, kvvm_status::KVVM_STATUS_OK);
     assert_eq!(st.extra, 0xabcd);
     assert!(st.base.page_size > 0 && st.base.budget_pages > 0);
 
@@ -268,5 +279,5 @@ fn versioned_struct_sizes() {
     // SAFETY: valid local.
     unsafe { kvvm_swap_config_init(&mut sc) };
     assert_eq!(sc.struct_size, KVVM_SWAP_CONFIG_SIZE_V1);
-    assert_eq!(kvvm_cache_destroy(h), kvvm_status::KVVM_OK);
+    assert_eq!(kvvm_cache_free(h), kvvm_status::KVVM_STATUS_OK);
 }

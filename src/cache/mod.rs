@@ -1,49 +1,4 @@
-//! `KvCache`: contiguous virtual KV tensors with physical pages mapped on demand (vAttention).
-//!
-//! Every slot (one request) owns a contiguous, page-aligned region in every buffer of the cache.
-//! Pages are mapped behind a slot only as its tokens need them, from a [`PagePool`] under a byte
-//! budget, so an attention kernel reads a slot's KV at fixed strides without a block table.
-//!
-//! # A decode loop
-//!
-//! ```
-//! use kvvm::{CacheConfig, KvCache, Kv, Layout};
-//! use kvvm::vmm::{BackendChoice, BackendConfig};
-//!
-//! let mut config = CacheConfig::for_model("llama-3-8b", 4, 1024, 64 << 20)?;
-//! config.layers = 2; // keep the doctest small
-//! config.layout = Layout::Interleaved;
-//! config.backend = BackendConfig { choice: BackendChoice::Host, host_granularity: 64 << 10, ..Default::default() };
-//! let cache = KvCache::new(config)?;
-//!
-//! // Admit two requests and prefill their prompts.
-//! let a = cache.alloc_slot()?;
-//! let b = cache.alloc_slot()?;
-//! cache.ensure(a, 100)?;
-//! cache.ensure(b, 37)?;
-//! let (mut la, mut lb) = (100, 37);
-//! // Decode: one token per request per step; the kernels read layer l's K/V through
-//! // `cache.layer_view(l, Kv::K)` at the slot's row.
-//! for _ in 0..50 {
-//!     la += 1;
-//!     lb += 1;
-//!     cache.step(&[(a, la), (b, lb)])?;
-//!     let k0 = cache.layer_view(0, Kv::K)?;
-//!     let _row = k0.row_addr(a.as_usize(), la - 1, 0); // where the new token's K goes
-//! }
-//! assert_eq!(cache.tokens(a)?, 150);
-//! cache.free_slot(b)?; // its pages stay mapped for the next request (deferred reclamation)
-//! let c = cache.alloc_slot_for(40)?;
-//! assert_eq!(c, b); // reuses the slot whose pages are already mapped
-//! # Ok::<(), kvvm::Error>(())
-//! ```
-//!
-//! # Concurrency
-//!
-//! [`KvCache`] is `Send + Sync` and every method takes `&self`. Calls on different slots run
-//! concurrently: backend calls happen outside the cache's lock. Calls that change the same slot's
-//! mappings (`ensure`, `step`, `shrink`, `free_slot`, and the background mapper) are serialized
-//! per slot. Views and statistics may be read at any time.
+//! [`KvCache`]: contiguous virtual KV tensors with physical pages mapped on demand.
 
 mod config;
 mod hooks;
@@ -249,7 +204,52 @@ pub(crate) struct Shared {
     mapper_cv: Condvar,
 }
 
-/// A KV cache of contiguous virtual tensors. See the [module documentation](self).
+/// `KvCache`: contiguous virtual KV tensors with physical pages mapped on demand (vAttention).
+///
+/// Every slot (one request) owns a contiguous, page-aligned region in every buffer of the cache.
+/// Pages are mapped behind a slot only as its tokens need them, from a [`PagePool`] under a byte
+/// budget, so an attention kernel reads a slot's KV at fixed strides without a block table.
+///
+/// # A decode loop
+///
+/// ```
+/// use kvvm::{CacheConfig, KvCache, Kv, Layout};
+/// use kvvm::vmm::{BackendChoice, BackendConfig};
+///
+/// let mut config = CacheConfig::for_model("llama-3-8b", 4, 1024, 64 << 20)?;
+/// config.layers = 2; // keep the doctest small
+/// config.layout = Layout::Interleaved;
+/// config.backend = BackendConfig { choice: BackendChoice::Host, host_granularity: 64 << 10, ..Default::default() };
+/// let cache = KvCache::new(config)?;
+///
+/// // Admit two requests and prefill their prompts.
+/// let a = cache.alloc_slot()?;
+/// let b = cache.alloc_slot()?;
+/// cache.ensure(a, 100)?;
+/// cache.ensure(b, 37)?;
+/// let (mut la, mut lb) = (100, 37);
+/// // Decode: one token per request per step; the kernels read layer l's K/V through
+/// // `cache.layer_view(l, Kv::K)` at the slot's row.
+/// for _ in 0..50 {
+///     la += 1;
+///     lb += 1;
+///     cache.step(&[(a, la), (b, lb)])?;
+///     let k0 = cache.layer_view(0, Kv::K)?;
+///     let _row = k0.row_addr(a.as_usize(), la - 1, 0); // where the new token's K goes
+/// }
+/// assert_eq!(cache.tokens(a)?, 150);
+/// cache.free_slot(b)?; // its pages stay mapped for the next request (deferred reclamation)
+/// let c = cache.alloc_slot_for(40)?;
+/// assert_eq!(c, b); // reuses the slot whose pages are already mapped
+/// # Ok::<(), kvvm::Error>(())
+/// ```
+///
+/// # Concurrency
+///
+/// [`KvCache`] is `Send + Sync` and every method takes `&self`. Calls on different slots run
+/// concurrently: backend calls happen outside the cache's lock. Calls that change the same slot's
+/// mappings (`ensure`, `step`, `shrink`, `free_slot`, and the background mapper) are serialized
+/// per slot. Views and statistics may be read at any time.
 #[derive(Debug)]
 pub struct KvCache {
     shared: Arc<Shared>,

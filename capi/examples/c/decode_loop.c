@@ -17,7 +17,7 @@
 #define CHECK(call)                                                                            \
     do {                                                                                       \
         kvvm_status s_ = (call);                                                               \
-        if (s_ != KVVM_OK) {                                                                   \
+        if (s_ != KVVM_STATUS_OK) {                                                                   \
             char msg_[512];                                                                    \
             kvvm_last_error(msg_, sizeof msg_);                                                \
             fprintf(stderr, "%s:%d: %s failed: %s: %s\n", __FILE__, __LINE__, #call,           \
@@ -137,10 +137,10 @@ int main(void) {
     printf("swapped request b back into slot %u: %" PRIu64 " tokens intact\n", b2, lb);
 
     CHECK(kvvm_swap_release(swap, copy));
-    CHECK(kvvm_swap_destroy(swap));
+    CHECK(kvvm_swap_free(swap));
     CHECK(kvvm_cache_free_slot(cache, a));
     CHECK(kvvm_cache_free_slot(cache, b2));
-    CHECK(kvvm_cache_destroy(cache));
+    CHECK(kvvm_cache_free(cache));
     printf("ok\n");
     return 0;
 }
