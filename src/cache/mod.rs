@@ -10,7 +10,6 @@ mod stats;
 mod view;
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::thread::JoinHandle;
 
 pub use config::{
     CacheConfig, DType, Geometry, Layout, ModelShape, MAX_SLOTS, MAX_VIRTUAL_BYTES, PRESETS,
@@ -24,6 +23,7 @@ pub use view::{ByteRange, Device, Kv, TensorView};
 use crate::error::{Error, Result};
 use crate::pool::{PagePool, PoolConfig};
 use crate::vmm::{Backend, BackendOp, MeteredBackend, VaRange};
+use crate::worker::Worker;
 
 #[derive(Debug, Default)]
 struct State {
@@ -137,7 +137,7 @@ pub(crate) struct Shared {
 #[derive(Debug)]
 pub struct KvCache {
     shared: Arc<Shared>,
-    mapper: Option<JoinHandle<()>>,
+    mapper: Option<Worker>,
 }
 
 impl KvCache {
@@ -210,15 +210,7 @@ impl KvCache {
         });
         let mapper = if config.lookahead_steps > 0 {
             let s = shared.clone();
-            Some(
-                std::thread::Builder::new()
-                    .name("kvvm-mapper".into())
-                    .spawn(move || mapper::run(s))
-                    .map_err(|e| Error::ThreadSpawn {
-                        thread: "kvvm-mapper",
-                        message: e.to_string(),
-                    })?,
-            )
+            Some(Worker::spawn("kvvm-mapper", move || mapper::run(s))?)
         } else {
             None
         };
@@ -515,8 +507,8 @@ impl Drop for KvCache {
     fn drop(&mut self) {
         self.shared.lock().shutdown = true;
         self.shared.mapper_cv.notify_all();
-        if let Some(h) = self.mapper.take() {
-            let _ = h.join();
+        if let Some(mut w) = self.mapper.take() {
+            w.join();
         }
     }
 }
