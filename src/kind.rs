@@ -47,11 +47,13 @@ pub enum BackendOp {
     Copy = 8,
     /// [`crate::vmm::Backend::synchronize`]
     Synchronize = 9,
+    /// [`crate::vmm::Backend::protect`]
+    Protect = 10,
 }
 
 impl BackendOp {
     /// Number of kinds.
-    pub const COUNT: usize = 10;
+    pub const COUNT: usize = 11;
     /// All kinds, in numeric order.
     pub const ALL: [BackendOp; Self::COUNT] = [
         BackendOp::Reserve,
@@ -64,6 +66,7 @@ impl BackendOp {
         BackendOp::FreeHost,
         BackendOp::Copy,
         BackendOp::Synchronize,
+        BackendOp::Protect,
     ];
     /// The snake_case name used in statistics and JSON.
     pub fn name(self) -> &'static str {
@@ -78,6 +81,7 @@ impl BackendOp {
             BackendOp::FreeHost => "free_host",
             BackendOp::Copy => "copy",
             BackendOp::Synchronize => "synchronize",
+            BackendOp::Protect => "protect",
         }
     }
 }

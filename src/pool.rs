@@ -8,6 +8,11 @@
 //! [`PoolConfig::create_all`] every page of the budget is created up front, like vAttention's
 //! `reserve_physical_pages`.
 //!
+//! A page may be held by several owners at once (a page mapped behind several slots, or kept by
+//! the prefix index): [`PagePool::share`] hands out one more handle to a page and counts the
+//! reference, and [`PagePool::give_back`] drops one reference per handle. A page returns to the
+//! free list only when its last reference is given back.
+//!
 //! The pool is internal to the cache; the `testing` feature makes this module public for the
 //! backend-contract tests.
 
@@ -72,12 +77,20 @@ pub struct PoolStats {
     pub created_on_demand: u64,
     /// Backend calls that failed inside the pool (creation or release).
     pub failures: u64,
+    /// Of `in_use`, pages held by more than one owner (see [`PagePool::share`]).
+    pub shared: usize,
+    /// References to pages in use: `in_use` plus one for every extra owner of a shared page.
+    pub references: usize,
 }
 
 #[derive(Debug)]
 struct State {
     free: Vec<PageHandle>,
     in_use: usize,
+    /// Extra references of shared pages (raw handle → owners beyond the first).
+    extra: std::collections::HashMap<u64, usize>,
+    /// Sum of `extra`.
+    extra_total: usize,
     live: usize,
     /// Pages being created outside the lock (they count against the budget).
     creating: usize,
@@ -221,6 +234,8 @@ impl PagePool {
             state: Mutex::new(State {
                 free: Vec::new(),
                 in_use: 0,
+                extra: std::collections::HashMap::new(),
+                extra_total: 0,
                 live: 0,
                 creating: 0,
                 created: 0,
@@ -271,7 +286,25 @@ impl PagePool {
             released: s.released,
             created_on_demand: s.created_on_demand,
             failures: s.failures,
+            shared: s.extra.len(),
+            references: s.in_use + s.extra_total,
         }
+    }
+
+    /// Hands out one more handle to `page`, a page taken with [`PagePool::acquire`] and not given
+    /// back, and counts the reference. Each handle is given back on its own; the page returns to
+    /// the free list with the last one.
+    pub fn share(&self, page: &PageHandle) -> PageHandle {
+        let mut s = self.inner.lock();
+        *s.extra.entry(page.raw()).or_insert(0) += 1;
+        s.extra_total += 1;
+        PageHandle::from_raw(page.raw(), page.size())
+    }
+
+    /// How many owners hold `page` now (1 for a page handed out once; 0 for a page not in use).
+    pub fn owners(&self, page: &PageHandle) -> usize {
+        let s = self.inner.lock();
+        1 + s.extra.get(&page.raw()).copied().unwrap_or(0)
     }
 
     /// Creates pages on the caller's thread until `pages` are free (or the budget is reached).
@@ -372,18 +405,37 @@ impl PagePool {
         Ok(out)
     }
 
-    /// Returns pages taken with [`PagePool::acquire`]. They must be unmapped everywhere.
+    /// Returns pages taken with [`PagePool::acquire`] or [`PagePool::share`]: one reference per
+    /// handle. A page whose last reference this was must be unmapped everywhere; it goes to the
+    /// free list. Returns how many pages went to the free list.
     ///
     /// Free pages above the high watermark are released: by the background thread, or here when
     /// it does not run.
-    pub fn give_back(&self, pages: Vec<PageHandle>) {
+    pub fn give_back(&self, pages: Vec<PageHandle>) -> usize {
         if pages.is_empty() {
-            return;
+            return 0;
         }
         let inner = &*self.inner;
         let mut s = inner.lock();
-        s.in_use = s.in_use.saturating_sub(pages.len());
-        s.free.extend(pages);
+        let mut freed = Vec::with_capacity(pages.len());
+        for p in pages {
+            match s.extra.get_mut(&p.raw()) {
+                Some(n) => {
+                    *n -= 1;
+                    if *n == 0 {
+                        s.extra.remove(&p.raw());
+                    }
+                    s.extra_total -= 1;
+                }
+                None => freed.push(p),
+            }
+        }
+        let n = freed.len();
+        if n == 0 {
+            return 0;
+        }
+        s.in_use = s.in_use.saturating_sub(n);
+        s.free.extend(freed);
         inner.created.notify_all();
         if inner.needs_trim(&s) {
             if self.worker.is_some() {
@@ -398,6 +450,7 @@ impl PagePool {
                 }
             }
         }
+        n
     }
 
     /// Releases free pages until at most `keep` remain.
@@ -457,5 +510,23 @@ mod tests {
         pool.give_back(pages);
         assert_eq!(pool.stats().in_use, 0);
         Ok(())
+    }
+
+    #[test]
+    fn shared_pages_return_with_their_last_owner() {
+        let backend = Arc::new(HostBackend::new(HostConfig::default()).unwrap());
+        let pool = PagePool::new(backend, PoolConfig::with_budget(2 << 20, 8 << 20)).unwrap();
+        let first = pool.acquire(1).unwrap();
+        let second = pool.share(&first[0]);
+        let third = pool.share(&second);
+        assert_eq!(pool.owners(&first[0]), 3);
+        let s = pool.stats();
+        assert_eq!((s.in_use, s.references, s.shared), (1, 3, 1));
+        assert_eq!(pool.give_back(first), 0);
+        assert_eq!(pool.give_back(vec![third]), 0);
+        assert_eq!(pool.owners(&second), 1);
+        assert_eq!(pool.give_back(vec![second]), 1);
+        let s = pool.stats();
+        assert_eq!((s.in_use, s.references, s.shared, s.free), (0, 0, 0, 1));
     }
 }

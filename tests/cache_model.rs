@@ -1,6 +1,8 @@
 //! Model-based property tests of `KvCache` (proptest-state-machine), with and without injected
 //! faults, in both layouts: after every operation the model's invariants hold and every live
-//! token's K and V bytes read back exactly as written.
+//! token's K and V bytes read back exactly as written — tokens shared through the prefix index
+//! (publish, alloc-with-prefix, eviction) included — and the pool's page and reference counts
+//! equal what the slots and the prefix index hold.
 
 use proptest::prelude::*;
 use proptest::test_runner::Config;
@@ -47,11 +49,19 @@ fn op_strategy(faults: bool) -> BoxedStrategy<Op> {
                 .boxed(),
         ),
         (1, Just(Op::Reclaim).boxed()),
+        (3, any::<u8>().prop_map(|k| Op::Publish { k }).boxed()),
+        (
+            4,
+            (any::<u8>(), any::<u16>(), 0u8..40)
+                .prop_map(|(src, len, extra)| Op::AllocPrefix { src, len, extra })
+                .boxed(),
+        ),
+        (1, (0u8..4).prop_map(|n| Op::Evict { n }).boxed()),
     ];
     if faults {
         ops.push((
             3,
-            (0u8..4, 0u8..4)
+            (0u8..5, 0u8..4)
                 .prop_map(|(kind, nth)| Op::Fault { kind, nth })
                 .boxed(),
         ));
@@ -86,7 +96,7 @@ macro_rules! model_test {
 
             fn apply(mut state: Reference, op: &Op) -> Reference {
                 match op {
-                    Op::Alloc { .. } => {
+                    Op::Alloc { .. } | Op::AllocPrefix { .. } => {
                         state.live = (state.live + 1).min(state.config.max_slots)
                     }
                     Op::Free { .. } => state.live = state.live.saturating_sub(1),
@@ -112,7 +122,11 @@ macro_rules! model_test {
             }
 
             fn check_invariants(h: &Harness, state: &Reference) {
-                assert_eq!(h.live().len(), state.live, "live slot count");
+                // With faults an allocation may fail (a free slot's shared pages could not be
+                // unmapped); the harness checks the exact count against the cache itself.
+                if !state.config.faults {
+                    assert_eq!(h.live().len(), state.live, "live slot count");
+                }
             }
 
             fn teardown(h: Harness) {

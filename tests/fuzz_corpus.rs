@@ -172,6 +172,70 @@ fn seeds() -> Vec<(String, FuzzInput)> {
                 );
             }
         }
+        // Prefix sharing: publish a prompt, admit requests that share it (whole, partly, with
+        // their own tails), decode them all, shrink into and out of the shared pages, free the
+        // publisher, evict, and admit again from what stayed cached.
+        let prefix = vec![
+            Alloc { hint: 120 },
+            Ensure { k: 0, tokens: 100 },
+            Publish { k: 0 },
+            AllocPrefix {
+                src: 0,
+                len: 100,
+                extra: 30,
+            },
+            AllocPrefix {
+                src: 0,
+                len: 70,
+                extra: 5,
+            },
+            Decode { by: 3 },
+            Publish { k: 1 },
+            Shrink { k: 1, tokens: 33 },
+            Shrink { k: 1, tokens: 32 },
+            Decode { by: 2 },
+            Free { k: 0 },
+            AllocPrefix {
+                src: 1,
+                len: 130,
+                extra: 0,
+            },
+            Free { k: 0 },
+            Free { k: 0 },
+            Evict { n: 2 },
+            AllocPrefix {
+                src: 0,
+                len: 100,
+                extra: 1,
+            },
+            Alloc { hint: 10 },
+            Decode { by: 1 },
+        ];
+        add("prefix", config(layout, 0, false, 36), prefix.clone());
+        add(
+            "prefix-mapper",
+            config(layout, 4, false, 36),
+            prefix.clone(),
+        );
+        // Cached pages must give way under budget pressure, never a page a live slot maps.
+        add(
+            "prefix-budget",
+            config(layout, 0, false, 12),
+            prefix.clone(),
+        );
+        // Failures while publishing (protect), mapping shared pages, and unmapping them.
+        for (kind, what) in [(4u8, "protect"), (0, "map"), (1, "unmap")] {
+            for nth in [0u8, 1, 2] {
+                let mut ops = vec![Fault { kind, nth }];
+                ops.extend(prefix.iter().cloned());
+                ops.insert(5, Fault { kind, nth });
+                add(
+                    &format!("prefix-fault-{what}-{nth}"),
+                    config(layout, 0, true, 24),
+                    ops,
+                );
+            }
+        }
         // Faults while the mapper maps ahead.
         add(
             "fault-mapper",

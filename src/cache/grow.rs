@@ -21,6 +21,19 @@ impl Shared {
                     g.max_tokens
                 )));
             }
+            let s = &st.slots[i];
+            if s.ro > 0 && tokens > s.tokens && s.ro * g.page_size > s.tokens * g.token_bytes {
+                // Only after unmapping shared pages failed twice: growing would write into them.
+                return Err(Error::Grow {
+                    slot,
+                    missing_pages: 0,
+                    source: Box::new(Error::Internal(format!(
+                        "slot {slot} still maps read-only shared pages beyond its {} tokens \
+                         (unmapping them failed); shrink it again or free it",
+                        s.tokens
+                    ))),
+                });
+            }
             targets.push((i, tokens));
         }
         if !targets.windows(2).all(|w| w[0].0 < w[1].0) {

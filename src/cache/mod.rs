@@ -4,7 +4,9 @@ mod config;
 mod grow;
 mod hooks;
 mod mapper;
+mod prefix;
 mod reclaim;
+mod sharing;
 mod slot;
 mod stats;
 mod view;
@@ -15,6 +17,8 @@ pub use config::{
     CacheConfig, DType, Geometry, Layout, ModelShape, MAX_SLOTS, MAX_VIRTUAL_BYTES, PRESETS,
 };
 use grow::{attach, MapFailure, Work};
+pub use prefix::{page_key, prefix_keys, PrefixStats};
+pub use sharing::PrefixHit;
 use slot::Slot;
 pub use slot::SlotId;
 pub use stats::CacheStats;
@@ -41,6 +45,8 @@ struct State {
     mapper_notified: u64,
     mapper_pages: u64,
     reclaimed_pages: u64,
+    /// Published pages (see `sharing.rs`).
+    prefix: prefix::PrefixIndex,
 }
 
 /// The cadence of growth calls, measured by `commit_tokens`.
@@ -248,10 +254,12 @@ impl KvCache {
 
     /// Allocates a free slot for a request expected to need `tokens` tokens: the free slot with
     /// the most pages mapped up to what `tokens` needs (ties go to the slot with fewer pages, so
-    /// that large mapped slots stay for large requests).
+    /// that large mapped slots stay for large requests). Slots that map shared read-only pages
+    /// come last; such a slot gives its pages up before it is handed out.
     ///
     /// # Errors
-    /// [`Error::SlotsExhausted`] when every slot is allocated.
+    /// [`Error::SlotsExhausted`] when every slot is allocated; a backend error if a slot's
+    /// shared pages cannot be unmapped (then no slot was allocated).
     pub fn alloc_slot_for(&self, tokens: usize) -> Result<SlotId> {
         let want = self
             .shared
@@ -265,7 +273,13 @@ impl KvCache {
             .filter(|(_, s)| !s.allocated)
             .max_by_key(|(i, s)| {
                 let m = s.mapped();
-                (m.min(want), std::cmp::Reverse(m), std::cmp::Reverse(*i))
+                // A slot whose first pages are shared read-only must give them up first.
+                (
+                    s.ro == 0,
+                    m.min(want),
+                    std::cmp::Reverse(m),
+                    std::cmp::Reverse(*i),
+                )
             })
             .map(|(i, _)| i);
         let i = best.ok_or(Error::SlotsExhausted {
@@ -276,6 +290,38 @@ impl KvCache {
         s.tokens = 0;
         s.ahead = 0;
         s.epoch += 1;
+        if s.ro > 0 {
+            // Its first page would be written by the new request: let go of every page (the
+            // list has no holes), dropping the references to the shared ones. Reclamation may
+            // be taking pages from it right now: wait for that first.
+            while st.slots[i].busy {
+                st = self
+                    .shared
+                    .changed
+                    .wait(st)
+                    .unwrap_or_else(|p| p.into_inner());
+            }
+            let s = &mut st.slots[i];
+            if s.ro > 0 {
+                s.busy = true;
+                s.shrinking = true;
+                let tails = s.tails(0);
+                drop(st);
+                let r = self.shared.unmap_tails(i, 0, &tails);
+                let mut st = self.shared.lock();
+                let s = &mut st.slots[i];
+                s.busy = false;
+                s.shrinking = false;
+                if let Err(e) = r {
+                    s.allocated = false;
+                    drop(st);
+                    self.shared.changed.notify_all();
+                    return Err(e);
+                }
+                drop(st);
+                self.shared.changed.notify_all();
+            }
+        }
         Ok(SlotId::new(i as u32))
     }
 
@@ -316,10 +362,15 @@ impl KvCache {
 
     /// Cuts `slot` to `tokens` tokens and unmaps the pages beyond them.
     ///
+    /// Shrinking into the slot's read-only (shared) pages drops the slot's references to the
+    /// pages beyond `tokens` and nothing else; it must end on a page boundary there, since the
+    /// next token would be written into a read-only page.
+    ///
     /// # Errors
-    /// [`Error::InvalidArgument`] for a bad slot; a backend error if unmapping fails, in which case
-    /// the slot holds `min(tokens, current)` tokens and the pages that could not be unmapped stay
-    /// mapped to it (nothing leaks).
+    /// [`Error::InvalidArgument`] for a bad slot, or for `tokens` inside a read-only page (see
+    /// [`KvCache::read_only_tokens`]) but not on its boundary (nothing changed); a backend error
+    /// if unmapping fails, in which case the slot holds `min(tokens, current)` tokens and the
+    /// pages that could not be unmapped stay mapped to it (nothing leaks).
     pub fn shrink(&self, slot: SlotId, tokens: usize) -> Result<()> {
         let sh = &*self.shared;
         let (mut st, i) = sh.wait_idle(sh.lock(), slot)?;
@@ -327,6 +378,20 @@ impl KvCache {
         let tokens = tokens.min(sh.geometry.max_tokens);
         let keep = sh.geometry.pages_for(tokens);
         let s = &mut st.slots[i];
+        if s.ro > 0 {
+            let tpp = sh.tokens_per_page()?;
+            if tokens < s.ro * tpp && tokens % tpp != 0 {
+                return Err(Error::InvalidArgument(format!(
+                    "slot {slot}: cannot shrink to {tokens} tokens, inside read-only page {} \
+                     (tokens {}..{} are shared); shrink to {} or to at least {}",
+                    tokens / tpp,
+                    tokens / tpp * tpp,
+                    (tokens / tpp + 1) * tpp,
+                    tokens / tpp * tpp,
+                    s.ro * tpp
+                )));
+            }
+        }
         if tokens < s.tokens {
             s.epoch += 1;
         }
@@ -341,7 +406,7 @@ impl KvCache {
         drop(st);
         let r = sh.unmap_tails(i, keep, &tails);
         sh.finish(&[i]);
-        r
+        r.map(|_| ())
     }
 
     /// Takes every page back from every free slot, and the pages allocated slots have mapped
@@ -478,8 +543,24 @@ impl KvCache {
             mapper_notified: st.mapper_notified,
             mapper_pages: st.mapper_pages,
             reclaimed_pages: st.reclaimed_pages,
+            prefix: st.prefix.stats,
             ..CacheStats::default()
         };
+        // Only read-only pages can be mapped behind several slots: count each once.
+        let mut seen = std::collections::HashSet::new();
+        let mut dup = 0u64;
+        for s in &st.slots {
+            for b in &s.pages {
+                for p in b.iter().take(s.ro) {
+                    if !seen.insert(p.raw()) {
+                        dup += 1;
+                    }
+                }
+            }
+        }
+        stats.distinct_mapped_bytes = stats.mapped_bytes - dup * g.page_size as u64;
+        stats.prefix.cached_pages = st.prefix.entries.len();
+        stats.prefix.reclaimable_pages = reclaim::cached_reclaimable(&st);
         drop(st);
         stats.pool = sh.pool.stats();
         stats.free_pool_pages = stats.pool.free;
@@ -577,11 +658,20 @@ impl Drop for Shared {
                 }
                 let len = pages.len() * self.geometry.page_size;
                 match self.backend.unmap(self.va(b, i, 0), len) {
-                    Ok(()) => self.pool.give_back(pages),
+                    Ok(()) => {
+                        self.pool.give_back(pages);
+                    }
                     Err(e) => tracing::warn!("unmapping slot {i} at drop failed: {e}"),
                 }
             }
         }
+        let cached = self
+            .state
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .prefix
+            .drain();
+        self.pool.give_back(cached);
         for r in std::mem::take(&mut self.buffers) {
             if let Err(e) = self.backend.free_reservation(r) {
                 tracing::warn!("freeing a reservation at drop failed: {e}");

@@ -6,19 +6,28 @@ use crate::vmm::{Backend, PageHandle};
 use super::{Shared, State};
 
 impl Shared {
-    /// Takes `n` pages from the pool; with `reclaim`, takes pages back from free slots when the
-    /// pool runs short (only if that makes the request succeed).
+    /// Takes `n` pages from the pool; with `reclaim`, evicts cached prefix pages no slot maps
+    /// and takes pages back from free slots when the pool runs short (free slots only if that
+    /// makes the request succeed, as far as can be told: a shared page unmapped from a free slot
+    /// frees memory only once the prefix index lets go of it too, which the next round does).
     pub(super) fn acquire(&self, n: usize, reclaim: bool) -> Result<Vec<PageHandle>> {
         let mut attempts = 0;
         loop {
             match self.pool.acquire(n) {
                 Ok(p) => return Ok(p),
-                Err(Error::BudgetExhausted { available, .. }) if reclaim && attempts < 4 => {
+                Err(Error::BudgetExhausted { available, .. }) if reclaim && attempts < 8 => {
                     attempts += 1;
                     let deficit = n - available.min(n);
+                    // Cached pages of finished requests go first.
+                    if self.evict_cached(deficit) > 0 {
+                        continue;
+                    }
                     let reclaimable: usize = {
                         let st = self.lock();
-                        self.victims(&st).iter().map(|v| v.excess).sum()
+                        // Cached pages that only free slots map become free once those are
+                        // taken back (the next round evicts them).
+                        self.victims(&st).iter().map(|v| v.excess).sum::<usize>()
+                            + cached_reclaimable(&st) * self.geometry.buffers
                     };
                     if reclaimable < deficit {
                         // Pages the background mapper holds right now become reclaimable once
@@ -115,9 +124,8 @@ impl Shared {
         let mut result = Ok(());
         let mut total = 0;
         for p in &plan {
-            let before: usize = p.tails.iter().map(|&(_, l)| l - p.keep).sum();
             match self.unmap_tails(p.slot, p.keep, &p.tails) {
-                Ok(()) => total += before,
+                Ok(n) => total += n,
                 Err(e) => result = Err(e),
             }
         }
@@ -128,33 +136,44 @@ impl Shared {
     }
 
     /// Unmaps, in every buffer listed in `tails` (buffer, current length), the pages of slot `i`
-    /// beyond `keep`, and gives them to the pool. The slot must be marked busy by the caller.
+    /// beyond `keep`, and gives the slot's references to them back to the pool (a shared page
+    /// returns to the free list only with its last owner). The slot must be marked busy by the
+    /// caller. Returns how many pages went to the free list.
     pub(super) fn unmap_tails(
         &self,
         i: usize,
         keep: usize,
         tails: &[(usize, usize)],
-    ) -> Result<()> {
+    ) -> Result<usize> {
         let mut first_err = None;
+        let mut freed = 0;
         for &(b, len) in tails {
             let bytes = (len - keep) * self.geometry.page_size;
-            match self.backend.unmap(self.va(b, i, keep), bytes) {
+            let va = self.va(b, i, keep);
+            let mut r = self.backend.unmap(va, bytes);
+            if r.is_err() && keep < self.lock().slots[i].ro {
+                // Shared read-only pages left behind would be written by the slot's next
+                // occupant or growth: try once more before giving up on them.
+                r = self.backend.unmap(va, bytes);
+            }
+            match r {
                 Ok(()) => {
                     let pages = {
                         let mut st = self.lock();
                         let s = &mut st.slots[i];
                         let tail = s.pages[b].split_off(keep);
                         s.refresh();
+                        s.ro = s.ro.min(s.pages.iter().map(Vec::len).max().unwrap_or(0));
                         tail
                     };
-                    self.pool.give_back(pages);
+                    freed += self.pool.give_back(pages);
                 }
                 Err(e) => {
                     first_err.get_or_insert(e);
                 }
             }
         }
-        first_err.map_or(Ok(()), Err)
+        first_err.map_or(Ok(freed), Err)
     }
 }
 
@@ -176,4 +195,23 @@ pub(super) struct Shrink {
     pub(super) keep: usize,
     /// (buffer, current length) of every buffer holding more than `keep` pages.
     pub(super) tails: Vec<(usize, usize)>,
+}
+
+/// Cached prefix page indices that no allocated slot maps (each is one page per buffer).
+pub(super) fn cached_reclaimable(st: &State) -> usize {
+    if st.prefix.entries.is_empty() {
+        return 0;
+    }
+    let live: std::collections::HashSet<u64> = st
+        .slots
+        .iter()
+        .filter(|s| s.allocated)
+        .flat_map(|s| s.pages.iter().flat_map(move |b| b.iter().take(s.ro)))
+        .map(PageHandle::raw)
+        .collect();
+    st.prefix
+        .entries
+        .values()
+        .filter(|e| !e.pages.iter().any(|p| live.contains(&p.raw())))
+        .count()
 }

@@ -78,6 +78,11 @@ pub(super) struct Slot {
     /// Bumped whenever the slot's tokens stop being a continuation of what they were
     /// (allocation, shrink): lets the swap engine tell whether a host copy still matches.
     pub(super) epoch: u64,
+    /// Leading page indices that may be mapped read-only (shared or published; all of them in
+    /// every buffer, unless restoring write access after a failed publish failed too). Pages
+    /// from here on are the slot's own, read/write. For an allocated slot, `ro` pages hold only
+    /// live tokens.
+    pub(super) ro: usize,
 }
 
 impl Slot {

@@ -32,6 +32,11 @@ pub struct CacheStats {
     pub mapper_pages: u64,
     /// Pages taken back from free slots under pressure.
     pub reclaimed_pages: u64,
+    /// The prefix index's counters.
+    pub prefix: super::prefix::PrefixStats,
+    /// Bytes of the distinct pages mapped into the cache: a page mapped behind several slots
+    /// counts once (`mapped_bytes` counts it once per slot).
+    pub distinct_mapped_bytes: u64,
 }
 
 impl CacheStats {

@@ -6,6 +6,12 @@
 //! gains is stamped with a byte pattern derived from (allocation, token, layer, K/V); after every
 //! operation [`Harness::check`] verifies the model's invariants and that **every live token's K
 //! and V bytes read back exactly as written**.
+//!
+//! Every request has token ids, and the pattern of a token is derived from the ids of the whole
+//! prefix ending at it (its "content"), as real KV is: a page shared through the prefix index
+//! reads back as whoever wrote it first, and the check proves that the page mapped behind a new
+//! request is one whose tokens match its own. Page references are checked against the pool: the
+//! distinct pages and the references that slots and the prefix index hold equal the pool's counts.
 
 #[cfg(feature = "arbitrary")]
 use arbitrary::Arbitrary;
@@ -61,11 +67,40 @@ pub enum Op {
     Reclaim,
     /// Arm a fault: the `nth` next call of a kind fails (only with faults enabled).
     Fault {
-        /// 0 map, 1 unmap, 2 create page, 3 release page.
+        /// 0 map, 1 unmap, 2 create page, 3 release page, 4 protect.
         kind: u8,
         /// 1-based call number from now.
         nth: u8,
     },
+    /// Publish the full pages of the `k`-th live slot's tokens in the prefix index.
+    Publish {
+        /// Live slot index.
+        k: u8,
+    },
+    /// Admit a request through the prefix index: its tokens are the first `len` (modulo the
+    /// source's length + 1) of the `src`-th published token sequence, then `extra` new ones;
+    /// then prefill the rest.
+    AllocPrefix {
+        /// Published sequence index.
+        src: u8,
+        /// Tokens taken from it.
+        len: u16,
+        /// New tokens after them.
+        extra: u8,
+    },
+    /// Evict up to `n` cached page indices that no slot maps.
+    Evict {
+        /// Page indices.
+        n: u8,
+    },
+}
+
+/// The namespace the harness publishes in.
+const NAMESPACE: u64 = 0x6b76_766d;
+
+/// A 32-bit mix of two words (token ids, content ids).
+fn mix(a: u32, b: u32) -> u32 {
+    stamp(a, b as usize, 0, Kv::K, 0)
 }
 
 #[derive(Clone, Debug)]
@@ -73,6 +108,41 @@ struct Live {
     slot: SlotId,
     tokens: usize,
     generation: u32,
+    /// Token ids (at least `tokens` of them).
+    ids: Vec<u32>,
+    /// Content id of every prefix: `cids[t]` = mix(cids[t-1], ids[t]).
+    cids: Vec<u32>,
+    /// Leading tokens mapped read-only.
+    ro: usize,
+}
+
+impl Live {
+    fn new(slot: SlotId, generation: u32, ids: Vec<u32>) -> Self {
+        let mut l = Live {
+            slot,
+            tokens: 0,
+            generation,
+            ids: Vec::new(),
+            cids: Vec::new(),
+            ro: 0,
+        };
+        for id in ids {
+            l.push(id);
+        }
+        l
+    }
+    fn push(&mut self, id: u32) {
+        let prev = self.cids.last().copied().unwrap_or(0x5eed);
+        self.ids.push(id);
+        self.cids.push(mix(prev, id));
+    }
+    /// Makes sure ids exist for `to` tokens (new tokens get ids unique to this request).
+    fn extend_to(&mut self, to: usize) {
+        while self.ids.len() < to {
+            let id = mix(self.generation, self.ids.len() as u32);
+            self.push(id);
+        }
+    }
 }
 
 /// The harness. See the [module documentation](self).
@@ -85,6 +155,8 @@ pub struct Harness {
     live: Vec<Live>,
     next_generation: u32,
     budget_pages: usize,
+    /// Token sequences published so far (the most recent few), for [`Op::AllocPrefix`].
+    catalog: Vec<Vec<u32>>,
 }
 
 /// Options of a [`Harness`].
@@ -281,6 +353,7 @@ impl Harness {
             live: Vec::new(),
             next_generation: 1,
             budget_pages: config.budget_pages,
+            catalog: Vec::new(),
         })
     }
 
@@ -298,16 +371,45 @@ impl Harness {
     }
 
     fn write_tokens(&self, l: &Live, from: usize, to: usize) -> Result<(), String> {
-        // SAFETY: the harness is the only user of its cache; `l` is allocated and holds at least
-        // `to` tokens (the model was updated after a successful growth), and no other thread
-        // touches the slot during the call.
-        unsafe { stamp_tokens(self.cache(), l.slot, l.generation, from, to) }
+        for t in from..to {
+            // SAFETY: the harness is the only user of its cache; `l` is allocated and holds at
+            // least `to` tokens (the model was updated after a successful growth), the tokens
+            // from `from` on lie beyond its read-only pages, and no other thread touches the
+            // slot during the call.
+            unsafe { stamp_tokens(self.cache(), l.slot, l.cids[t], t, t + 1)? };
+        }
+        Ok(())
     }
 
     fn verify_slot(&self, l: &Live) -> Result<(), String> {
-        // SAFETY: as in `write_tokens`: the slot is allocated with `l.tokens` tokens and nothing
-        // else changes it during the call.
-        unsafe { verify_tokens(self.cache(), l.slot, l.generation, l.tokens) }
+        let g = self.cache().geometry();
+        let words = g.row_bytes() / 4;
+        for t in 0..l.tokens {
+            for layer in 0..g.layers {
+                for kv in [Kv::K, Kv::V] {
+                    let p = row_ptr(self.cache(), l.slot, t, layer, kv)?;
+                    for w in 0..words {
+                        // SAFETY: `row` checked that the token is live, so its row is mapped
+                        // and readable; rows are u32-aligned; nothing writes it meanwhile.
+                        let got = unsafe { p.add(w).read_volatile() };
+                        let want = stamp(l.cids[t], t, layer, kv, w);
+                        if got != want {
+                            return Err(format!(
+                                "slot {} token {t} layer {layer} {kv:?} word {w}: read {got:#x}, wrote {want:#x} (read-only tokens {})",
+                                l.slot, l.ro
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Tokens per page index (prefix sharing's unit), or `None` when pages do not hold whole
+    /// tokens.
+    fn tpp(&self) -> Option<usize> {
+        self.cache().tokens_per_page().ok()
     }
 
     /// Whether a growth failure is legitimate: injected, or the live tokens after the operation
@@ -320,9 +422,21 @@ impl Harness {
         if matches!(root, Error::Injected { .. }) && self.faulty.is_some() {
             return Ok(());
         }
+        // A slot that still maps read-only pages beyond its tokens (their unmapping failed
+        // twice) refuses to grow rather than write into them.
+        if matches!(root, Error::Internal(_))
+            && self.faulty.is_some()
+            && targets
+                .iter()
+                .any(|&(k, _)| self.live[k].ro > self.live[k].tokens)
+        {
+            return Ok(());
+        }
         if let Error::BudgetExhausted { .. } = root {
             let g = self.cache().geometry();
-            let need: usize = self
+            // Read-only pages may be shared between slots: count each once.
+            let mut shared = std::collections::HashSet::new();
+            let private: usize = self
                 .live
                 .iter()
                 .enumerate()
@@ -334,9 +448,14 @@ impl Harness {
                         .max()
                         .unwrap_or(0)
                         .max(l.tokens);
-                    g.pages_for(t) * g.buffers
+                    let ro_pages = self.tpp().map_or(0, |tpp| l.ro / tpp);
+                    for b in self.cache().debug_page_ids(l.slot) {
+                        shared.extend(b.into_iter().take(ro_pages));
+                    }
+                    (g.pages_for(t) - ro_pages) * g.buffers
                 })
                 .sum();
+            let need = private + shared.len();
             if need > self.budget_pages {
                 return Ok(());
             }
@@ -362,14 +481,13 @@ impl Harness {
                     if self.live.iter().any(|l| l.slot == slot) {
                         return Err(format!("alloc returned live slot {slot}"));
                     }
-                    self.live.push(Live {
-                        slot,
-                        tokens: 0,
-                        generation: self.next_generation,
-                    });
+                    self.live
+                        .push(Live::new(slot, self.next_generation, Vec::new()));
                     self.next_generation += 1;
                 }
                 Err(Error::SlotsExhausted { .. }) if n == self.cache().geometry().max_slots => {}
+                // Giving up a free slot's shared pages may fail.
+                Err(Error::Injected { .. }) if self.faulty.is_some() => {}
                 Err(e) => return Err(format!("alloc failed with {n} live slots: {e}")),
             },
             Op::Free { k } if n > 0 => {
@@ -398,11 +516,38 @@ impl Harness {
                 let k = usize::from(*k) % n;
                 let t = clamp(*tokens);
                 let r = self.cache().shrink(self.live[k].slot, t);
-                self.live[k].tokens = self.live[k].tokens.min(t);
+                let l = &self.live[k];
+                let tpp = self.tpp().unwrap_or(1);
+                if t < l.ro && t % tpp != 0 {
+                    // Inside a read-only page, not on its boundary: refused, nothing changed.
+                    return match r {
+                        Err(Error::InvalidArgument(_)) => self.check(),
+                        other => Err(format!(
+                            "shrink of slot {} to {t} inside its {} read-only tokens gave {other:?}",
+                            l.slot, l.ro
+                        )),
+                    };
+                }
+                let old_ro = l.ro;
+                let l = &mut self.live[k];
+                l.tokens = l.tokens.min(t);
+                l.ro = l.ro.min(t);
                 if let Err(e) = r {
                     if !(self.faulty.is_some() && matches!(e, Error::Injected { .. })) {
                         return Err(format!("shrink failed: {e}"));
                     }
+                    // Shared pages that could not be unmapped (twice) stay read-only.
+                    let slot = self.live[k].slot;
+                    let ro = self
+                        .cache()
+                        .read_only_tokens(slot)
+                        .map_err(|e| e.to_string())?;
+                    if ro < self.live[k].ro || ro > old_ro {
+                        return Err(format!(
+                            "failed shrink of slot {slot} left {ro} read-only tokens (had {old_ro})"
+                        ));
+                    }
+                    self.live[k].ro = ro;
                 }
             }
             Op::Reclaim => {
@@ -414,18 +559,127 @@ impl Harness {
             }
             Op::Fault { kind, nth } => {
                 if let Some(f) = &self.faulty {
-                    let op = match kind % 4 {
+                    let op = match kind % 5 {
                         0 => BackendOp::Map,
                         1 => BackendOp::Unmap,
                         2 => BackendOp::CreatePage,
-                        _ => BackendOp::ReleasePage,
+                        3 => BackendOp::ReleasePage,
+                        _ => BackendOp::Protect,
                     };
                     f.fail_nth(op, u64::from(*nth % 8) + 1);
                 }
             }
+            Op::Publish { k } if n > 0 => self.publish(usize::from(*k) % n)?,
+            Op::AllocPrefix { src, len, extra } => self.alloc_prefix(*src, *len, *extra)?,
+            Op::Evict { n } => {
+                self.cache().evict_prefixes(usize::from(*n));
+            }
             _ => {}
         }
         self.check()
+    }
+
+    fn publish(&mut self, k: usize) -> Result<(), String> {
+        let Some(tpp) = self.tpp() else {
+            return Ok(());
+        };
+        let l = &self.live[k];
+        let ids = l.ids[..l.tokens].to_vec();
+        match self.cache().publish(l.slot, &ids, NAMESPACE) {
+            Ok(full) => {
+                if full != l.tokens / tpp {
+                    return Err(format!(
+                        "publish of slot {} with {} tokens made {full} pages read-only, expected {}",
+                        l.slot,
+                        l.tokens,
+                        l.tokens / tpp
+                    ));
+                }
+                let l = &mut self.live[k];
+                l.ro = l.ro.max(full * tpp);
+                if full > 0 {
+                    if self.catalog.len() == 8 {
+                        self.catalog.remove(0);
+                    }
+                    self.catalog.push(ids);
+                }
+                Ok(())
+            }
+            Err(Error::Injected { .. }) if self.faulty.is_some() => {
+                // Pages whose write access could not be restored either (a second injected
+                // failure) count as read-only: they hold live tokens only.
+                let ro = self
+                    .cache()
+                    .read_only_tokens(l.slot)
+                    .map_err(|e| e.to_string())?;
+                if ro != l.ro && ro != l.tokens / tpp * tpp {
+                    return Err(format!(
+                        "failed publish of slot {} left {ro} read-only tokens (model {}, {} live)",
+                        l.slot, l.ro, l.tokens
+                    ));
+                }
+                self.live[k].ro = ro;
+                Ok(())
+            }
+            Err(e) => Err(format!("publish of slot {}: {e}", l.slot)),
+        }
+    }
+
+    fn alloc_prefix(&mut self, src: u8, len: u16, extra: u8) -> Result<(), String> {
+        let Some(tpp) = self.tpp() else {
+            return Ok(());
+        };
+        let g = self.cache().geometry();
+        let max_tokens = g.max_tokens;
+        let max_slots = g.max_slots;
+        let mut ids: Vec<u32> = match self.catalog.len() {
+            0 => Vec::new(),
+            c => {
+                let base = &self.catalog[usize::from(src) % c];
+                base[..usize::from(len) % (base.len() + 1)].to_vec()
+            }
+        };
+        let generation = self.next_generation;
+        self.next_generation += 1;
+        for i in 0..usize::from(extra) {
+            ids.push(mix(generation, (ids.len() + i) as u32));
+        }
+        ids.truncate(max_tokens);
+        let n = self.live.len();
+        let hit = match self.cache().alloc_slot_with_prefix(&ids, NAMESPACE) {
+            Ok(hit) => hit,
+            Err(Error::SlotsExhausted { .. }) if n == max_slots => return Ok(()),
+            Err(Error::Grow { source, .. })
+                if self.faulty.is_some() && matches!(*source, Error::Injected { .. }) =>
+            {
+                return Ok(())
+            }
+            Err(Error::Injected { .. }) if self.faulty.is_some() => return Ok(()),
+            Err(e) => return Err(format!("alloc with a prefix of {} tokens: {e}", ids.len())),
+        };
+        if self.live.iter().any(|l| l.slot == hit.slot) {
+            return Err(format!(
+                "alloc with a prefix returned live slot {}",
+                hit.slot
+            ));
+        }
+        if hit.tokens % tpp != 0 || hit.tokens > ids.len() {
+            return Err(format!(
+                "alloc with a prefix of {} tokens reused {} (pages of {tpp})",
+                ids.len(),
+                hit.tokens
+            ));
+        }
+        let prompt = ids.len();
+        let mut l = Live::new(hit.slot, generation, ids);
+        l.tokens = hit.tokens;
+        l.ro = hit.tokens;
+        self.live.push(l);
+        // The shared tokens must read back as their first writer stamped them.
+        self.check()?;
+        // Prefill the rest.
+        let k = self.live.len() - 1;
+        self.grow(&[(k, prompt)])
     }
 
     fn grow(&mut self, items: &[(usize, usize)]) -> Result<(), String> {
@@ -437,6 +691,7 @@ impl Harness {
                 for &(k, t) in items {
                     let old = self.live[k].tokens;
                     if t > old {
+                        self.live[k].extend_to(t);
                         self.live[k].tokens = t;
                         let l = self.live[k].clone();
                         self.write_tokens(&l, old, t)?;
@@ -481,6 +736,15 @@ impl Harness {
                     l.slot
                 ));
             }
+            let ro = cache
+                .read_only_tokens(l.slot)
+                .map_err(|e| format!("read_only_tokens({}): {e}", l.slot))?;
+            if ro != l.ro {
+                return Err(format!(
+                    "slot {} has {ro} read-only tokens, model {}",
+                    l.slot, l.ro
+                ));
+            }
             self.verify_slot(l)?;
         }
         let stats = cache.stats();
@@ -502,11 +766,18 @@ impl Harness {
                 stats.live_bytes
             ));
         }
-        let mapped_pages = stats.mapped_bytes / g.page_size as u64;
-        if stats.pool.in_use as u64 != mapped_pages {
+        // Every page the pool hands out is mapped by a slot or kept by the prefix index, and
+        // every reference the pool counts is held by one of them.
+        let (distinct, references) = cache.debug_page_census();
+        if (stats.pool.in_use, stats.pool.references) != (distinct, references) {
             return Err(format!(
-                "pool has {} pages in use but {mapped_pages} are mapped",
-                stats.pool.in_use
+                "pool has {} pages in use and {} references, but slots and the prefix index hold {distinct} pages and {references} references",
+                stats.pool.in_use, stats.pool.references
+            ));
+        }
+        if stats.distinct_mapped_bytes > stats.mapped_bytes {
+            return Err(format!(
+                "distinct mapped bytes above mapped bytes: {stats:?}"
             ));
         }
         if stats.pool.live > stats.pool.budget_pages {
@@ -644,6 +915,20 @@ impl FuzzInput {
                     out.push(*kind);
                     out.push(*nth);
                 }
+                Op::Publish { k } => {
+                    tag(&mut out, 8);
+                    out.push(*k);
+                }
+                Op::AllocPrefix { src, len, extra } => {
+                    tag(&mut out, 9);
+                    out.push(*src);
+                    out.extend_from_slice(&len.to_le_bytes());
+                    out.push(*extra);
+                }
+                Op::Evict { n } => {
+                    tag(&mut out, 10);
+                    out.push(*n);
+                }
             }
         }
         out.push(0);
@@ -654,7 +939,7 @@ impl FuzzInput {
 #[cfg(feature = "arbitrary")]
 impl Op {
     /// Number of variants (what `arbitrary` picks among).
-    const VARIANTS: u64 = 8;
+    const VARIANTS: u64 = 11;
 }
 
 /// Runs one fuzz input (see [`FuzzInput`]): builds the harness, applies every operation with

@@ -34,8 +34,8 @@ use kvvm_sys::{
 };
 
 use super::{
-    check_multiple, Backend, BackendInfo, BackendKind, BackendOp, Completion, CopyKind, CopyRegion,
-    HostBuffer, PageHandle, VaRange,
+    check_multiple, Access, Backend, BackendInfo, BackendKind, BackendOp, Completion, CopyKind,
+    CopyRegion, HostBuffer, PageHandle, VaRange,
 };
 use crate::error::{Error, Result};
 
@@ -273,6 +273,14 @@ impl Drop for CudaBackend {
     }
 }
 
+/// The `cuMemSetAccess` grant of `access` for device `ordinal`.
+fn access_desc(access: Access, ordinal: CUdevice) -> CUmemAccessDesc {
+    match access {
+        Access::ReadWrite => CUmemAccessDesc::read_write_device(ordinal),
+        Access::ReadOnly => CUmemAccessDesc::read_only_device(ordinal),
+    }
+}
+
 impl Backend for CudaBackend {
     fn info(&self) -> BackendInfo {
         BackendInfo {
@@ -360,6 +368,10 @@ impl Backend for CudaBackend {
     }
 
     fn map(&self, va: u64, pages: &[&PageHandle]) -> Result<()> {
+        self.map_with_access(va, pages, Access::ReadWrite)
+    }
+
+    fn map_with_access(&self, va: u64, pages: &[&PageHandle], access: Access) -> Result<()> {
         if pages.is_empty() {
             return Ok(());
         }
@@ -385,13 +397,23 @@ impl Backend for CudaBackend {
             }
             offset += p.size();
         }
-        let access = [CUmemAccessDesc::read_write_device(self.ctx.device)];
+        let access = [access_desc(access, self.ctx.device)];
         // SAFETY: `[va, va+total)` was mapped by this call just above and is not yet in use.
         if let Err(e) = unsafe { result::mem_set_access(va, total, &access) } {
             self.rollback_map(va, total);
             return Err(driver_error(BackendOp::Map, e));
         }
         Ok(())
+    }
+
+    fn protect(&self, va: u64, len: usize, access: Access) -> Result<()> {
+        self.check_range("protecting", va, len)?;
+        let _bound = self.ctx.bind_for(BackendOp::Protect)?;
+        let desc = [access_desc(access, self.ctx.device)];
+        // SAFETY: the range lies in a reservation of this backend and, by the trait's contract,
+        // consists of whole pages mapped by `map`; changing their access rights touches no memory.
+        unsafe { result::mem_set_access(va, len, &desc) }
+            .map_err(|e| driver_error(BackendOp::Protect, e))
     }
 
     fn unmap(&self, va: u64, len: usize) -> Result<()> {

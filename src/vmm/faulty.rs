@@ -16,8 +16,8 @@
 use std::sync::{Arc, Mutex};
 
 use super::{
-    Backend, BackendInfo, BackendKind, BackendOp, Completion, CopyKind, CopyRegion, HostBuffer,
-    PageHandle, VaRange,
+    Access, Backend, BackendInfo, BackendKind, BackendOp, Completion, CopyKind, CopyRegion,
+    HostBuffer, PageHandle, VaRange,
 };
 use crate::error::{Error, Result};
 
@@ -214,9 +214,17 @@ impl Backend for FaultyBackend {
         self.check(BackendOp::Map)?;
         self.inner.map(va, pages)
     }
+    fn map_with_access(&self, va: u64, pages: &[&PageHandle], access: Access) -> Result<()> {
+        self.check(BackendOp::Map)?;
+        self.inner.map_with_access(va, pages, access)
+    }
     fn unmap(&self, va: u64, len: usize) -> Result<()> {
         self.check(BackendOp::Unmap)?;
         self.inner.unmap(va, len)
+    }
+    fn protect(&self, va: u64, len: usize, access: Access) -> Result<()> {
+        self.check(BackendOp::Protect)?;
+        self.inner.protect(va, len, access)
     }
     fn alloc_host(&self, len: usize) -> Result<HostBuffer> {
         self.check(BackendOp::AllocHost)?;

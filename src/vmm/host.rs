@@ -26,8 +26,8 @@ use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
 use nix::sys::mman::{mmap, mmap_anonymous, munmap, MapFlags, ProtFlags};
 
 use super::{
-    check_multiple, Backend, BackendInfo, BackendKind, BackendOp, Completion, CopyKind, CopyRegion,
-    HostBuffer, PageHandle, VaRange,
+    check_multiple, Access, Backend, BackendInfo, BackendKind, BackendOp, Completion, CopyKind,
+    CopyRegion, HostBuffer, PageHandle, VaRange,
 };
 use crate::error::{Error, Result};
 
@@ -106,6 +106,13 @@ pub fn process_map_count() -> Result<usize> {
         message: format!("reading /proc/self/maps: {e}"),
     })?;
     Ok(data.iter().filter(|&&b| b == b'\n').count())
+}
+
+fn prot_flags(access: Access) -> ProtFlags {
+    match access {
+        Access::ReadWrite => ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+        Access::ReadOnly => ProtFlags::PROT_READ,
+    }
 }
 
 fn sys_err(op: BackendOp, what: &str, e: Errno) -> Error {
@@ -458,6 +465,10 @@ impl Backend for HostBackend {
     }
 
     fn map(&self, va: u64, pages: &[&PageHandle]) -> Result<()> {
+        self.map_with_access(va, pages, Access::ReadWrite)
+    }
+
+    fn map_with_access(&self, va: u64, pages: &[&PageHandle], access: Access) -> Result<()> {
         if pages.is_empty() {
             return Ok(());
         }
@@ -495,7 +506,7 @@ impl Backend for HostBackend {
                         mmap(
                             Some(at),
                             length,
-                            ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                            prot_flags(access),
                             MapFlags::MAP_SHARED | MapFlags::MAP_FIXED,
                             &self.memfd,
                             off as i64,
@@ -531,6 +542,27 @@ impl Backend for HostBackend {
     fn unmap(&self, va: u64, len: usize) -> Result<()> {
         self.check_range(va, len)?;
         self.unmap_raw(va, len)
+    }
+
+    fn protect(&self, va: u64, len: usize, access: Access) -> Result<()> {
+        self.check_range(va, len)?;
+        // Changing part of a mapping splits it: up to two more mappings.
+        self.check_headroom(2)?;
+        // SAFETY: the range lies inside a reservation of this backend (check_range), which holds
+        // no Rust-visible memory; changing its protection affects only accesses through raw
+        // pointers that the cache's callers make, and the contract makes it whole mapped pages.
+        let r = unsafe {
+            libc::mprotect(
+                va as usize as *mut libc::c_void,
+                len,
+                prot_flags(access).bits(),
+            )
+        };
+        if r != 0 {
+            return Err(sys_err(BackendOp::Protect, "mprotect", Errno::last()));
+        }
+        self.vma_estimate.fetch_add(2, Ordering::Relaxed);
+        Ok(())
     }
 
     fn alloc_host(&self, len: usize) -> Result<HostBuffer> {

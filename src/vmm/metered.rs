@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::{
-    Backend, BackendInfo, BackendKind, BackendOp, Completion, CopyKind, CopyRegion, HostBuffer,
-    PageHandle, VaRange,
+    Access, Backend, BackendInfo, BackendKind, BackendOp, Completion, CopyKind, CopyRegion,
+    HostBuffer, PageHandle, VaRange,
 };
 use crate::error::{Error, Result};
 
@@ -146,9 +146,19 @@ impl Backend for MeteredBackend {
     fn map(&self, va: u64, pages: &[&PageHandle]) -> Result<()> {
         self.timed(BackendOp::Map, Result::is_ok, || self.inner.map(va, pages))
     }
+    fn map_with_access(&self, va: u64, pages: &[&PageHandle], access: Access) -> Result<()> {
+        self.timed(BackendOp::Map, Result::is_ok, || {
+            self.inner.map_with_access(va, pages, access)
+        })
+    }
     fn unmap(&self, va: u64, len: usize) -> Result<()> {
         self.timed(BackendOp::Unmap, Result::is_ok, || {
             self.inner.unmap(va, len)
+        })
+    }
+    fn protect(&self, va: u64, len: usize, access: Access) -> Result<()> {
+        self.timed(BackendOp::Protect, Result::is_ok, || {
+            self.inner.protect(va, len, access)
         })
     }
     fn alloc_host(&self, len: usize) -> Result<HostBuffer> {

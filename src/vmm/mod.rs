@@ -11,6 +11,7 @@
 //! | [`Backend::create_page`] | `cuMemCreate` | an extent of one memfd arena |
 //! | [`Backend::map`] | `cuMemMap` per page + one `cuMemSetAccess` per run | one `mmap(MAP_FIXED)` per run of consecutive arena offsets |
 //! | [`Backend::unmap`] | `cuMemUnmap` | `mmap(PROT_NONE, MAP_FIXED)` over the range |
+//! | [`Backend::protect`] | `cuMemSetAccess` (read or read/write) | `mprotect` |
 //! | [`Backend::release_page`] | `cuMemRelease` | `fallocate(PUNCH_HOLE)` |
 //! | [`Backend::alloc_host`] | `cuMemHostAlloc` | anonymous memory |
 //! | [`Backend::copy_async`] | `cuMemcpy*Async` on a stream + event | worker threads |
@@ -20,7 +21,9 @@
 //!   [`Backend::map`] leaves the whole range unmapped; a failed [`Backend::unmap`] leaves it as it
 //!   was as far as the platform allows and reports it).
 //! - A page may be mapped at several addresses at once (aliasing); bytes written through one
-//!   mapping are visible through every other.
+//!   mapping are visible through every other. A mapping may be read-only ([`Access::ReadOnly`]):
+//!   a write through it faults (host: `SIGSEGV`; CUDA: an illegal-address error of the kernel),
+//!   which is how shared prefix pages are kept from being corrupted by one of their users.
 //! - Unmapping never destroys a page's contents; releasing does.
 //! - All methods may be called from several threads at once.
 //!
@@ -63,12 +66,23 @@ impl VaRange {
     }
 }
 
+/// Access rights of a mapping.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Access {
+    /// Reads and writes (what [`Backend::map`] gives).
+    #[default]
+    ReadWrite,
+    /// Reads only: a write faults.
+    ReadOnly,
+}
+
 /// A physical page created by [`Backend::create_page`].
 ///
 /// The handle is an identifier, not a capability: using a handle with a backend that did not
 /// create it, or after releasing it, gives an error or maps meaningless bytes, never undefined
 /// behaviour. It is deliberately neither `Copy` nor `Clone`, so that ownership of a page is
-/// tracked by the type system inside kvvm.
+/// tracked by the type system inside kvvm: a page with several owners (shared prefix pages) has
+/// one handle per owner, handed out and counted by [`crate::pool::PagePool::share`].
 #[derive(Debug, PartialEq, Eq, Hash)]
 pub struct PageHandle {
     raw: u64,
@@ -229,6 +243,41 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// # Errors
     /// [`Error::InvalidArgument`] for a misaligned or unreserved range, or a backend error.
     fn unmap(&self, va: u64, len: usize) -> Result<()>;
+
+    /// [`Backend::map`] with the given access rights (read-only for pages shared between slots).
+    ///
+    /// The provided implementation maps read/write and then calls [`Backend::protect`]; backends
+    /// override it to do both at once.
+    ///
+    /// # Errors
+    /// As [`Backend::map`] and [`Backend::protect`]; on error nothing of the range is mapped
+    /// (unless undoing the mapping failed too, which is logged).
+    fn map_with_access(&self, va: u64, pages: &[&PageHandle], access: Access) -> Result<()> {
+        self.map(va, pages)?;
+        if access != Access::ReadWrite {
+            let len: usize = pages.iter().map(|p| p.size()).sum();
+            if let Err(e) = self.protect(va, len, access) {
+                if let Err(u) = self.unmap(va, len) {
+                    tracing::warn!("undoing a mapping whose protection failed: {u}");
+                }
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Changes the access rights of `[va, va+len)`, which must consist of whole pages mapped by
+    /// [`Backend::map`].
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for a misaligned or unreserved range, or a backend error; the
+    /// provided implementation refuses (a backend that cannot protect cannot share pages safely).
+    fn protect(&self, va: u64, len: usize, access: Access) -> Result<()> {
+        Err(Error::InvalidArgument(format!(
+            "the {} backend cannot set {access:?} access on {va:#x}+{len:#x}",
+            self.kind()
+        )))
+    }
 
     /// Allocates a host buffer usable as the host side of [`Backend::copy_async`] (page-locked on
     /// CUDA).

@@ -158,6 +158,14 @@ impl CUmemAccessDesc {
             flags: CU_MEM_ACCESS_FLAGS_PROT_READWRITE,
         }
     }
+
+    /// Read-only access for device `ordinal` (a write faults).
+    pub fn read_only_device(ordinal: c_int) -> Self {
+        CUmemAccessDesc {
+            flags: CU_MEM_ACCESS_FLAGS_PROT_READ,
+            ..Self::read_write_device(ordinal)
+        }
+    }
 }
 
 // Layouts on LP64 (the only data model kvvm supports), as `cuda.h` gives them.

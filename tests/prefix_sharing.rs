@@ -1,0 +1,384 @@
+//! Copy-free prefix sharing on the host backend with small pages, in both layouts: published
+//! pages are mapped (not copied) behind new requests, read back as their writer stamped them,
+//! are read-only for every slot (a write faults, checked in a child process), survive the other
+//! sharers' decode, shrink, free and swap, are evicted least recently used and never while a
+//! live slot maps them, and every reference goes back to the pool.
+
+use std::sync::Arc;
+
+use kvvm::testing::stamp;
+use kvvm::vmm::host::{os_page_size, HostBackend, HostConfig};
+use kvvm::vmm::{Backend, BackendConfig, BackendOp};
+use kvvm::Error;
+use kvvm::{CacheConfig, DType, Kv, KvCache, Layout, SlotId};
+use kvvm::{SwapConfig, SwapEngine};
+
+const LAYOUTS: [Layout; 2] = [Layout::Interleaved, Layout::PerLayer];
+const NS: u64 = 42;
+
+/// 2 layers, 2 KV heads, head_dim 8, f32 (interleaved: 16 tokens a page; per-layer: 64 tokens a
+/// page in each of 4 buffers), OS-page pages, 4 slots of 400 tokens.
+fn cache(layout: Layout, budget_pages: usize) -> (Arc<HostBackend>, Arc<KvCache>) {
+    let page = os_page_size();
+    let host = Arc::new(
+        HostBackend::new(HostConfig {
+            granularity: page,
+            copy_threads: 2,
+            ..HostConfig::default()
+        })
+        .unwrap(),
+    );
+    let cache = KvCache::with_backend(
+        CacheConfig::new(2, 2, 8)
+            .with_dtype(DType::F32)
+            .with_max_slots(4)
+            .with_max_tokens(400)
+            .with_layout(layout)
+            .with_budget_bytes((budget_pages * page) as u64)
+            .with_backend(BackendConfig::default())
+            .with_lookahead_steps(0),
+        host.clone() as Arc<dyn Backend>,
+    )
+    .unwrap();
+    (host, Arc::new(cache))
+}
+
+/// Stamps tokens `from..to` of `slot` with `generation`'s pattern.
+fn write(cache: &KvCache, slot: SlotId, generation: u32, from: usize, to: usize) {
+    // SAFETY: host backend; the test thread is the only one touching this slot's rows, the slot
+    // holds at least `to` tokens and `from..to` lies beyond its read-only pages.
+    unsafe { kvvm::testing::stamp_tokens(cache, slot, generation, from, to) }.unwrap();
+}
+
+/// Checks tokens `from..to` of `slot` against `generation`'s pattern.
+fn check(cache: &KvCache, slot: SlotId, generation: u32, from: usize, to: usize) {
+    let g = cache.geometry();
+    for t in from..to {
+        for layer in 0..g.layers {
+            for kv in [Kv::K, Kv::V] {
+                let r = cache.row(slot, t, layer, kv).unwrap();
+                for w in 0..g.row_bytes() / 4 {
+                    // SAFETY: `row` checked that the token is live (mapped, readable); rows are
+                    // u32-aligned; nothing writes them meanwhile.
+                    let got = unsafe { (r.addr as usize as *const u32).add(w).read_volatile() };
+                    assert_eq!(
+                        got,
+                        stamp(generation, t, layer, kv, w),
+                        "slot {slot} token {t} layer {layer} {kv:?} word {w}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+fn calls(cache: &KvCache, op: BackendOp) -> u64 {
+    cache.stats().calls(op).calls
+}
+
+/// Pool pages and references equal what slots and the index hold.
+fn census_ok(cache: &KvCache) {
+    let s = cache.stats();
+    assert_eq!(
+        (s.pool.in_use, s.pool.references),
+        cache.debug_page_census()
+    );
+}
+
+fn ids(n: usize, base: u32) -> Vec<u32> {
+    (0..n as u32).map(|i| base + i).collect()
+}
+
+#[test]
+fn published_pages_are_mapped_not_copied() {
+    for layout in LAYOUTS {
+        let (host, cache) = cache(layout, 64);
+        let g = *cache.geometry();
+        let tpp = cache.tokens_per_page().unwrap();
+        let prompt = ids(100, 0);
+        let a = cache.alloc_slot().unwrap();
+        cache.ensure(a, 100).unwrap();
+        write(&cache, a, 1, 0, 100);
+        let full = cache.publish(a, &prompt, NS).unwrap();
+        assert_eq!(full, 100 / tpp);
+        assert_eq!(cache.read_only_tokens(a).unwrap(), full * tpp);
+
+        let mut b_ids = prompt.clone();
+        b_ids.extend(ids(30, 1000));
+        let (maps, creates) = (
+            calls(&cache, BackendOp::Map),
+            calls(&cache, BackendOp::CreatePage),
+        );
+        let hit = cache.alloc_slot_with_prefix(&b_ids, NS).unwrap();
+        assert_eq!(hit.tokens, full * tpp, "{layout:?}");
+        assert_ne!(hit.slot, a);
+        // One map call per buffer, no page created: the pages are A's.
+        assert_eq!(calls(&cache, BackendOp::Map) - maps, g.buffers as u64);
+        assert_eq!(calls(&cache, BackendOp::CreatePage) - creates, 0);
+        let (pa, pb) = (cache.debug_page_ids(a), cache.debug_page_ids(hit.slot));
+        for b in 0..g.buffers {
+            assert_eq!(pa[b][..full], pb[b][..full], "buffer {b}");
+        }
+        assert_eq!(cache.tokens(hit.slot).unwrap(), hit.tokens);
+        assert_eq!(cache.read_only_tokens(hit.slot).unwrap(), hit.tokens);
+        // B reads A's KV, then prefills only its own tokens.
+        check(&cache, hit.slot, 1, 0, hit.tokens);
+        cache.ensure(hit.slot, 130).unwrap();
+        write(&cache, hit.slot, 2, hit.tokens, 130);
+        check(&cache, a, 1, 0, 100);
+        check(&cache, hit.slot, 2, hit.tokens, 130);
+
+        let s = cache.stats();
+        let private_b = g.pages_for(130) - full;
+        assert_eq!(
+            s.pool.in_use,
+            (g.pages_for(100) + private_b) * g.buffers,
+            "shared pages are held once"
+        );
+        assert_eq!(
+            s.mapped_bytes - s.distinct_mapped_bytes,
+            (full * g.buffers * g.page_size) as u64
+        );
+        assert_eq!(s.prefix.hits, 1);
+        assert_eq!(s.prefix.hit_tokens, hit.tokens as u64);
+        assert_eq!(
+            s.prefix.bytes_saved,
+            (full * g.buffers * g.page_size) as u64
+        );
+        assert_eq!(s.prefix.cached_pages, full);
+        assert_eq!(s.prefix.reclaimable_pages, 0);
+        census_ok(&cache);
+
+        // Both finish: their pages stay cached, reclaimable.
+        cache.free_slot(a).unwrap();
+        cache.free_slot(hit.slot).unwrap();
+        assert_eq!(cache.stats().prefix.reclaimable_pages, full);
+        // The next turn of the conversation finds A's slot still mapping the chain: no call.
+        let maps = calls(&cache, BackendOp::Map) + calls(&cache, BackendOp::Unmap);
+        let c = cache.alloc_slot_with_prefix(&prompt, NS).unwrap();
+        assert_eq!(c.tokens, full * tpp);
+        assert_eq!(
+            calls(&cache, BackendOp::Map) + calls(&cache, BackendOp::Unmap),
+            maps
+        );
+        check(&cache, c.slot, 1, 0, c.tokens);
+        // A plain allocation never gets read-only pages at its start.
+        let d = cache.alloc_slot().unwrap();
+        assert_eq!(cache.read_only_tokens(d).unwrap(), 0);
+        cache.ensure(d, 50).unwrap();
+        write(&cache, d, 3, 0, 50);
+        check(&cache, c.slot, 1, 0, c.tokens);
+        census_ok(&cache);
+
+        // Everything let go of: every page goes back to the free list.
+        cache.free_slot(c.slot).unwrap();
+        cache.free_slot(d).unwrap();
+        cache.reclaim_free_slots().unwrap();
+        assert_eq!(cache.evict_prefixes(usize::MAX), full * g.buffers);
+        let s = cache.stats();
+        assert_eq!((s.pool.in_use, s.pool.references), (0, 0));
+        assert_eq!(s.prefix.cached_pages, 0);
+        drop(cache);
+        assert_eq!(host.live_pages(), 0);
+    }
+}
+
+/// Writes one byte at `addr` in a forked child; returns the signal that killed it, if any.
+fn write_in_child(addr: u64) -> Option<nix::sys::signal::Signal> {
+    use nix::sys::wait::{waitpid, WaitStatus};
+    use nix::unistd::{fork, ForkResult};
+    // SAFETY: the child only performs a volatile write and `_exit`, both async-signal-safe.
+    match unsafe { fork() }.expect("fork") {
+        ForkResult::Child => {
+            // SAFETY: deliberately writing a possibly read-only address in a throwaway child
+            // (its memory is a copy; a MAP_SHARED page it could write would be seen by the
+            // parent, which the test then detects).
+            unsafe { std::ptr::write_volatile(addr as usize as *mut u8, 0xab) };
+            // SAFETY: _exit is async-signal-safe and ends the child without running destructors.
+            unsafe { libc::_exit(0) }
+        }
+        ForkResult::Parent { child } => match waitpid(child, None).expect("waitpid") {
+            WaitStatus::Signaled(_, sig, _) => Some(sig),
+            _ => None,
+        },
+    }
+}
+
+#[test]
+fn writes_into_shared_pages_fault() {
+    for layout in LAYOUTS {
+        let (_host, cache) = cache(layout, 64);
+        let prompt = ids(200, 0);
+        let a = cache.alloc_slot().unwrap();
+        cache.ensure(a, 200).unwrap();
+        write(&cache, a, 1, 0, 200);
+        cache.publish(a, &prompt, NS).unwrap();
+        let hit = cache.alloc_slot_with_prefix(&prompt, NS).unwrap();
+        assert!(hit.tokens > 0);
+        let row = |slot, t| cache.row(slot, t, 1, Kv::V).unwrap().addr;
+        let segv = Some(nix::sys::signal::Signal::SIGSEGV);
+        // The sharer's aliases and the publisher's own pages are read-only.
+        assert_eq!(write_in_child(row(hit.slot, 0)), segv, "{layout:?}");
+        assert_eq!(write_in_child(row(hit.slot, hit.tokens - 1)), segv);
+        assert_eq!(write_in_child(row(a, 0)), segv);
+        // Past the shared pages the publisher's page is its own.
+        let ro = cache.read_only_tokens(a).unwrap();
+        if ro < 200 {
+            assert_eq!(write_in_child(row(a, ro)), None);
+            // The child wrote through a shared mapping of A's own page: stamp it again.
+            write(&cache, a, 1, ro, ro + 1);
+        }
+        check(&cache, a, 1, 0, 200);
+        check(&cache, hit.slot, 1, 0, hit.tokens);
+    }
+}
+
+#[test]
+fn shrinking_into_shared_pages_drops_references_only() {
+    for layout in LAYOUTS {
+        let (_host, cache) = cache(layout, 64);
+        let g = *cache.geometry();
+        let tpp = cache.tokens_per_page().unwrap();
+        let prompt = ids(3 * tpp, 0);
+        let a = cache.alloc_slot().unwrap();
+        cache.ensure(a, prompt.len()).unwrap();
+        write(&cache, a, 1, 0, prompt.len());
+        cache.publish(a, &prompt, NS).unwrap();
+        let hit = cache.alloc_slot_with_prefix(&prompt, NS).unwrap();
+        assert_eq!(hit.tokens, 3 * tpp);
+        let before = cache.stats().pool;
+        // Inside a shared page, off its boundary: refused, nothing changed.
+        let e = cache.shrink(hit.slot, tpp + 1).unwrap_err();
+        assert!(matches!(e, Error::InvalidArgument(_)), "{e}");
+        assert_eq!(cache.tokens(hit.slot).unwrap(), 3 * tpp);
+        assert_eq!(cache.stats().pool, before);
+        // On a boundary: the slot lets go of its last two shared pages; nothing is freed.
+        cache.shrink(hit.slot, tpp).unwrap();
+        let after = cache.stats().pool;
+        assert_eq!(after.in_use, before.in_use);
+        assert_eq!(after.references, before.references - 2 * g.buffers);
+        assert_eq!(cache.read_only_tokens(hit.slot).unwrap(), tpp);
+        // It grows again with pages of its own.
+        cache.ensure(hit.slot, 3 * tpp + 5).unwrap();
+        write(&cache, hit.slot, 2, tpp, 3 * tpp + 5);
+        check(&cache, hit.slot, 1, 0, tpp);
+        check(&cache, hit.slot, 2, tpp, 3 * tpp + 5);
+        check(&cache, a, 1, 0, prompt.len());
+        census_ok(&cache);
+    }
+}
+
+#[test]
+fn swapping_a_sharer_leaves_the_others_intact() {
+    for layout in LAYOUTS {
+        let (host, cache) = cache(layout, 64);
+        let swap = SwapEngine::new(
+            cache.clone(),
+            SwapConfig {
+                host_budget_bytes: 1 << 20,
+                chunk_bytes: 1 << 20,
+                max_in_flight: 2,
+            },
+        )
+        .unwrap();
+        let tpp = cache.tokens_per_page().unwrap();
+        let prompt = ids(2 * tpp + 7, 0);
+        let a = cache.alloc_slot().unwrap();
+        cache.ensure(a, prompt.len()).unwrap();
+        write(&cache, a, 1, 0, prompt.len());
+        cache.publish(a, &prompt, NS).unwrap();
+        let mut b_ids = prompt[..2 * tpp].to_vec();
+        b_ids.extend(ids(20, 5000));
+        let hit = cache.alloc_slot_with_prefix(&b_ids, NS).unwrap();
+        assert_eq!(hit.tokens, 2 * tpp);
+        let b_len = b_ids.len();
+        cache.ensure(hit.slot, b_len).unwrap();
+        write(&cache, hit.slot, 2, hit.tokens, b_len);
+        let refs = cache.stats().pool.references;
+
+        // B goes to host while A keeps decoding.
+        let out = swap.swap_out(hit.slot).unwrap();
+        let mut a_len = prompt.len();
+        for _ in 0..3 {
+            a_len += 1;
+            cache.step(&[(a, a_len)]).unwrap();
+            write(&cache, a, 1, a_len - 1, a_len);
+        }
+        out.wait().unwrap();
+        swap.quiesce();
+        assert!(!cache.is_allocated(hit.slot));
+        assert!(
+            cache.stats().pool.references < refs,
+            "B's references dropped"
+        );
+        check(&cache, a, 1, 0, a_len);
+        // A decodes more, then B comes back into a slot of its own pages.
+        for _ in 0..tpp {
+            a_len += 1;
+            cache.step(&[(a, a_len)]).unwrap();
+            write(&cache, a, 1, a_len - 1, a_len);
+        }
+        let slot = cache.alloc_slot_for(b_len).unwrap();
+        swap.swap_in(out.copy(), slot).unwrap().wait().unwrap();
+        assert_eq!(cache.tokens(slot).unwrap(), b_len);
+        assert_eq!(cache.read_only_tokens(slot).unwrap(), 0);
+        check(&cache, slot, 1, 0, 2 * tpp);
+        check(&cache, slot, 2, 2 * tpp, b_len);
+        check(&cache, a, 1, 0, a_len);
+        // B decodes into its own pages; A is untouched.
+        cache.ensure(slot, b_len + 3).unwrap();
+        write(&cache, slot, 2, b_len, b_len + 3);
+        check(&cache, a, 1, 0, a_len);
+        census_ok(&cache);
+        drop(swap);
+        drop(cache);
+        assert_eq!(host.live_pages(), 0);
+    }
+}
+
+#[test]
+fn eviction_takes_lru_tails_and_never_live_pages() {
+    for layout in LAYOUTS {
+        let g_probe = cache(layout, 64).1;
+        let tpp = g_probe.tokens_per_page().unwrap();
+        let buffers = g_probe.geometry().buffers;
+        drop(g_probe);
+        // Room for 8 page indices.
+        let (_host, cache) = cache(layout, 8 * buffers);
+        let x = ids(3 * tpp, 0);
+        let y = ids(3 * tpp, 10_000);
+        for (seq, generation) in [(&x, 1), (&y, 2)] {
+            let s = cache.alloc_slot().unwrap();
+            cache.ensure(s, seq.len()).unwrap();
+            write(&cache, s, generation, 0, seq.len());
+            cache.publish(s, seq, NS).unwrap();
+            cache.free_slot(s).unwrap();
+        }
+        cache.reclaim_free_slots().unwrap();
+        let s = cache.stats();
+        assert_eq!((s.prefix.cached_pages, s.prefix.reclaimable_pages), (6, 6));
+        assert_eq!(s.pool.in_use, 6 * buffers);
+        // X was used longest ago: its tail goes first.
+        assert_eq!(cache.evict_prefixes(1), buffers);
+        let hx = cache.alloc_slot_with_prefix(&x, NS).unwrap();
+        assert_eq!(hx.tokens, 2 * tpp, "X lost its last page only");
+        check(&cache, hx.slot, 1, 0, hx.tokens);
+        // X is live now; Y is not. A request that needs more pages than are free takes Y's
+        // pages, never X's.
+        let z = cache.alloc_slot().unwrap();
+        let free_now = 8 - 5;
+        cache.ensure(z, (free_now + 2) * tpp).unwrap();
+        write(&cache, z, 3, 0, (free_now + 2) * tpp);
+        check(&cache, hx.slot, 1, 0, hx.tokens);
+        let s = cache.stats();
+        assert_eq!(s.prefix.cached_pages, 3, "Y's two tail pages were evicted");
+        assert_eq!(cache.alloc_slot_with_prefix(&y, NS).unwrap().tokens, tpp);
+        // Asking for more than evicting could ever give fails and changes nothing.
+        let before = cache.stats().pool;
+        let e = cache.ensure(z, (8 * tpp).min(400)).unwrap_err();
+        assert!(matches!(e, Error::Grow { .. }), "{e}");
+        assert_eq!(cache.stats().pool.in_use, before.in_use);
+        check(&cache, hx.slot, 1, 0, hx.tokens);
+        census_ok(&cache);
+    }
+}
