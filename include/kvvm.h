@@ -624,6 +624,44 @@ typedef struct kvvm_dl_managed_tensor {
 } kvvm_dl_managed_tensor;
 
 /**
+ * Counters of the prefix index (see `kvvm_cache_prefix_stats`).
+ */
+typedef struct kvvm_prefix_stats {
+  /**
+   * Page indices the index holds (each one page per buffer).
+   */
+  uint64_t cached_pages;
+  /**
+   * Of those, page indices no allocated slot maps (evicted first under pressure).
+   */
+  uint64_t reclaimable_pages;
+  /**
+   * Lookups made by the `kvvm_cache_alloc_slot_with_prefix*` calls.
+   */
+  uint64_t lookups;
+  /**
+   * Lookups that reused at least one page.
+   */
+  uint64_t hits;
+  /**
+   * Tokens reused by hits.
+   */
+  uint64_t hit_tokens;
+  /**
+   * Bytes of pages mapped by hits instead of being filled again.
+   */
+  uint64_t bytes_saved;
+  /**
+   * Page indices published.
+   */
+  uint64_t published_pages;
+  /**
+   * Page indices evicted.
+   */
+  uint64_t evicted_pages;
+} kvvm_prefix_stats;
+
+/**
  * Options of a swap engine. Fill with `kvvm_swap_config_init`, then change fields.
  * `struct_size` follows the rules of `kvvm_config`.
  */
@@ -1103,6 +1141,137 @@ void kvvm_dlpack_free_legacy(struct kvvm_dl_managed_tensor *tensor);
  * `buf` is null or valid for writes of `len` bytes.
  */
 size_t kvvm_last_error(char *buf, size_t len);
+
+/**
+ * Writes the tokens one page index of a slot holds (the unit of prefix sharing) to `*tokens`.
+ *
+ * Thread-safe.
+ *
+ * # Errors
+ * `KVVM_STATUS_INVALID_HANDLE`, `KVVM_STATUS_NULL_POINTER`; `KVVM_STATUS_UNSUPPORTED` when a
+ * page does not hold whole tokens.
+ *
+ * # Safety
+ * `tokens` is null or points to a writable `uint64_t`.
+ */
+kvvm_status kvvm_cache_tokens_per_page(struct kvvm_cache cache, uint64_t *tokens);
+
+/**
+ * Publishes the full pages of `slot` covered by its token ids `tokens[0..n_tokens]` (from its
+ * first token) under chained keys in `ns` (the model or adapter); the pages become read-only
+ * for the slot too. Writes how many leading page indices of the slot are read-only to
+ * `*pages` (may be null).
+ *
+ * Thread-safe; serialized with other calls changing the same slot.
+ *
+ * # Errors
+ * `KVVM_STATUS_INVALID_HANDLE`, `KVVM_STATUS_NULL_POINTER` (`tokens` null with `n_tokens > 0`),
+ * `KVVM_STATUS_INVALID_ARGUMENT` (bad slot), `KVVM_STATUS_UNSUPPORTED`, backend errors (then
+ * nothing changed).
+ *
+ * # Safety
+ * `tokens` is null or valid for reads of `n_tokens` values; `pages` is null or writable.
+ */
+kvvm_status kvvm_cache_publish(struct kvvm_cache cache,
+                               uint32_t slot,
+                               const uint32_t *tokens,
+                               uint64_t n_tokens,
+                               uint64_t ns,
+                               uint64_t *pages);
+
+/**
+ * `kvvm_cache_publish` with the caller's own per-page keys: `keys[i]` names the content of the
+ * slot's first `i + 1` pages (equal keys must mean equal KV).
+ *
+ * # Errors
+ * As `kvvm_cache_publish`.
+ *
+ * # Safety
+ * `keys` is null or valid for reads of `n_keys` values; `pages` is null or writable.
+ */
+kvvm_status kvvm_cache_publish_keys(struct kvvm_cache cache,
+                                    uint32_t slot,
+                                    const uint64_t *keys,
+                                    uint64_t n_keys,
+                                    uint64_t *pages);
+
+/**
+ * Allocates a slot for a request whose token ids are `tokens[0..n_tokens]`, with the longest
+ * cached chain of its full pages already mapped (read-only). Writes the slot to `*slot` and the
+ * number of tokens it already holds (a multiple of `kvvm_cache_tokens_per_page`) to `*reused`
+ * (may be null); the caller prefills the rest. All or nothing.
+ *
+ * Thread-safe.
+ *
+ * # Errors
+ * `KVVM_STATUS_INVALID_HANDLE`, `KVVM_STATUS_NULL_POINTER`, `KVVM_STATUS_SLOTS_EXHAUSTED`,
+ * `KVVM_STATUS_UNSUPPORTED`, backend errors (then no slot is allocated).
+ *
+ * # Safety
+ * `tokens` is null or valid for reads of `n_tokens` values; `slot` is null or writable;
+ * `reused` is null or writable.
+ */
+kvvm_status kvvm_cache_alloc_slot_with_prefix(struct kvvm_cache cache,
+                                              const uint32_t *tokens,
+                                              uint64_t n_tokens,
+                                              uint64_t ns,
+                                              uint32_t *slot,
+                                              uint64_t *reused);
+
+/**
+ * `kvvm_cache_alloc_slot_with_prefix` with the caller's own per-page keys; `tokens_hint` is
+ * the request's expected length.
+ *
+ * # Errors
+ * As `kvvm_cache_alloc_slot_with_prefix`.
+ *
+ * # Safety
+ * `keys` is null or valid for reads of `n_keys` values; `slot` and `reused` are null or
+ * writable.
+ */
+kvvm_status kvvm_cache_alloc_slot_with_prefix_keys(struct kvvm_cache cache,
+                                                   const uint64_t *keys,
+                                                   uint64_t n_keys,
+                                                   uint64_t tokens_hint,
+                                                   uint32_t *slot,
+                                                   uint64_t *reused);
+
+/**
+ * Evicts up to `pages` cached page indices that no slot maps, least recently used chain tails
+ * first; writes how many pool pages were freed to `*freed` (may be null).
+ *
+ * Thread-safe.
+ *
+ * # Errors
+ * `KVVM_STATUS_INVALID_HANDLE`.
+ *
+ * # Safety
+ * `freed` is null or writable.
+ */
+kvvm_status kvvm_cache_evict_prefixes(struct kvvm_cache cache, uint64_t pages, uint64_t *freed);
+
+/**
+ * Writes the number of leading tokens of `slot` that are mapped read-only (shared or
+ * published) to `*tokens`.
+ *
+ * # Errors
+ * `KVVM_STATUS_INVALID_HANDLE`, `KVVM_STATUS_NULL_POINTER`, `KVVM_STATUS_INVALID_ARGUMENT`.
+ *
+ * # Safety
+ * `tokens` is null or writable.
+ */
+kvvm_status kvvm_cache_read_only_tokens(struct kvvm_cache cache, uint32_t slot, uint64_t *tokens);
+
+/**
+ * Writes the prefix index's counters to `*stats`.
+ *
+ * # Errors
+ * `KVVM_STATUS_INVALID_HANDLE`, `KVVM_STATUS_NULL_POINTER`.
+ *
+ * # Safety
+ * `stats` is null or writable.
+ */
+kvvm_status kvvm_cache_prefix_stats(struct kvvm_cache cache, struct kvvm_prefix_stats *stats);
 
 /**
  * The name of a status value (`"KVVM_STATUS_OK"`, ...), or `"KVVM_STATUS_UNKNOWN"` for a

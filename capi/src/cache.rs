@@ -536,7 +536,8 @@ pub unsafe extern "C" fn kvvm_cache_read_row(
 /// slot's mapping (shrink, free, swap out), concurrently.
 ///
 /// # Errors
-/// As `kvvm_cache_read_row`.
+/// As `kvvm_cache_read_row`; `KVVM_STATUS_INVALID_ARGUMENT` for a token in the slot's read-only
+/// (shared prefix) pages.
 ///
 /// # Safety
 /// `buf` is null or valid for reads of `len` bytes.
@@ -556,6 +557,12 @@ pub unsafe extern "C" fn kvvm_cache_write_row(
             return Err(FfiError::null("buf"));
         }
         let (addr, n) = host_row(&c, slot, token, layer, kv, len)?;
+        // Shared prefix pages are read-only: writing them would fault.
+        if token < c.read_only_tokens(SlotId::new(slot))? as u64 {
+            return Err(FfiError::arg(format!(
+                "token {token} of slot {slot} lies in a read-only shared prefix page"
+            )));
+        }
         // SAFETY: as in `kvvm_cache_read_row`, with the roles swapped.
         unsafe { std::ptr::copy(buf, addr as usize as *mut u8, n) };
         Ok(())

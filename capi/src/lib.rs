@@ -23,6 +23,7 @@ pub mod dlpack;
 mod error;
 #[cfg(feature = "testing")]
 pub mod fuzz;
+mod prefix;
 mod registry;
 mod status;
 mod swap;
@@ -33,6 +34,7 @@ pub use cache::*;
 pub use config::*;
 pub use error::kvvm_last_error;
 pub(crate) use error::{cstr, guard, out, to_usize, FfiError, FfiResult};
+pub use prefix::*;
 pub use status::*;
 pub use swap::*;
 pub use ticket::*;

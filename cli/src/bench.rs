@@ -27,6 +27,9 @@ pub enum BenchCommand {
     Swap(crate::bench_swap::SwapArgs),
     /// Decode attention over contiguous (both layouts) and paged KV, same data.
     Attention(crate::bench_attention::AttentionArgs),
+    /// Admit a request whose first N tokens are cached by mapping the cached pages (prefix
+    /// sharing), against writing those N tokens' KV into a fresh slot; bytes held by k sharers.
+    Prefix(crate::bench_prefix::PrefixArgs),
 }
 
 pub fn run(cmd: BenchCommand) -> Result<()> {
@@ -35,6 +38,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Step(a) => bench_step(a),
         BenchCommand::Swap(a) => crate::bench_swap::run(a),
         BenchCommand::Attention(a) => crate::bench_attention::run(a),
+        BenchCommand::Prefix(a) => crate::bench_prefix::run(a),
     }
 }
 

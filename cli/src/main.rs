@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_attention;
+mod bench_prefix;
 mod bench_swap;
 mod replay;
 
