@@ -636,3 +636,11 @@ class SwapEngine:
             self.close()
         except Exception:
             pass
+
+
+# ---------------------------------------------------------------------------------------------
+# Prefix sharing: Cache.alloc_slot_with_prefix, publish, ... (defined in _prefix.py)
+
+from . import _prefix  # noqa: E402
+
+_prefix.install(Cache, library, _check, _lib.CacheHandle)
