@@ -18,7 +18,7 @@ are a strided slice of kvvm's whole-batch tensor. With a :class:`kvvm.SwapEngine
     with KvvmCache(store) as cache:
         out = model.generate(**inputs, cache=cache, max_new_tokens=64)
 
-(``past_key_values=cache`` in transformers versions before 5.) The cache works with any model
+(Older transformers versions take ``past_key_values=cache``; tested with transformers 5.25.) The cache works with any model
 whose attention layers call ``Cache.update`` with ``[batch, kv_heads, new_tokens, head_dim]``
 tensors (Llama, Mistral, Qwen2, ... with full attention) on the device kvvm's memory lives on
 (CPU for the host backend, the cache's GPU for the CUDA backend). Greedy and sampling decoding
