@@ -11,6 +11,11 @@ from pathlib import Path
 from setuptools import setup
 from setuptools_rust import Binding, RustExtension
 
+try:
+    from setuptools.command.bdist_wheel import bdist_wheel
+except ImportError:  # setuptools < 70
+    from wheel.bdist_wheel import bdist_wheel
+
 # The Cargo package whose cdylib is libkvvm.so, as a manifest path relative to this file.
 # This is the one place that names it.
 CARGO_MANIFEST = "../Cargo.toml"
@@ -21,7 +26,18 @@ if not (Path(__file__).resolve().parent / CARGO_MANIFEST).is_file():
         "the kvvm repository (pip install ./python)"
     )
 
+
+class PlatformWheel(bdist_wheel):
+    """The library is a plain C ABI loaded by ctypes: the wheel fits every Python 3 on the
+    platform (tag ``py3-none-<platform>``), not only the interpreter that built it."""
+
+    def get_tag(self):
+        _, _, platform = super().get_tag()
+        return "py3", "none", platform
+
+
 setup(
+    cmdclass={"bdist_wheel": PlatformWheel},
     rust_extensions=[
         # A plain C-ABI cdylib (no Python module inside): ctypes loads it at first use.
         RustExtension(

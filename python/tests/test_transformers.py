@@ -212,3 +212,27 @@ def test_model_and_cache_must_agree(model):
     with store_for(model, "interleaved") as store:
         with pytest.raises(RuntimeError, match="SwapEngine"):
             KvvmCache(store).preempt()
+
+
+def test_crop_then_continue_matches_the_default_cache(model):
+    """``crop`` (used by assisted decoding) shrinks the slots, and the next forward pass over
+    the cropped cache gives the default cache's logits."""
+    inputs = prompts(3, seed=5)
+    mask = inputs["attention_mask"]
+    with store_for(model, "interleaved") as store, KvvmCache(store) as cache:
+        dyn = transformers.DynamicCache()
+        tokens, _ = generate(model, inputs, dyn)
+        assert torch.equal(generate(model, inputs, cache)[0], tokens)
+        total = tokens.shape[1] - 1
+        for c in (cache, dyn):
+            c.crop(-3)
+            assert c.get_seq_length() == total - 3
+        assert [store.tokens(s) for s in cache.slots] == [total - 3] * 3
+        step = tokens[:, total - 3:total - 2]
+        full_mask = torch.cat([mask, torch.ones((3, total - 2 - mask.shape[1]),
+                                                dtype=mask.dtype)], dim=1)
+        with torch.no_grad():
+            want = model(input_ids=step, attention_mask=full_mask, cache=dyn).logits
+            got = model(input_ids=step, attention_mask=full_mask, cache=cache).logits
+        assert torch.equal(got, want)
+        assert [store.tokens(s) for s in cache.slots] == [total - 2] * 3
