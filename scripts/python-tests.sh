@@ -8,6 +8,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
+# The Cargo package whose cdylib is libkvvm.so (python/setup.py names its manifest likewise).
+CAPI_PACKAGE=kvvm
 if ! "$PYTHON" -c 'import numpy, pytest, torch, transformers' >/dev/null 2>&1; then
     echo "== pip install numpy pytest torch transformers"
     start=$(date +%s)
@@ -16,8 +18,8 @@ if ! "$PYTHON" -c 'import numpy, pytest, torch, transformers' >/dev/null 2>&1; t
 fi
 "$PYTHON" -c 'import torch, transformers; print(f"torch {torch.__version__}, transformers {transformers.__version__}")'
 
-echo "== cargo build --lib"
-cargo build --lib
+echo "== cargo build --lib -p $CAPI_PACKAGE"
+cargo build --lib -p "$CAPI_PACKAGE"
 target_dir=$(cargo metadata --format-version 1 --no-deps | grep -o '"target_directory":"[^"]*"' | head -n1 | cut -d'"' -f4)
 export KVVM_LIBRARY="$target_dir/debug/libkvvm.so"
 export KVVM_BACKEND=host
