@@ -76,8 +76,8 @@ __all__ = [
     "library_path",
 ]
 
-KV = Literal["k", "v"]
-"""Which half of a layer's cache: ``"k"`` or ``"v"`` (``0`` and ``1`` are accepted too)."""
+KV = Union[Literal["k", "v"], int]
+"""Which half of a layer's cache: ``"k"`` or ``"v"`` (or ``0`` / ``1``)."""
 
 DTypeLike = Union[str, Any]
 """A dtype: a name (``"f16"``, ``"bfloat16"``, ...), a ``torch.dtype`` or a numpy dtype."""
@@ -458,10 +458,10 @@ class View:
             except BaseException:
                 lib.kvvm_dlpack_free(ptr)
                 raise
-        out = ctypes.POINTER(_lib.DLManagedTensor)()
+        legacy = ctypes.POINTER(_lib.DLManagedTensor)()
         _check(lib.kvvm_cache_export_dlpack_legacy(
-            h, self.layer, self.kv, self.slot, self.tokens, ctypes.byref(out)))
-        ptr = ctypes.cast(out, ctypes.c_void_p).value
+            h, self.layer, self.kv, self.slot, self.tokens, ctypes.byref(legacy)))
+        ptr = ctypes.cast(legacy, ctypes.c_void_p).value
         try:
             return _capsule_new(ptr, _LEGACY, _legacy_destructor)
         except BaseException:
@@ -920,19 +920,17 @@ class SwapEngine(_Handle):
         into a newly allocated slot sized for the copy (freed again if the swap-in fails).
         Returns the slot. With ``release``, drops the host copy afterwards; otherwise it stays
         as a cache, so that the next swap-out of the slot copies only new tokens."""
-        allocated = slot is None
-        if allocated:
-            slot = self.cache.alloc_slot(self.host_tokens(copy))
+        target = self.cache.alloc_slot(self.host_tokens(copy)) if slot is None else slot
         try:
-            with self.swap_in(copy, slot) as t:
+            with self.swap_in(copy, target) as t:
                 t.wait()
         except BaseException:
-            if allocated:
-                self.cache.free_slot(slot)
+            if slot is None:
+                self.cache.free_slot(target)
             raise
         if release:
             self.release(copy)
-        return slot
+        return target
 
     def release(self, copy: int) -> None:
         _check(_lib.get().kvvm_swap_release(self._h(), _u64(copy, "copy")))

@@ -236,3 +236,21 @@ def test_crop_then_continue_matches_the_default_cache(model):
             got = model(input_ids=step, attention_mask=full_mask, cache=cache).logits
         assert torch.equal(got, want)
         assert [store.tokens(s) for s in cache.slots] == [total - 2] * 3
+
+
+def test_a_preempted_cache_refuses_to_run_until_resumed(model):
+    inputs = prompts(1, seed=2)
+    with store_for(model, "per-layer") as store, kvvm.SwapEngine(store) as swap, \
+            KvvmCache(store, swap) as cache:
+        generate(model, inputs, cache)
+        n = cache.get_seq_length()
+        cache.preempt()
+        assert cache.slots == [None] and store.stats().allocated_slots == 0
+        with pytest.raises(RuntimeError, match="preempted"):
+            cache.crop(-1)
+        assert cache.get_seq_length() == n
+        with pytest.raises(RuntimeError, match="preempted"), torch.no_grad():
+            model(input_ids=inputs["input_ids"][:, :1], cache=cache)
+        cache.resume()
+        assert cache.get_seq_length() == n and store.tokens(cache.slots[0]) == n
+    assert store.closed and swap.closed

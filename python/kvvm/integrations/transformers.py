@@ -116,7 +116,8 @@ class KvvmCache(_HFCache):
     """
 
     def __init__(self, cache: kvvm.Cache, swap: kvvm.SwapEngine | None = None):
-        super().__init__(layers=[KvvmLayer(self, i) for i in range(cache.layers)])
+        self._layers = [KvvmLayer(self, i) for i in range(cache.layers)]
+        super().__init__(layers=list(self._layers))
         self.kvvm = cache
         self.swap = swap
         self.dtype = torch_dtype(cache)
@@ -152,20 +153,26 @@ class KvvmCache(_HFCache):
     def _index(self) -> None:
         """Where the batch's rows are in the whole-batch tensors: a slice when the slots are
         adjacent (zero-copy reads), else an index tensor (reads gather)."""
-        slots = self._slots
+        slots = self._live_slots()
         if slots == list(range(slots[0], slots[0] + len(slots))):
             self._rows = slice(slots[0], slots[0] + len(slots))
         else:
             self._rows = torch.tensor(slots, dtype=torch.long)
 
+    def _live_slots(self) -> list[int]:
+        slots = [s for s in self._slots if s is not None]
+        if len(slots) != len(self._slots):
+            raise RuntimeError("the cache is preempted: call resume() before running the model")
+        return slots
+
     def _append(self, layer: KvvmLayer, key_states: torch.Tensor,
                 value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if any(s is None for s in self._slots):
-            raise RuntimeError("the cache is preempted: call resume() before running the model")
+        slots = self._live_slots()
+        assert self._kv is not None  # set by _bind
         start = layer.length
         end = start + key_states.shape[-2]
         if end > self._tokens:  # the first layer of a forward pass maps the new tokens
-            self.kvvm.step({s: end for s in self._slots})
+            self.kvvm.step({s: end for s in slots})
             self._tokens = end
         k_all, v_all = self._kv[layer.layer_idx]
         rows = self._rows
@@ -182,10 +189,11 @@ class KvvmCache(_HFCache):
         return keys.transpose(1, 2), values.transpose(1, 2)  # [batch, heads, tokens, dim]
 
     def crop(self, tokens_to_remove: int) -> None:
+        slots = self._live_slots() if self._slots else []
         super().crop(tokens_to_remove)
-        keep = max(layer.length for layer in self.layers)
-        if self._slots and keep < self._tokens and all(s is not None for s in self._slots):
-            for s in self._slots:
+        keep = max(layer.length for layer in self._layers)
+        if slots and keep < self._tokens:
+            for s in slots:
                 self.kvvm.shrink(s, keep)
             self._tokens = keep
 
@@ -256,7 +264,9 @@ class KvvmCache(_HFCache):
         tickets, error = [], None
         for i, s in zip(todo, new):
             try:
-                tickets.append(swap.swap_in(self._copies[i], s))
+                copy = self._copies[i]
+                assert copy is not None  # set by preempt
+                tickets.append(swap.swap_in(copy, s))
             except BaseException as e:
                 error = e
                 break
