@@ -38,16 +38,23 @@ def _array(ctype, values: Iterable[int]):
     return (ctype * max(len(values), 1))(*values), len(values)
 
 
-def install(cache_cls, library, check, handle_type) -> None:
-    for name, argtypes in _signatures(handle_type).items():
-        f = getattr(library, name)
-        f.restype = _u32
-        f.argtypes = argtypes
+def install(cache_cls, get_library, check, handle_type) -> None:
+    declared = []
+
+    def lib():
+        library = get_library()
+        if not declared:
+            for name, argtypes in _signatures(handle_type).items():
+                f = getattr(library, name)
+                f.restype = _u32
+                f.argtypes = argtypes
+            declared.append(True)
+        return library
 
     def tokens_per_page(self) -> int:
         """Tokens one page index of a slot holds: the unit of prefix sharing."""
         out = _u64()
-        check(library.kvvm_cache_tokens_per_page(self._handle_checked(), ctypes.byref(out)))
+        check(lib().kvvm_cache_tokens_per_page(self._h(), ctypes.byref(out)))
         return out.value
 
     def publish(self, slot: int, tokens: Iterable[int], namespace: int = 0) -> int:
@@ -55,7 +62,7 @@ def install(cache_cls, library, check, handle_type) -> None:
         token); they become read-only. Returns the leading page indices now read-only."""
         arr, n = _array(_u32, tokens)
         out = _u64()
-        check(library.kvvm_cache_publish(self._handle_checked(), slot, arr, n, namespace,
+        check(lib().kvvm_cache_publish(self._h(), slot, arr, n, namespace,
                                           ctypes.byref(out)))
         return out.value
 
@@ -63,7 +70,7 @@ def install(cache_cls, library, check, handle_type) -> None:
         """``publish`` with the caller's own per-page keys (equal keys must mean equal KV)."""
         arr, n = _array(_u64, keys)
         out = _u64()
-        check(library.kvvm_cache_publish_keys(self._handle_checked(), slot, arr, n,
+        check(lib().kvvm_cache_publish_keys(self._h(), slot, arr, n,
                                               ctypes.byref(out)))
         return out.value
 
@@ -73,8 +80,8 @@ def install(cache_cls, library, check, handle_type) -> None:
         holds ``reused_tokens`` tokens; prefill the rest."""
         arr, n = _array(_u32, tokens)
         slot, reused = _u32(), _u64()
-        check(library.kvvm_cache_alloc_slot_with_prefix(
-            self._handle_checked(), arr, n, namespace, ctypes.byref(slot), ctypes.byref(reused)))
+        check(lib().kvvm_cache_alloc_slot_with_prefix(
+            self._h(), arr, n, namespace, ctypes.byref(slot), ctypes.byref(reused)))
         return slot.value, reused.value
 
     def alloc_slot_with_prefix_keys(self, keys: Iterable[int],
@@ -82,28 +89,28 @@ def install(cache_cls, library, check, handle_type) -> None:
         """``alloc_slot_with_prefix`` with the caller's own per-page keys."""
         arr, n = _array(_u64, keys)
         slot, reused = _u32(), _u64()
-        check(library.kvvm_cache_alloc_slot_with_prefix_keys(
-            self._handle_checked(), arr, n, tokens_hint, ctypes.byref(slot),
+        check(lib().kvvm_cache_alloc_slot_with_prefix_keys(
+            self._h(), arr, n, tokens_hint, ctypes.byref(slot),
             ctypes.byref(reused)))
         return slot.value, reused.value
 
     def evict_prefixes(self, pages: int) -> int:
         """Evicts up to ``pages`` cached page indices no slot maps; returns pool pages freed."""
         out = _u64()
-        check(library.kvvm_cache_evict_prefixes(self._handle_checked(), pages, ctypes.byref(out)))
+        check(lib().kvvm_cache_evict_prefixes(self._h(), pages, ctypes.byref(out)))
         return out.value
 
     def read_only_tokens(self, slot: int) -> int:
         """Leading tokens of ``slot`` mapped read-only (shared or published)."""
         out = _u64()
-        check(library.kvvm_cache_read_only_tokens(self._handle_checked(), slot,
+        check(lib().kvvm_cache_read_only_tokens(self._h(), slot,
                                                   ctypes.byref(out)))
         return out.value
 
     def prefix_stats(self) -> dict:
         """The prefix index's counters."""
         s = PrefixStats()
-        check(library.kvvm_cache_prefix_stats(self._handle_checked(), ctypes.byref(s)))
+        check(lib().kvvm_cache_prefix_stats(self._h(), ctypes.byref(s)))
         return {name: getattr(s, name) for name, _ in PrefixStats._fields_}
 
     for f in (tokens_per_page, publish, publish_keys, alloc_slot_with_prefix,
