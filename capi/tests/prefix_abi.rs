@@ -8,10 +8,8 @@ use kvvm_capi::*;
 fn config() -> kvvm_config {
     let mut c = kvvm_config::default();
     // SAFETY: valid local.
-    assert_eq!(
-        unsafe { kvvm_config_init(&mut c) },
-        kvvm_status::KVVM_STATUS_OK
-    );
+    let st = unsafe { kvvm_config_init(&mut c) };
+    assert_eq!(st, kvvm_status::KVVM_STATUS_OK);
     c.layers = 2;
     c.kv_heads = 2;
     c.head_dim = 32;
