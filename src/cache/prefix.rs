@@ -276,4 +276,73 @@ mod tests {
         u[0] = 99;
         assert_ne!(prefix_keys(&u, 16, 7)[1], k[1]);
     }
+
+    fn entry_pages(n: u64) -> Vec<PageHandle> {
+        vec![PageHandle::from_raw(n, 4096)]
+    }
+
+    #[test]
+    fn eviction_takes_least_recently_used_tails_first() {
+        let mut ix = PrefixIndex::default();
+        let t: Vec<u32> = (0..64).collect();
+        let a = prefix_keys(&t[..48], 16, 0); // chain a0 <- a1 <- a2
+        let b = prefix_keys(&t[16..48], 16, 0); // chain b0 <- b1
+        for (j, &k) in a.iter().enumerate() {
+            let parent = j.checked_sub(1).map(|p| a[p]);
+            ix.insert(
+                PageRef {
+                    key: k,
+                    tokens: None,
+                },
+                parent,
+                j,
+                entry_pages(j as u64),
+            );
+        }
+        for (j, &k) in b.iter().enumerate() {
+            let parent = j.checked_sub(1).map(|p| b[p]);
+            ix.insert(
+                PageRef {
+                    key: k,
+                    tokens: None,
+                },
+                parent,
+                j,
+                entry_pages(10 + j as u64),
+            );
+        }
+        // A lookup of chain a makes it the most recently used.
+        let refs: Vec<PageRef<'_>> = a.iter().map(|&key| PageRef { key, tokens: None }).collect();
+        assert_eq!(ix.lookup(&refs).len(), 3);
+        // Tails of the least recently used chain (b) go first, then a's from its tail.
+        let order: Vec<u64> = ix.evict(5, |_| true).iter().map(PageHandle::raw).collect();
+        assert_eq!(order, vec![11, 10, 2, 1, 0]);
+        assert!(ix.entries.is_empty());
+        // An entry the predicate protects (a page a live slot maps) is never evicted, and its
+        // parent is taken only after every evictable tail.
+        for (j, &k) in a.iter().enumerate() {
+            let parent = j.checked_sub(1).map(|p| a[p]);
+            ix.insert(
+                PageRef {
+                    key: k,
+                    tokens: None,
+                },
+                parent,
+                j,
+                entry_pages(j as u64),
+            );
+        }
+        let live = a[2];
+        let got: Vec<u64> = ix
+            .evict(3, |e| e.pages[0].raw() != 2)
+            .iter()
+            .map(PageHandle::raw)
+            .collect();
+        assert_eq!(
+            got,
+            vec![0, 1],
+            "the live tail stays; its index-only ancestors go after every evictable tail"
+        );
+        assert!(ix.entries.contains_key(&live));
+    }
 }
