@@ -91,8 +91,8 @@ impl Stamper {
         Ok(())
     }
 
-    /// Counts the tokens `0..tokens` of request `id` in `slot` whose stamps differ.
-    fn check(&self, id: u64, slot: SlotId, tokens: usize) -> Result<u64> {
+    /// Counts the tokens `0..tokens` in `slot` whose stamps differ from those of `key(token)`.
+    fn check(&self, key: &dyn Fn(usize) -> u64, slot: SlotId, tokens: usize) -> Result<u64> {
         let rows = self.views.len();
         let per = (self.capacity()? / rows).max(1);
         let base = self.staging()?.addr();
@@ -119,7 +119,7 @@ impl Stamper {
                     let p = base + (((t - start) * rows + r) * 8) as u64;
                     // SAFETY: inside the staging buffer, written by the completed copy above.
                     let got = unsafe { (p as usize as *const u64).read_unaligned() };
-                    got == stamp(id, t, r)
+                    got == stamp(key(t), t, r)
                 });
                 bad += u64::from(!ok);
             }
@@ -156,7 +156,19 @@ pub struct KvvmAllocator {
     dropped: std::collections::HashSet<u64>,
     budget: u64,
     counters: Counters,
+    /// Mooncake `hash_ids` of the requests whose prompt may be shared (see `set_prefixes`).
+    prefixes: HashMap<u64, Vec<u64>>,
+    /// Prompt tokens in whole hash blocks of the running or preempted requests admitted with
+    /// their prefix: their KV is the same for every request with the same blocks.
+    content: HashMap<u64, usize>,
 }
+
+/// Tokens of one Mooncake hash block.
+const BLOCK: usize = 512;
+/// Namespace of the page keys made from hash blocks.
+const PREFIX_NAMESPACE: u64 = 0x6d6f_6f6e;
+/// Tells content stamps (by hash block) apart from request stamps.
+const CONTENT_TAG: u64 = 0xC0DE_0000_0000_0000;
 
 impl KvvmAllocator {
     /// Wraps `cache` (which must be fresh: no slot allocated) with `host_budget_bytes` of host
@@ -184,6 +196,8 @@ impl KvvmAllocator {
             dropped: Default::default(),
             budget,
             counters: Counters::default(),
+            prefixes: HashMap::new(),
+            content: HashMap::new(),
         })
     }
 
@@ -289,8 +303,77 @@ impl KvvmAllocator {
     }
 
     fn stamp_new(&self, id: u64, slot: SlotId, from: usize, to: usize) -> Result<()> {
-        let items: Vec<(u64, SlotId, usize)> = (from..to).map(|t| (id, slot, t)).collect();
+        let items: Vec<(u64, SlotId, usize)> = (from..to)
+            .map(|t| (self.stamp_id(id, t), slot, t))
+            .collect();
         self.stamper.write(&items)
+    }
+
+    /// Whose stamp token `t` of request `id` carries: its hash block's inside the shared
+    /// prompt blocks (the same KV for every request with those blocks), else the request's.
+    fn stamp_id(&self, id: u64, t: usize) -> u64 {
+        match (self.content.get(&id), self.prefixes.get(&id)) {
+            (Some(&content), Some(h)) if t < content => h[t / BLOCK] ^ CONTENT_TAG,
+            _ => id,
+        }
+    }
+
+    /// Counts the tokens of request `id` in `slot` whose stamps differ.
+    fn check_stamps(&self, id: u64, slot: SlotId, tokens: usize) -> Result<u64> {
+        self.stamper.check(&|t| self.stamp_id(id, t), slot, tokens)
+    }
+
+    /// The page keys of the prompt's whole hash blocks, chained: page `j` is named by the
+    /// hash of the block holding its last token (hash ids name whole prefixes) and `j`.
+    fn page_keys(&self, hash_ids: &[u64], content: usize) -> Option<Vec<u64>> {
+        let tpp = self.cache.tokens_per_page().ok()?;
+        let mut parent = 0;
+        Some(
+            (0..content / tpp)
+                .map(|j| {
+                    let h = hash_ids[((j + 1) * tpp - 1) / BLOCK];
+                    parent = kvvm::page_key(
+                        parent,
+                        PREFIX_NAMESPACE,
+                        &[h as u32, (h >> 32) as u32, j as u32],
+                    );
+                    parent
+                })
+                .collect(),
+        )
+    }
+
+    /// Admission through the prefix index: maps the cached pages of the prompt's longest
+    /// published prefix, prefills the rest, publishes the prompt's whole pages. `Ok(None)` when
+    /// the request has no shareable page.
+    fn admit_prefixed(&mut self, id: u64, tokens: usize) -> Result<Option<bool>> {
+        let Some(h) = self.prefixes.get(&id) else {
+            return Ok(None);
+        };
+        let content = h.len().min(tokens / BLOCK) * BLOCK;
+        let keys = match self.page_keys(h, content) {
+            Some(k) if !k.is_empty() => k,
+            _ => return Ok(None),
+        };
+        let hit = match self.cache.alloc_slot_with_prefix_keys(&keys, tokens) {
+            Ok(hit) => hit,
+            Err(e) if exhausted(&e) => return Ok(Some(false)),
+            Err(e) => return Err(e.into()),
+        };
+        if let Err(e) = self.cache.ensure(hit.slot, tokens) {
+            self.cache.free_slot(hit.slot)?;
+            return if exhausted(&e) {
+                Ok(Some(false))
+            } else {
+                Err(e.into())
+            };
+        }
+        self.content.insert(id, content);
+        self.running.insert(id, (hit.slot, tokens));
+        self.stamp_new(id, hit.slot, hit.tokens, tokens)?;
+        self.cache.publish_keys(hit.slot, &keys)?;
+        self.counters.prefix_hit_tokens += hit.tokens as u64;
+        Ok(Some(true))
     }
 }
 
@@ -311,9 +394,15 @@ impl KvAllocator for KvvmAllocator {
     fn free_bytes(&self) -> u64 {
         self.budget.saturating_sub(self.held())
     }
+    fn set_prefixes(&mut self, prefixes: HashMap<u64, Vec<u64>>) {
+        self.prefixes = prefixes;
+    }
     fn admit(&mut self, id: u64, tokens: usize) -> Result<bool> {
         if self.running.contains_key(&id) {
             return Err(Error::InvalidArgument(format!("request {id} already runs")));
+        }
+        if let Some(admitted) = self.admit_prefixed(id, tokens)? {
+            return Ok(admitted);
         }
         let Some(slot) = self.slot_for(tokens)? else {
             return Ok(false);
@@ -340,6 +429,10 @@ impl KvAllocator for KvvmAllocator {
                 r.1 = r.1.max(t);
             }
         }
+        let items: Vec<(u64, SlotId, usize)> = items
+            .into_iter()
+            .map(|(id, slot, t)| (self.stamp_id(id, t), slot, t))
+            .collect();
         self.stamper.write(&items)?;
         Ok(true)
     }
@@ -417,7 +510,7 @@ impl KvAllocator for KvvmAllocator {
             return Err(e.into());
         }
         self.running.insert(id, (slot, tokens));
-        self.counters.integrity_errors += self.stamper.check(id, slot, tokens)?;
+        self.counters.integrity_errors += self.check_stamps(id, slot, tokens)?;
         Ok(Some(Cost {
             copy_bytes: ticket.bytes(),
             copy_calls: self.calls_for(tokens),
@@ -425,9 +518,10 @@ impl KvAllocator for KvvmAllocator {
     }
     fn finish(&mut self, id: u64) -> Result<()> {
         let (slot, tokens) = self.slot(id)?;
-        self.counters.integrity_errors += self.stamper.check(id, slot, tokens)?;
+        self.counters.integrity_errors += self.check_stamps(id, slot, tokens)?;
         self.cache.free_slot(slot)?;
         self.running.remove(&id);
+        self.content.remove(&id);
         self.drop_copy(id)
     }
     fn usage(&self) -> Usage {
@@ -447,6 +541,7 @@ impl KvAllocator for KvvmAllocator {
             backend_calls: stats.total_backend_calls(),
             copy_calls: stats.calls(kvvm::vmm::BackendOp::Copy).calls,
             integrity_errors: self.counters.integrity_errors,
+            prefix_hit_tokens: self.counters.prefix_hit_tokens,
         }
     }
 }

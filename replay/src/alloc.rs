@@ -38,6 +38,9 @@ pub struct Counters {
     pub copy_calls: u64,
     /// Tokens whose KV read back differently from what was written.
     pub integrity_errors: u64,
+    /// Prompt tokens whose KV was reused from an earlier request's identical prefix (mapped,
+    /// not written): prefill tokens saved.
+    pub prefix_hit_tokens: u64,
 }
 
 /// What happened during one scheduler call, for the step-time model.
@@ -69,6 +72,11 @@ pub trait KvAllocator {
     fn bytes_for(&self, tokens: usize) -> u64;
     /// Bytes that running requests could still grow into (the budget minus what they hold).
     fn free_bytes(&self) -> u64;
+    /// Tells the allocator which requests start with which 512-token blocks (Mooncake
+    /// `hash_ids`, by request id), so that it can share their KV. The default ignores them.
+    fn set_prefixes(&mut self, prefixes: std::collections::HashMap<u64, Vec<u64>>) {
+        let _ = prefixes;
+    }
     /// Admits request `id` and writes the KV of its first `tokens` tokens (prefill).
     ///
     /// # Errors

@@ -183,6 +183,7 @@ pub fn replay(
     for (k, &kind) in config.allocators.iter().enumerate() {
         let started = std::time::Instant::now();
         let mut alloc = make_allocator(kind, config)?;
+        alloc.set_prefixes(prefixes(&trace.requests, &jobs));
         let mut r = simulate(alloc.as_mut(), &jobs, &config.sched, &mut |d| {
             progress(k, d)
         })?;
@@ -205,6 +206,18 @@ pub fn replay(
         sched: config.sched,
         results,
     })
+}
+
+/// The `hash_ids` of every request whose prompt was not cut (cutting it from the left changes
+/// its blocks), by request id.
+fn prefixes(requests: &[Request], jobs: &[sched::Job]) -> std::collections::HashMap<u64, Vec<u64>> {
+    let cut: std::collections::HashSet<u64> =
+        jobs.iter().filter(|j| j.truncated).map(|j| j.id).collect();
+    requests
+        .iter()
+        .filter(|r| !r.hash_ids.is_empty() && !cut.contains(&r.id))
+        .map(|r| (r.id, r.hash_ids.clone()))
+        .collect()
 }
 
 /// Tokens of [`Report::shared_prefix_tokens`].
@@ -247,13 +260,14 @@ impl Report {
         if self.shared_prefix_tokens > 0 {
             let _ = writeln!(
                 s,
-                "{:.1}% of prompt tokens lie in prefixes an earlier request shared (hash_ids; not reused by this replay)",
+                "{:.1}% of prompt tokens lie in prefixes an earlier request shared (hash_ids); \
+                 the kvvm rows map cached prefix pages instead of prefilling them (prefix column)",
                 100.0 * self.shared_prefix_tokens as f64 / self.prompt_tokens.max(1) as f64
             );
         }
         let _ = writeln!(
             s,
-            "{:<17} {:>6} {:>5} {:>6} {:>8} {:>9} {:>9} {:>9} {:>7} {:>9} {:>8} {:>6}",
+            "{:<17} {:>6} {:>5} {:>6} {:>8} {:>9} {:>9} {:>9} {:>7} {:>9} {:>8} {:>6} {:>10} {:>7}",
             "allocator",
             "util",
             "peak",
@@ -265,12 +279,14 @@ impl Report {
             "wall s",
             "sim s",
             "lat s",
-            "integ"
+            "integ",
+            "prefix tok",
+            "saved %"
         );
         for r in &self.results {
             let _ = writeln!(
                 s,
-                "{:<17} {:>6.3} {:>5} {:>6.1} {:>8} {:>9} {:>9} {:>9} {:>7.2} {:>9.1} {:>8.2} {:>6}",
+                "{:<17} {:>6.3} {:>5} {:>6.1} {:>8} {:>9} {:>9} {:>9} {:>7.2} {:>9.1} {:>8.2} {:>6} {:>10} {:>7.1}",
                 r.allocator,
                 r.utilization,
                 r.peak_batch,
@@ -282,7 +298,9 @@ impl Report {
                 r.wall_s,
                 r.sim_s,
                 r.mean_latency_s,
-                r.integrity_errors
+                r.integrity_errors,
+                r.prefix_hit_tokens,
+                100.0 * r.prefix_hit_tokens as f64 / self.prompt_tokens.max(1) as f64
             );
         }
         s

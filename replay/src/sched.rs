@@ -187,6 +187,8 @@ pub struct RunResult {
     pub wall_s: f64,
     /// Tokens whose KV did not read back as written.
     pub integrity_errors: u64,
+    /// Prompt tokens whose KV was reused from an earlier request's prefix (prefill saved).
+    pub prefix_hit_tokens: u64,
     /// Requests finished.
     pub finished: usize,
     /// Engine steps.
@@ -520,6 +522,7 @@ pub fn simulate(
         copy_calls: c.copy_calls,
         wall_s: started.elapsed().as_secs_f64(),
         integrity_errors: c.integrity_errors,
+        prefix_hit_tokens: c.prefix_hit_tokens,
         finished: done,
         steps,
         sim_s: now,
