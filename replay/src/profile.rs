@@ -14,8 +14,8 @@
 
 use std::fmt::Write as _;
 
-use kvvm::{DType, ModelShape, PRESETS};
 use crate::error::{Error, Result};
+use kvvm::{DType, ModelShape, PRESETS};
 
 use crate::quote;
 
@@ -153,7 +153,7 @@ impl GpuProfile {
         let _ = writeln!(s, "name = \"{}\"", self.name);
         let mut copy = self.clone();
         for ((k, v), note) in copy.fields_mut().into_iter().zip(notes) {
-            let _ = writeln!(s, "{k} = {:e}   # {note}", *v);
+            let _ = writeln!(s, "{k} = {}   # {note}", number(*v));
         }
         s
     }
@@ -209,6 +209,16 @@ impl GpuProfile {
             }
         }
         Ok(())
+    }
+}
+
+/// `v` as `0.7` or `5.4e10`: plain between 0.001 and 10,000, else in exponent form; always
+/// read back exactly by `str::parse::<f64>`.
+fn number(v: f64) -> String {
+    if (1e-3..1e4).contains(&v.abs()) {
+        format!("{v}")
+    } else {
+        format!("{v:e}")
     }
 }
 
@@ -328,8 +338,11 @@ mod tests {
     #[test]
     fn a_partial_file_replaces_only_its_keys() {
         let mut p = GpuProfile::named("h100-pcie5").unwrap();
-        p.apply_text("m", "# measured\nname = \"mine\"\nh2d_bytes_per_s = 5e10 # x\n")
-            .unwrap();
+        p.apply_text(
+            "m",
+            "# measured\nname = \"mine\"\nh2d_bytes_per_s = 5e10 # x\n",
+        )
+        .unwrap();
         assert_eq!(p.name, "mine");
         assert_eq!(p.h2d_bytes_per_s, 5e10);
         assert_eq!(p.d2h_bytes_per_s, 54e9);

@@ -446,7 +446,9 @@ impl KvAllocator for VllmV1 {
             };
             while r.blocks.len() < t.div_ceil(bt) {
                 let Some(b) = self.pop_free() else {
-                    return Err(Error::InvalidArgument("vllm model: free count broken".into()));
+                    return Err(Error::InvalidArgument(
+                        "vllm model: free count broken".into(),
+                    ));
                 };
                 self.blocks[b as usize].refs = 1;
                 r.blocks.push(b);

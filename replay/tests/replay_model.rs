@@ -7,12 +7,12 @@ use std::io::Read as _;
 use std::path::Path;
 use std::sync::Arc;
 
-use kvvm_replay::Result;
-use kvvm_replay::Error;
 use kvvm_replay::alloc::{Counters, KvAllocator, Outcome, PagedModel, Preempted, Usage};
 use kvvm_replay::sched::{nearest_rank, simulate, Job, Percentiles, SchedConfig};
 use kvvm_replay::timing::{Dir, Submit, Transfer};
 use kvvm_replay::trace::read_trace_from;
+use kvvm_replay::Error;
+use kvvm_replay::Result;
 use kvvm_replay::{GpuProfile, StepModel, VllmV1};
 
 /// A step model where every step takes `weights_s` plus `token_s` per computed token (whichever
@@ -156,14 +156,26 @@ fn percentiles_of_a_hand_built_trace_with_known_gaps() {
     assert!(close(r.sim_s, 0.163), "{}", r.sim_s);
     // TTFT: A 0.101, B 0.153 - 0.05 = 0.103.
     assert_eq!(r.ttft.count, 2);
-    assert!(close(r.ttft.p50, 0.101) && close(r.ttft.p99, 0.103), "{:?}", r.ttft);
+    assert!(
+        close(r.ttft.p50, 0.101) && close(r.ttft.p99, 0.103),
+        "{:?}",
+        r.ttft
+    );
     // TBT: A 0.052 then 0.010, B 0.010.
     assert_eq!(r.tbt.count, 3);
     assert!(close(r.tbt.p50, 0.010), "{:?}", r.tbt);
-    assert!(close(r.tbt.p90, 0.052) && close(r.tbt.p99, 0.052), "{:?}", r.tbt);
+    assert!(
+        close(r.tbt.p90, 0.052) && close(r.tbt.p99, 0.052),
+        "{:?}",
+        r.tbt
+    );
     assert!(close(r.tbt.mean, 0.072 / 3.0), "{:?}", r.tbt);
     // End to end: A 0.163, B 0.113.
-    assert!(close(r.e2e.p50, 0.113) && close(r.e2e.max, 0.163), "{:?}", r.e2e);
+    assert!(
+        close(r.e2e.p50, 0.113) && close(r.e2e.max, 0.163),
+        "{:?}",
+        r.e2e
+    );
     assert!(close(r.throughput_tokens_per_s, 5.0 / 0.163));
     assert_eq!(r.preempt_stall_s, 0.0);
     let json = serde_json::to_value(&r).unwrap();
@@ -254,7 +266,10 @@ fn a_synchronous_swap_is_charged_to_the_step_in_full() {
     let out = p.resume(&j(1), 32).unwrap().unwrap();
     assert_eq!(out.cached_tokens, 32);
     let t = out.transfers[0];
-    assert_eq!((t.dir, t.bytes, t.descriptors, t.sync), (Dir::ToDevice, 32, 8, true));
+    assert_eq!(
+        (t.dir, t.bytes, t.descriptors, t.sync),
+        (Dir::ToDevice, 32, 8, true)
+    );
     assert_eq!(p.counters().copy_calls, 16);
 }
 
@@ -329,7 +344,11 @@ fn vllm_v1_recompute_charges_the_re_prefill() {
     let b = &r.token_times[1];
     let a_done = *r.token_times[0].last().unwrap();
     let first_after = b.iter().copied().find(|&t| t > a_done).unwrap();
-    assert!(close(first_after - a_done, 0.033), "{}", first_after - a_done);
+    assert!(
+        close(first_after - a_done, 0.033),
+        "{}",
+        first_after - a_done
+    );
     // The same with a cold cache (the first block evicted too) recomputes all 48.
     let mut v = VllmV1::new(6 * 16, 16, 1, 2, None).unwrap();
     let x = Job::new(9, 0.0, 48, 1);
@@ -381,7 +400,11 @@ fn vllm_v1_offload_copies_one_descriptor_per_block_per_layer() {
     let mut w = VllmV1::new(8 * 16, 16, 1, 4, Some(64 * 16)).unwrap();
     w.set_coalesce(true);
     w.admit(&Job::new(1, 0.0, 64, 1), 64).unwrap().unwrap();
-    assert_eq!(w.after_step()[0].descriptors, 8, "4 adjacent blocks, one run");
+    assert_eq!(
+        w.after_step()[0].descriptors,
+        8,
+        "4 adjacent blocks, one run"
+    );
 }
 
 #[test]
@@ -426,7 +449,8 @@ fn an_endless_line_or_endless_blank_lines_end_with_an_error() {
 
 #[test]
 fn a_byte_order_mark_before_the_csv_header_is_accepted() {
-    let csv = "\u{feff}TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46.6805900,374,44\n";
+    let csv =
+        "\u{feff}TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46.6805900,374,44\n";
     let t = read_trace_from(Path::new("bom.csv"), csv.as_bytes(), None).unwrap();
     assert_eq!(t.requests.len(), 1);
     assert_eq!(t.requests[0].context_tokens, 374);
