@@ -100,9 +100,32 @@ fn the_plot_path_is_checked_before_the_replay() {
 
 #[test]
 fn bad_numbers_are_refused() {
+    let trace = trace_path("AzureLLMInferenceTrace_code.csv");
+    let trace = trace.to_str().unwrap();
+    // A valid replay otherwise (one request, one model row): only the quantum is wrong.
+    let (ok, _, err) = kvvm(&[
+        "replay",
+        "--trace",
+        trace,
+        "--limit",
+        "1",
+        "--allocators",
+        "vllm-v1",
+        "--fair-quantum=0.5",
+    ]);
+    assert!(ok, "{err}");
     for q in ["NaN", "-1", "inf"] {
         let arg = format!("--fair-quantum={q}");
-        let (ok, _, err) = kvvm(&["replay", &arg, "--limit", "1"]);
+        let (ok, _, err) = kvvm(&[
+            "replay",
+            "--trace",
+            trace,
+            "--limit",
+            "1",
+            "--allocators",
+            "vllm-v1",
+            &arg,
+        ]);
         assert!(!ok, "--fair-quantum {q} accepted");
         assert!(err.contains("--fair-quantum"), "{q}: {err}");
     }
