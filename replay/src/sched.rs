@@ -350,9 +350,12 @@ impl Engine<'_> {
     fn issue(&mut self, ts: &[Transfer], now: f64, clock: &mut StepClock) -> f64 {
         let mut ready = now;
         for t in ts {
-            let at = match t.dir {
-                Dir::ToHost => now,
-                Dir::ToDevice => now.max(clock.mem_ready),
+            // Synchronous copies run one after the other on the compute stream before the
+            // step; an asynchronous swap-in starts once the memory it fills is free.
+            let at = match (t.dir, t.sync) {
+                (_, true) => clock.wait_until.max(now),
+                (Dir::ToHost, false) => now,
+                (Dir::ToDevice, false) => now.max(clock.mem_ready),
             };
             let end = self.copies.issue(t, at, self.m);
             if t.submit_on_step {
@@ -362,9 +365,6 @@ impl Engine<'_> {
                 (_, true) => clock.wait_until = clock.wait_until.max(end),
                 (Dir::ToHost, false) => clock.mem_ready = clock.mem_ready.max(end),
                 (Dir::ToDevice, false) => ready = ready.max(end),
-            }
-            if t.sync && t.dir == Dir::ToHost {
-                clock.mem_ready = clock.mem_ready.max(end);
             }
         }
         ready
