@@ -5,9 +5,11 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::alloc::{Cost, Counters, KvAllocator, Preempted, Usage};
+use crate::alloc::{Counters, KvAllocator, Outcome, Preempted, Usage};
 use crate::error::{Error, Result};
-use kvvm::vmm::{Backend, CopyKind, CopyRegion, HostBuffer};
+use crate::sched::Job;
+use crate::timing::{Dir, Submit, Transfer, VmmCalls, VmmCounters};
+use kvvm::vmm::{Backend, BackendOp, CopyKind, CopyRegion, HostBuffer};
 use kvvm::{HostCopyId, SwapConfig, SwapEngine};
 use kvvm::{Kv, KvCache, SlotId, TensorView};
 
@@ -91,7 +93,7 @@ impl Stamper {
         Ok(())
     }
 
-    /// Counts the tokens `0..tokens` in `slot` whose stamps differ from those of `key(token)`.
+    /// Counts the tokens `0..tokens` of request `id` in `slot` whose stamps differ.
     fn check(&self, key: &dyn Fn(usize) -> u64, slot: SlotId, tokens: usize) -> Result<u64> {
         let rows = self.views.len();
         let per = (self.capacity()? / rows).max(1);
@@ -156,19 +158,10 @@ pub struct KvvmAllocator {
     dropped: std::collections::HashSet<u64>,
     budget: u64,
     counters: Counters,
-    /// Mooncake `hash_ids` of the requests whose prompt may be shared (see `set_prefixes`).
-    prefixes: HashMap<u64, Vec<u64>>,
-    /// Prompt tokens in whole hash blocks of the running or preempted requests admitted with
-    /// their prefix: their KV is the same for every request with the same blocks.
-    content: HashMap<u64, usize>,
+    /// Hash blocks and whole-block prompt tokens of requests admitted through the prefix index:
+    /// the KV of those tokens is the same for every request with those blocks.
+    content: HashMap<u64, (Arc<[u64]>, usize)>,
 }
-
-/// Tokens of one Mooncake hash block.
-const BLOCK: usize = 512;
-/// Namespace of the page keys made from hash blocks.
-const PREFIX_NAMESPACE: u64 = 0x6d6f_6f6e;
-/// Tells content stamps (by hash block) apart from request stamps.
-const CONTENT_TAG: u64 = 0xC0DE_0000_0000_0000;
 
 impl KvvmAllocator {
     /// Wraps `cache` (which must be fresh: no slot allocated) with `host_budget_bytes` of host
@@ -196,7 +189,6 @@ impl KvvmAllocator {
             dropped: Default::default(),
             budget,
             counters: Counters::default(),
-            prefixes: HashMap::new(),
             content: HashMap::new(),
         })
     }
@@ -302,6 +294,19 @@ impl KvvmAllocator {
         Ok(())
     }
 
+    /// A swap transfer of `bytes` covering `tokens` tokens: the swap engine's chunks, submitted
+    /// and completed on its own threads, overlapping the caller's compute.
+    fn transfer(&self, dir: Dir, bytes: u64, tokens: usize) -> Transfer {
+        Transfer {
+            dir,
+            bytes,
+            descriptors: self.calls_for(tokens),
+            submit: Submit::PerCall,
+            sync: false,
+            submit_on_step: false,
+        }
+    }
+
     fn stamp_new(&self, id: u64, slot: SlotId, from: usize, to: usize) -> Result<()> {
         let items: Vec<(u64, SlotId, usize)> = (from..to)
             .map(|t| (self.stamp_id(id, t), slot, t))
@@ -309,11 +314,12 @@ impl KvvmAllocator {
         self.stamper.write(&items)
     }
 
-    /// Whose stamp token `t` of request `id` carries: its hash block's inside the shared
-    /// prompt blocks (the same KV for every request with those blocks), else the request's.
+    /// Whose stamp token `t` of request `id` carries: its hash block's inside the prompt's
+    /// whole shared blocks (the same KV for every request with those blocks), else the
+    /// request's own.
     fn stamp_id(&self, id: u64, t: usize) -> u64 {
-        match (self.content.get(&id), self.prefixes.get(&id)) {
-            (Some(&content), Some(h)) if t < content => h[t / BLOCK] ^ CONTENT_TAG,
+        match self.content.get(&id) {
+            Some((h, content)) if t < *content => h[t / BLOCK] ^ CONTENT_TAG,
             _ => id,
         }
     }
@@ -323,8 +329,8 @@ impl KvvmAllocator {
         self.stamper.check(&|t| self.stamp_id(id, t), slot, tokens)
     }
 
-    /// The page keys of the prompt's whole hash blocks, chained: page `j` is named by the
-    /// hash of the block holding its last token (hash ids name whole prefixes) and `j`.
+    /// The page keys of the prompt's whole hash blocks, chained: page `j` is named by the hash
+    /// of the block holding its last token (a hash id names its whole prefix) and by `j`.
     fn page_keys(&self, hash_ids: &[u64], content: usize) -> Option<Vec<u64>> {
         let tpp = self.cache.tokens_per_page().ok()?;
         let mut parent = 0;
@@ -344,12 +350,10 @@ impl KvvmAllocator {
     }
 
     /// Admission through the prefix index: maps the cached pages of the prompt's longest
-    /// published prefix, prefills the rest, publishes the prompt's whole pages. `Ok(None)` when
-    /// the request has no shareable page.
-    fn admit_prefixed(&mut self, id: u64, tokens: usize) -> Result<Option<bool>> {
-        let Some(h) = self.prefixes.get(&id) else {
-            return Ok(None);
-        };
+    /// published prefix (read-only), prefills the rest, and publishes the prompt's whole
+    /// pages. `Ok(None)` when the prompt has no whole hash block a page fits in.
+    fn admit_prefixed(&mut self, job: &Job, tokens: usize) -> Result<Option<Option<Outcome>>> {
+        let h = &job.hash_ids;
         let content = h.len().min(tokens / BLOCK) * BLOCK;
         let keys = match self.page_keys(h, content) {
             Some(k) if !k.is_empty() => k,
@@ -357,29 +361,41 @@ impl KvvmAllocator {
         };
         let hit = match self.cache.alloc_slot_with_prefix_keys(&keys, tokens) {
             Ok(hit) => hit,
-            Err(e) if exhausted(&e) => return Ok(Some(false)),
+            Err(e) if exhausted(&e) => return Ok(Some(None)),
             Err(e) => return Err(e.into()),
         };
         if let Err(e) = self.cache.ensure(hit.slot, tokens) {
             self.cache.free_slot(hit.slot)?;
             return if exhausted(&e) {
-                Ok(Some(false))
+                Ok(Some(None))
             } else {
                 Err(e.into())
             };
         }
-        self.content.insert(id, content);
-        self.running.insert(id, (hit.slot, tokens));
-        self.stamp_new(id, hit.slot, hit.tokens, tokens)?;
+        self.content.insert(job.id, (h.clone(), content));
+        self.running.insert(job.id, (hit.slot, tokens));
+        self.stamp_new(job.id, hit.slot, hit.tokens, tokens)?;
         self.cache.publish_keys(hit.slot, &keys)?;
-        self.counters.prefix_hit_tokens += hit.tokens as u64;
-        Ok(Some(true))
+        Ok(Some(Some(Outcome {
+            cached_tokens: hit.tokens,
+            transfers: Vec::new(),
+        })))
     }
 }
+
+/// Tokens of one Mooncake hash block.
+const BLOCK: usize = 512;
+/// Namespace of the page keys made from hash blocks.
+const PREFIX_NAMESPACE: u64 = 0x6d6f_6f6e;
+/// Tells content stamps (by hash block) apart from request stamps.
+const CONTENT_TAG: u64 = 0xC0DE_0000_0000_0000;
 
 impl KvAllocator for KvvmAllocator {
     fn name(&self) -> String {
         format!("kvvm-{}", self.cache.geometry().layout)
+    }
+    fn is_model(&self) -> bool {
+        false
     }
     fn preemption(&self) -> &'static str {
         "swap whole requests in coarse copies, reusing host copies (recompute when the host is full)"
@@ -394,22 +410,20 @@ impl KvAllocator for KvvmAllocator {
     fn free_bytes(&self) -> u64 {
         self.budget.saturating_sub(self.held())
     }
-    fn set_prefixes(&mut self, prefixes: HashMap<u64, Vec<u64>>) {
-        self.prefixes = prefixes;
-    }
-    fn admit(&mut self, id: u64, tokens: usize) -> Result<bool> {
+    fn admit(&mut self, job: &Job, tokens: usize) -> Result<Option<Outcome>> {
+        let id = job.id;
         if self.running.contains_key(&id) {
             return Err(Error::InvalidArgument(format!("request {id} already runs")));
         }
-        if let Some(admitted) = self.admit_prefixed(id, tokens)? {
-            return Ok(admitted);
+        if let Some(outcome) = self.admit_prefixed(job, tokens)? {
+            return Ok(outcome);
         }
         let Some(slot) = self.slot_for(tokens)? else {
-            return Ok(false);
+            return Ok(None);
         };
         self.running.insert(id, (slot, tokens));
         self.stamp_new(id, slot, 0, tokens)?;
-        Ok(true)
+        Ok(Some(Outcome::none()))
     }
     fn grow(&mut self, batch: &[(u64, usize)]) -> Result<bool> {
         let mut targets = Vec::with_capacity(batch.len());
@@ -436,7 +450,7 @@ impl KvAllocator for KvvmAllocator {
         self.stamper.write(&items)?;
         Ok(true)
     }
-    fn preempt(&mut self, id: u64) -> Result<(Preempted, Cost)> {
+    fn preempt(&mut self, id: u64) -> Result<(Preempted, Outcome)> {
         let (slot, tokens) = self.slot(id)?;
         let ticket = match self.swap.swap_out(slot) {
             Ok(t) => t,
@@ -446,7 +460,7 @@ impl KvAllocator for KvvmAllocator {
                 self.release_slot(slot)?;
                 self.running.remove(&id);
                 self.dropped.insert(id);
-                return Ok((Preempted::Dropped, Cost::default()));
+                return Ok((Preempted::Dropped, Outcome::none()));
             }
             Err(e) => return Err(e.into()),
         };
@@ -458,13 +472,14 @@ impl KvAllocator for KvvmAllocator {
         debug_assert!(new_tokens <= tokens);
         Ok((
             Preempted::Swapped,
-            Cost {
-                copy_bytes: bytes,
-                copy_calls: self.calls_for(new_tokens),
+            Outcome {
+                cached_tokens: 0,
+                transfers: vec![self.transfer(Dir::ToHost, bytes, new_tokens)],
             },
         ))
     }
-    fn resume(&mut self, id: u64, tokens: usize) -> Result<Option<Cost>> {
+    fn resume(&mut self, job: &Job, tokens: usize) -> Result<Option<Outcome>> {
+        let id = job.id;
         if self.dropped.contains(&id) {
             // Recompute: the prefill writes the KV again.
             let Some(slot) = self.slot_for(tokens)? else {
@@ -473,7 +488,7 @@ impl KvAllocator for KvvmAllocator {
             self.dropped.remove(&id);
             self.running.insert(id, (slot, tokens));
             self.stamp_new(id, slot, 0, tokens)?;
-            return Ok(Some(Cost::default()));
+            return Ok(Some(Outcome::none()));
         }
         let copy = *self.copies.get(&id).ok_or_else(|| {
             Error::InvalidArgument(format!("request {id} has no host copy to resume from"))
@@ -511,9 +526,9 @@ impl KvAllocator for KvvmAllocator {
         }
         self.running.insert(id, (slot, tokens));
         self.counters.integrity_errors += self.check_stamps(id, slot, tokens)?;
-        Ok(Some(Cost {
-            copy_bytes: ticket.bytes(),
-            copy_calls: self.calls_for(tokens),
+        Ok(Some(Outcome {
+            cached_tokens: tokens,
+            transfers: vec![self.transfer(Dir::ToDevice, ticket.bytes(), tokens)],
         }))
     }
     fn finish(&mut self, id: u64) -> Result<()> {
@@ -523,6 +538,28 @@ impl KvAllocator for KvvmAllocator {
         self.running.remove(&id);
         self.content.remove(&id);
         self.drop_copy(id)
+    }
+    fn vmm_calls(&self) -> VmmCounters {
+        let stats = self.cache.stats();
+        let count = |background: bool| {
+            let n = |op: BackendOp| {
+                let s = stats.calls(op);
+                if background {
+                    s.background_calls
+                } else {
+                    s.calls - s.background_calls
+                }
+            };
+            VmmCalls {
+                create: n(BackendOp::CreatePage),
+                map: n(BackendOp::Map),
+                unmap: n(BackendOp::Unmap),
+            }
+        };
+        VmmCounters {
+            foreground: count(false),
+            background: count(true),
+        }
     }
     fn usage(&self) -> Usage {
         Usage {
@@ -539,9 +576,8 @@ impl KvAllocator for KvvmAllocator {
             reuse_saved_bytes: sw.reuse_saved_bytes,
             // The swap engine copies through the cache's metered backend.
             backend_calls: stats.total_backend_calls(),
-            copy_calls: stats.calls(kvvm::vmm::BackendOp::Copy).calls,
+            copy_calls: stats.calls(BackendOp::Copy).calls,
             integrity_errors: self.counters.integrity_errors,
-            prefix_hit_tokens: self.counters.prefix_hit_tokens,
         }
     }
 }
