@@ -1,103 +1,4 @@
-//! SwapEngine: asynchronous, coarse-grained KV swapping between device memory and pinned host
-//! memory (the FastSwitch design).
-//!
-//! A serving engine preempts a request by swapping its slot out to host memory and resumes it
-//! later by swapping it into any empty slot:
-//!
-//! ```
-//! use std::sync::Arc;
-//! use kvvm::cache::{CacheConfig, KvCache, Layout};
-//! use kvvm::swap::{SwapConfig, SwapEngine};
-//! use kvvm::vmm::{BackendChoice, BackendConfig};
-//!
-//! let mut config = CacheConfig::for_model("llama-3-8b", 4, 1024, 64 << 20)?;
-//! config.layers = 2; // keep the doctest small
-//! config.layout = Layout::Interleaved;
-//! config.backend = BackendConfig { choice: BackendChoice::Host, host_granularity: 64 << 10, ..Default::default() };
-//! let cache = Arc::new(KvCache::new(config)?);
-//! let swap = SwapEngine::new(cache.clone(), SwapConfig { host_budget_bytes: 64 << 20, ..Default::default() })?;
-//!
-//! // A request with 300 tokens of KV (prefill writes it through the layer views).
-//! let slot = cache.alloc_slot()?;
-//! cache.ensure(slot, 300)?;
-//!
-//! // Preempt: copy its KV to host. The slot's pages are unmapped and the slot freed only once
-//! // the copy has completed; meanwhile other slots keep decoding.
-//! let ticket = swap.swap_out(slot)?;
-//! let copy = ticket.copy();
-//! ticket.wait()?;
-//! assert!(!cache.is_allocated(slot));
-//! assert_eq!(swap.host_tokens(copy)?, 300);
-//!
-//! // Resume into any empty slot. On CUDA the compute stream may instead wait on
-//! // `ticket.event()` with `cuStreamWaitEvent`.
-//! let slot = cache.alloc_slot_for(300)?;
-//! let ticket = swap.swap_in(copy, slot)?;
-//! ticket.wait()?;
-//! assert_eq!(cache.tokens(slot)?, 300);
-//!
-//! // Decode 20 more tokens, then preempt again: the host copy still holds the first 300
-//! // tokens (KV of past tokens never changes), so only the 20 new ones are copied.
-//! cache.ensure(slot, 320)?;
-//! let ticket = swap.swap_out(slot)?;
-//! assert_eq!(ticket.copy(), copy);
-//! assert_eq!(ticket.bytes(), 20 * cache.geometry().bytes_per_token() as u64);
-//! ticket.wait()?;
-//! swap.release(copy)?; // the request finished while swapped out
-//! # Ok::<(), kvvm::Error>(())
-//! ```
-//!
-//! # Transfers
-//!
-//! A swap copies a slot's tokens in as few, as large transfers as the layout permits: the
-//! interleaved layout keeps a slot's tokens in one contiguous range, the per-layer layout in one
-//! range per buffer (2 × layers). Ranges are cut into [`SwapConfig::chunk_bytes`] pieces only so
-//! that the backend can pipeline them (worker threads on the host backend, copy streams on CUDA).
-//! Up to [`SwapConfig::max_in_flight`] transfers run at once; a swap never holds the cache's lock
-//! while copying: the slot is marked busy instead, so `step` on other slots goes on. On the host
-//! backend a swap-in first fills in the page tables of the pages it just mapped, chunk by chunk
-//! ahead of the copy, rather than taking a page fault per OS page inside the copy.
-//!
-//! Ordering with the caller's compute: copies run on the backend's own streams (CUDA) or threads
-//! (host). Before `swap_out`, the kernels that wrote the slot's KV must have completed (on CUDA,
-//! synchronize the compute stream or an event recorded on it); after `swap_in`, the slot may be
-//! read once the ticket is complete, or, on CUDA, by work that a stream orders after
-//! [`SwapTicket::event`] with `cuStreamWaitEvent`.
-//!
-//! A transfer finishes when its copy completes: a swap-out then (and never before) unmaps the
-//! slot's pages, returns them to the pool and frees the slot; a swap-in gives the slot its tokens.
-//! The finishing work runs in whichever comes first of [`SwapTicket::poll`] / [`SwapTicket::wait`]
-//! and the engine's completion thread, so a caller that never polls leaks nothing; dropping the
-//! engine waits for every transfer in flight and finishes it.
-//!
-//! # Failures
-//!
-//! A copy that fails (at submission or at completion) or pages that cannot be mapped leave the
-//! slot as it was (still allocated, every token intact; after a failed swap-in, still empty) and
-//! the host copy as it was; the error is returned by `swap_out` / `swap_in` (submission) or by the
-//! ticket (completion).
-//!
-//! # Host memory and KV reuse
-//!
-//! Host copies live in an arena of large blocks obtained from the backend (page-locked on CUDA)
-//! within [`SwapConfig::host_budget_bytes`], carved by a first-fit extent allocator. A copy's
-//! extent holds, per buffer, room for a *capacity* of tokens: the copied tokens plus a quarter
-//! (rounded up to 16 tokens, at most `max_tokens`), so that a conversation that is swapped in,
-//! decodes a little and is swapped out again appends its new tokens in place. When it has grown
-//! past the capacity, the copy is relocated: a larger extent is taken, the old tokens are copied
-//! host-to-host (no device traffic) and the old extent is returned once the transfer succeeded.
-//!
-//! After a swap-in completes, the host copy stays valid and tied to the slot; the next swap-out of
-//! that slot copies only the tokens added since, provided the slot was neither freed nor shrunk in
-//! between. Such copies (the device holds their tokens too) are a cache: when the budget runs
-//! short they are evicted, lowest [`SwapEngine::set_priority`] first and least recently used
-//! within a priority, unless [`SwapEngine::pin`]ned. A copy written by a swap-out is the only
-//! place its request's KV lives and is never evicted; it goes away with [`SwapEngine::release`]
-//! (or becomes evictable once swapped in again). When the free, unallocated and evictable bytes
-//! together fall short, the swap fails with [`Error::HostBudgetExhausted`] before evicting
-//! anything; when they suffice in total but no hole is large enough even after evicting every
-//! evictable copy (fragmentation), it fails the same way, having evicted only cached copies. In
-//! both cases the slot and every copy a swap-out wrote are as they were.
+//! [`SwapEngine`]: asynchronous, coarse KV swapping between device and host memory.
 
 mod arena;
 
@@ -153,7 +54,8 @@ impl HostCopyId {
 }
 
 /// Counters of a [`SwapEngine`].
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct SwapStats {
     /// Bytes copied device to host by completed swap-outs.
     pub bytes_out: u64,
@@ -175,7 +77,106 @@ pub struct SwapStats {
     pub in_flight: u64,
 }
 
-/// The engine. See the [module documentation](self).
+/// SwapEngine: asynchronous, coarse-grained KV swapping between device memory and pinned host
+/// memory (the FastSwitch design).
+///
+/// A serving engine preempts a request by swapping its slot out to host memory and resumes it
+/// later by swapping it into any empty slot:
+///
+/// ```
+/// use std::sync::Arc;
+/// use kvvm::{CacheConfig, KvCache, Layout};
+/// use kvvm::{SwapConfig, SwapEngine};
+/// use kvvm::vmm::{BackendChoice, BackendConfig};
+///
+/// let mut config = CacheConfig::for_model("llama-3-8b", 4, 1024, 64 << 20)?;
+/// config.layers = 2; // keep the doctest small
+/// config.layout = Layout::Interleaved;
+/// config.backend = BackendConfig { choice: BackendChoice::Host, host_granularity: 64 << 10, ..Default::default() };
+/// let cache = Arc::new(KvCache::new(config)?);
+/// let swap = SwapEngine::new(cache.clone(), SwapConfig { host_budget_bytes: 64 << 20, ..Default::default() })?;
+///
+/// // A request with 300 tokens of KV (prefill writes it through the layer views).
+/// let slot = cache.alloc_slot()?;
+/// cache.ensure(slot, 300)?;
+///
+/// // Preempt: copy its KV to host. The slot's pages are unmapped and the slot freed only once
+/// // the copy has completed; meanwhile other slots keep decoding.
+/// let ticket = swap.swap_out(slot)?;
+/// let copy = ticket.copy();
+/// ticket.wait()?;
+/// assert!(!cache.is_allocated(slot));
+/// assert_eq!(swap.host_tokens(copy)?, 300);
+///
+/// // Resume into any empty slot. On CUDA the compute stream may instead wait on
+/// // `ticket.event()` with `cuStreamWaitEvent`.
+/// let slot = cache.alloc_slot_for(300)?;
+/// let ticket = swap.swap_in(copy, slot)?;
+/// ticket.wait()?;
+/// assert_eq!(cache.tokens(slot)?, 300);
+///
+/// // Decode 20 more tokens, then preempt again: the host copy still holds the first 300
+/// // tokens (KV of past tokens never changes), so only the 20 new ones are copied.
+/// cache.ensure(slot, 320)?;
+/// let ticket = swap.swap_out(slot)?;
+/// assert_eq!(ticket.copy(), copy);
+/// assert_eq!(ticket.bytes(), 20 * cache.geometry().bytes_per_token() as u64);
+/// ticket.wait()?;
+/// swap.release(copy)?; // the request finished while swapped out
+/// # Ok::<(), kvvm::Error>(())
+/// ```
+///
+/// # Transfers
+///
+/// A swap copies a slot's tokens in as few, as large transfers as the layout permits: the
+/// interleaved layout keeps a slot's tokens in one contiguous range, the per-layer layout in one
+/// range per buffer (2 × layers). Ranges are cut into [`SwapConfig::chunk_bytes`] pieces only so
+/// that the backend can pipeline them (worker threads on the host backend, copy streams on CUDA).
+/// Up to [`SwapConfig::max_in_flight`] transfers run at once; a swap never holds the cache's lock
+/// while copying: the slot is marked busy instead, so `step` on other slots goes on. On the host
+/// backend a swap-in first fills in the page tables of the pages it just mapped, chunk by chunk
+/// ahead of the copy, rather than taking a page fault per OS page inside the copy.
+///
+/// Ordering with the caller's compute: copies run on the backend's own streams (CUDA) or threads
+/// (host). Before `swap_out`, the kernels that wrote the slot's KV must have completed (on CUDA,
+/// synchronize the compute stream or an event recorded on it); after `swap_in`, the slot may be
+/// read once the ticket is complete, or, on CUDA, by work that a stream orders after
+/// [`SwapTicket::event`] with `cuStreamWaitEvent`.
+///
+/// A transfer finishes when its copy completes: a swap-out then (and never before) unmaps the
+/// slot's pages, returns them to the pool and frees the slot; a swap-in gives the slot its tokens.
+/// The finishing work runs in whichever comes first of [`SwapTicket::poll`] / [`SwapTicket::wait`]
+/// and the engine's completion thread, so a caller that never polls leaks nothing; dropping the
+/// engine waits for every transfer in flight and finishes it.
+///
+/// # Failures
+///
+/// A copy that fails (at submission or at completion) or pages that cannot be mapped leave the
+/// slot as it was (still allocated, every token intact; after a failed swap-in, still empty) and
+/// the host copy as it was; the error is returned by `swap_out` / `swap_in` (submission) or by the
+/// ticket (completion).
+///
+/// # Host memory and KV reuse
+///
+/// Host copies live in an arena of large blocks obtained from the backend (page-locked on CUDA)
+/// within [`SwapConfig::host_budget_bytes`], carved by a first-fit extent allocator. A copy's
+/// extent holds, per buffer, room for a *capacity* of tokens: the copied tokens plus a quarter
+/// (rounded up to 16 tokens, at most `max_tokens`), so that a conversation that is swapped in,
+/// decodes a little and is swapped out again appends its new tokens in place. When it has grown
+/// past the capacity, the copy is relocated: a larger extent is taken, the old tokens are copied
+/// host-to-host (no device traffic) and the old extent is returned once the transfer succeeded.
+///
+/// After a swap-in completes, the host copy stays valid and tied to the slot; the next swap-out of
+/// that slot copies only the tokens added since, provided the slot was neither freed nor shrunk in
+/// between. Such copies (the device holds their tokens too) are a cache: when the budget runs
+/// short they are evicted, lowest [`SwapEngine::set_priority`] first and least recently used
+/// within a priority, unless [`SwapEngine::pin`]ned. A copy written by a swap-out is the only
+/// place its request's KV lives and is never evicted; it goes away with [`SwapEngine::release`]
+/// (or becomes evictable once swapped in again). When the free, unallocated and evictable bytes
+/// together fall short, the swap fails with [`Error::HostBudgetExhausted`] before evicting
+/// anything; when they suffice in total but no hole is large enough even after evicting every
+/// evictable copy (fragmentation), it fails the same way, having evicted only cached copies. In
+/// both cases the slot and every copy a swap-out wrote are as they were.
 #[derive(Debug)]
 pub struct SwapEngine {
     inner: Arc<Inner>,
@@ -964,7 +965,7 @@ impl SwapEngine {
         if let Some(base) = dst_base {
             let buffers = inner.cache.buffers();
             for (b, r) in buffers.iter().enumerate() {
-                let src = r.addr + (slot as usize * g.slot_bytes + from * tb) as u64;
+                let src = r.addr + (slot.as_usize() * g.slot_bytes + from * tb) as u64;
                 let dst = base + (b * dst_cap * tb + from * tb) as u64;
                 push_chunked(
                     &mut regions,
@@ -1007,7 +1008,7 @@ impl SwapEngine {
     /// Maps the pages `slot` needs for the copy's tokens and copies them back. The slot must be
     /// allocated and hold no tokens (e.g. from `cache.alloc_slot_for(n)`); it must not be used
     /// before the ticket completes. The copy stays valid afterwards (see the
-    /// [module documentation](self) on KV reuse). Waits while the copy is in another transfer,
+    /// [type documentation](SwapEngine) on KV reuse). Waits while the copy is in another transfer,
     /// and while [`SwapConfig::max_in_flight`] transfers are in flight.
     ///
     /// # Errors
@@ -1058,7 +1059,7 @@ impl SwapEngine {
             for (b, r) in inner.cache.buffers().iter().enumerate() {
                 push_chunked(
                     &mut regions,
-                    r.addr + (slot as usize * g.slot_bytes) as u64,
+                    r.addr + (slot.as_usize() * g.slot_bytes) as u64,
                     base + (b * cap * tb) as u64,
                     tokens * tb,
                     inner.config.chunk_bytes,
