@@ -7,7 +7,7 @@ use proptest::test_runner::Config;
 use proptest_state_machine::{prop_state_machine, ReferenceStateMachine, StateMachineTest};
 
 use kvvm::testing::{Harness, HarnessConfig, Op};
-use kvvm::Layout;
+use kvvm::{Layout, SlotId};
 
 /// The reference only tracks how many slots are live, so that it generates meaningful indices;
 /// the harness holds the exact model.
@@ -194,6 +194,6 @@ fn per_layer_faults_regression_surplus_unmap_failure() {
             panic!("op {i} {op:?}: {e}");
         }
     }
-    assert_eq!(h.live(), vec![(0, 131), (1, 131)]);
+    assert_eq!(h.live(), vec![(SlotId::new(0), 131), (SlotId::new(1), 131)]);
     h.finish().expect("no leak");
 }

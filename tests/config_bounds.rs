@@ -4,26 +4,20 @@
 
 use std::sync::Arc;
 
-use kvvm::cache::{CacheConfig, DType, Geometry, KvCache, Layout};
 use kvvm::vmm::host::{os_page_size, HostBackend, HostConfig};
-use kvvm::vmm::{Backend, BackendConfig};
+use kvvm::vmm::Backend;
 use kvvm::Error;
+use kvvm::{CacheConfig, DType, Geometry, KvCache, Layout};
 
 fn config(layers: usize, max_slots: usize, budget_bytes: u64) -> CacheConfig {
-    CacheConfig {
-        layers,
-        kv_heads: 1,
-        head_dim: 1,
-        dtype: DType::F16,
-        max_slots,
-        max_tokens: 1,
-        layout: Layout::PerLayer,
-        page_size: Some(4096),
-        budget_bytes,
-        backend: BackendConfig::default(),
-        lookahead_steps: 0,
-        create_all_pages: false,
-    }
+    CacheConfig::new(layers, 1, 1)
+        .with_dtype(DType::F16)
+        .with_max_slots(max_slots)
+        .with_max_tokens(1)
+        .with_layout(Layout::PerLayer)
+        .with_page_size(Some(4096))
+        .with_budget_bytes(budget_bytes)
+        .with_lookahead_steps(0)
 }
 
 fn assert_invalid<T>(r: Result<T, Error>, what: &str) {
@@ -102,7 +96,8 @@ fn more_buffers_than_the_map_count_allows_are_refused() {
 /// Ordinary models still pass.
 #[test]
 fn ordinary_configs_still_pass() {
-    let mut c = CacheConfig::for_model("llama-3-70b", 256, 8192, 1 << 30).expect("preset");
-    c.layout = Layout::PerLayer;
+    let c = CacheConfig::for_model("llama-3-70b", 256, 8192, 1 << 30)
+        .expect("preset")
+        .with_layout(Layout::PerLayer);
     Geometry::new(&c, 2 << 20).expect("llama-3-70b per-layer, 256 slots");
 }

@@ -9,10 +9,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kvvm::cache::{CacheConfig, DType, KvCache, Layout, SlotId};
 use kvvm::testing::{stamp_tokens, verify_tokens};
 use kvvm::vmm::host::{os_page_size, HostBackend, HostConfig};
-use kvvm::vmm::{Backend, BackendConfig};
+use kvvm::vmm::Backend;
+use kvvm::{CacheConfig, DType, Kv, KvCache, Layout, SlotId};
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{fork, ForkResult, Pid};
@@ -28,20 +28,13 @@ fn cache(lookahead: usize) -> (KvCache, Arc<HostBackend>) {
         .expect("host backend"),
     );
     let cache = KvCache::with_backend(
-        CacheConfig {
-            layers: 2,
-            kv_heads: 2,
-            head_dim: 8,
-            dtype: DType::F32,
-            max_slots: 4,
-            max_tokens: 256,
-            layout: Layout::PerLayer,
-            page_size: None,
-            budget_bytes: (64 * page) as u64,
-            backend: BackendConfig::default(),
-            lookahead_steps: lookahead,
-            create_all_pages: false,
-        },
+        CacheConfig::new(2, 2, 8)
+            .with_dtype(DType::F32)
+            .with_max_slots(4)
+            .with_max_tokens(256)
+            .with_layout(Layout::PerLayer)
+            .with_budget_bytes((64 * page) as u64)
+            .with_lookahead_steps(lookahead),
         host.clone() as Arc<dyn Backend>,
     )
     .expect("cache");
@@ -128,7 +121,7 @@ fn parent_still_fine(cache: &KvCache, a: SlotId) {
 fn inherited_cache_fails_cleanly_in_the_child() {
     let (cache, _host) = cache(4);
     let a = setup(&cache);
-    let row = cache.row(a, 0, 0, kvvm::cache::Kv::K).expect("row");
+    let row = cache.row(a, 0, 0, Kv::K).expect("row");
     let code = in_child(|| {
         // Every call that changes the cache is refused with an error (no panic, no hang).
         if cache.alloc_slot().is_ok() {
@@ -182,22 +175,58 @@ fn dropping_inherited_objects_in_the_child_leaves_the_parent_alone() {
     assert_eq!(host.live_pages(), 0, "pages leaked in the parent");
 }
 
+/// The child uses what it inherited as if it were its own while the parent goes on: the pages
+/// that a free slot keeps mapped are the same memfd pages in both processes, so a child that
+/// could allocate and write them would overwrite the request the parent put there.
 #[test]
-fn parent_data_survives_a_child_that_drops_everything() {
+fn a_child_writing_its_inherited_cache_never_changes_the_parent() {
     let (cache, host) = cache(0);
     let a = setup(&cache);
     let f = cache.alloc_slot().expect("alloc");
     cache.ensure(f, 256).expect("ensure");
-    cache.shrink(f, 0).expect("shrink: pages back to the pool's free list");
-    let code = in_child(|| {
-        // What a careless child does: frees, reclaims, trims, then drops what it inherited.
-        let _ = cache.free_slot(a);
-        let _ = cache.reclaim_free_slots();
-        let _ = cache.pool().trim(0);
-        0
-    });
-    assert_eq!(code, Ok(0), "child outcome");
-    parent_still_fine(&cache, a);
+    cache
+        .free_slot(f)
+        .expect("free: the slot keeps its pages mapped");
+    let (rx, tx) = nix::unistd::pipe().expect("pipe");
+    // SAFETY: as in `in_child`.
+    match unsafe { fork() }.expect("fork") {
+        ForkResult::Child => {
+            drop(tx);
+            let mut b = [0u8; 1];
+            // Wait until the parent has put its request into the free slot's pages.
+            let _ = nix::unistd::read(std::os::fd::AsRawFd::as_raw_fd(&rx), &mut b);
+            let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                if let Ok(s) = cache.alloc_slot_for(256) {
+                    if cache.ensure(s, 256).is_ok() {
+                        // SAFETY: the child believes it owns the slot (that is the hazard).
+                        let _ = unsafe { stamp_tokens(&cache, s, 99, 0, 256) };
+                        return 1;
+                    }
+                }
+                0
+            }))
+            .unwrap_or(99);
+            // SAFETY: ends the child at once.
+            unsafe { libc::_exit(code) }
+        }
+        ForkResult::Parent { child } => {
+            drop(rx);
+            let b = cache.alloc_slot_for(256).expect("alloc b");
+            assert_eq!(b, f, "the parent reuses the slot whose pages are mapped");
+            cache.ensure(b, 256).expect("ensure b");
+            // SAFETY: this thread owns the slot, which holds 256 tokens.
+            unsafe { stamp_tokens(&cache, b, 2, 0, 256).expect("stamp b") };
+            nix::unistd::write(&tx, &[1]).expect("signal the child");
+            let code = wait_child(child);
+            // SAFETY: this thread owns both slots.
+            unsafe {
+                verify_tokens(&cache, a, 1, 100).expect("a after the child");
+                verify_tokens(&cache, b, 2, 256).expect("b after the child");
+            }
+            assert_eq!(code, Ok(0), "the child could allocate and grow a slot");
+        }
+    }
+    cache.free_slot(a).expect("free a");
     drop(cache);
     assert_eq!(host.live_pages(), 0, "pages leaked in the parent");
 }

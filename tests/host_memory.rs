@@ -7,7 +7,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kvvm::cache::{CacheConfig, DType, KvCache, Layout};
 use kvvm::pool::{PagePool, PoolConfig};
 use kvvm::vmm::host::{os_page_size, HostBackend, HostConfig};
 use kvvm::vmm::{
@@ -15,6 +14,7 @@ use kvvm::vmm::{
     CopyRegion, HostBuffer, PageHandle, VaRange,
 };
 use kvvm::Error;
+use kvvm::{CacheConfig, DType, KvCache, Layout};
 
 /// `MemTotal` from /proc/meminfo, in bytes.
 fn mem_total() -> u64 {
@@ -43,25 +43,19 @@ fn host() -> Arc<HostBackend> {
 }
 
 fn config(budget_bytes: u64) -> CacheConfig {
-    CacheConfig {
-        layers: 2,
-        kv_heads: 2,
-        head_dim: 8,
-        dtype: DType::F32,
-        max_slots: 4,
-        max_tokens: 256,
-        layout: Layout::Interleaved,
-        page_size: None,
-        budget_bytes,
-        backend: BackendConfig {
+    CacheConfig::new(2, 2, 8)
+        .with_dtype(DType::F32)
+        .with_max_slots(4)
+        .with_max_tokens(256)
+        .with_layout(Layout::Interleaved)
+        .with_budget_bytes(budget_bytes)
+        .with_backend(BackendConfig {
             choice: BackendChoice::Host,
             host_granularity: os_page_size(),
             copy_threads: 1,
             ..BackendConfig::default()
-        },
-        lookahead_steps: 0,
-        create_all_pages: false,
-    }
+        })
+        .with_lookahead_steps(0)
 }
 
 fn assert_memory_refusal<T>(r: Result<T, Error>, what: &str) {
@@ -159,10 +153,7 @@ fn create_all_with_a_large_budget_is_refused_before_creating() {
         cap: 64,
     });
     let r = KvCache::with_backend(
-        CacheConfig {
-            create_all_pages: true,
-            ..config(budget)
-        },
+        config(budget).with_create_all_pages(true),
         capped.clone() as Arc<dyn Backend>,
     );
     assert_memory_refusal(r, "create_all");
@@ -179,16 +170,14 @@ fn page_above_physical_memory_is_refused() {
     // One page of 1 TiB (or twice the machine's memory if that is more): the reservation fits,
     // the page cannot.
     let page = (2 * mem_total()).max(1 << 40).next_multiple_of(2 << 20) as usize;
-    let c = CacheConfig {
-        max_slots: 1,
-        max_tokens: 1,
-        page_size: Some(page),
-        backend: BackendConfig {
+    let c = config(page as u64)
+        .with_max_slots(1)
+        .with_max_tokens(1)
+        .with_page_size(Some(page))
+        .with_backend(BackendConfig {
             host_granularity: 2 << 20,
             ..config(0).backend
-        },
-        ..config(page as u64)
-    };
+        });
     // Without the check the pool would create that page in the background and fill the
     // machine's memory: a capped backend refuses every page instead.
     let h = Arc::new(

@@ -4,12 +4,11 @@
 
 use std::sync::Arc;
 
-use kvvm::cache::{CacheConfig, DType, KvCache, Layout};
-use kvvm::swap::{SwapConfig, SwapEngine};
 use kvvm::testing::stamp_tokens;
 use kvvm::vmm::host::{os_page_size, HostBackend, HostConfig};
-use kvvm::vmm::{Backend, BackendConfig};
+use kvvm::vmm::Backend;
 use kvvm::Error;
+use kvvm::{CacheConfig, DType, KvCache, Layout, SwapConfig, SwapEngine};
 
 fn cache() -> Arc<KvCache> {
     let page = os_page_size();
@@ -23,20 +22,13 @@ fn cache() -> Arc<KvCache> {
     );
     Arc::new(
         KvCache::with_backend(
-            CacheConfig {
-                layers: 2,
-                kv_heads: 2,
-                head_dim: 8,
-                dtype: DType::F32,
-                max_slots: 4,
-                max_tokens: 128,
-                layout: Layout::Interleaved,
-                page_size: None,
-                budget_bytes: (64 * page) as u64,
-                backend: BackendConfig::default(),
-                lookahead_steps: 0,
-                create_all_pages: false,
-            },
+            CacheConfig::new(2, 2, 8)
+                .with_dtype(DType::F32)
+                .with_max_slots(4)
+                .with_max_tokens(128)
+                .with_layout(Layout::Interleaved)
+                .with_budget_bytes((64 * page) as u64)
+                .with_lookahead_steps(0),
             host as Arc<dyn Backend>,
         )
         .expect("cache"),

@@ -12,13 +12,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use kvvm::cache::{CacheConfig, DType, KvCache, Layout, SlotId};
 use kvvm::testing::{stamp_tokens, verify_tokens};
 use kvvm::vmm::host::{os_page_size, HostBackend, HostConfig};
 use kvvm::vmm::{
-    Backend, BackendConfig, BackendInfo, BackendKind, Completion, CopyKind, CopyRegion,
-    HostBuffer, PageHandle, VaRange,
+    Backend, BackendInfo, BackendKind, Completion, CopyKind, CopyRegion, HostBuffer, PageHandle,
+    VaRange,
 };
+use kvvm::{CacheConfig, DType, KvCache, Layout, SlotId};
 
 /// Holds every `map` call while armed, until [`GateBackend::open`] (or a timeout).
 #[derive(Debug)]
@@ -144,20 +144,13 @@ fn cache(layout: Layout, lookahead: usize) -> (KvCache, Arc<GateBackend>) {
         .expect("host backend"),
     );
     let gate = Arc::new(GateBackend::new(host));
-    let config = CacheConfig {
-        layers: 1,
-        kv_heads: 1,
-        head_dim: 16 * page / 4096,
-        dtype: DType::F32,
-        max_slots: 8,
-        max_tokens: MAX_TOKENS,
-        layout,
-        page_size: None,
-        budget_bytes: 64 << 20,
-        backend: BackendConfig::default(),
-        lookahead_steps: lookahead,
-        create_all_pages: false,
-    };
+    let config = CacheConfig::new(1, 1, 16 * page / 4096)
+        .with_dtype(DType::F32)
+        .with_max_slots(8)
+        .with_max_tokens(MAX_TOKENS)
+        .with_layout(layout)
+        .with_budget_bytes(64 << 20)
+        .with_lookahead_steps(lookahead);
     let cache =
         KvCache::with_backend(config, gate.clone() as Arc<dyn Backend>).expect("create cache");
     (cache, gate)
@@ -263,7 +256,9 @@ fn step_shrink_race_stress() {
                 let mut n = 0u64;
                 let mut rounds = 0;
                 while !stop.load(Ordering::Acquire) {
-                    n = n.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    n = n
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
                     let to = (n >> 33) as usize % 70;
                     cache.shrink(x, to).expect("shrink");
                     assert_fits(&cache, x, "after shrink");
@@ -277,9 +272,7 @@ fn step_shrink_race_stress() {
                 for round in 0..300 {
                     let y = cache.alloc_slot().expect("alloc y");
                     let tx = 40 + round % 30;
-                    cache
-                        .step(&[(x, tx), (y, 64 + round % 512)])
-                        .expect("step");
+                    cache.step(&[(x, tx), (y, 64 + round % 512)]).expect("step");
                     assert_fits(&cache, x, "after step");
                     assert_fits(&cache, y, "after step");
                     cache.free_slot(y).expect("free y");

@@ -21,13 +21,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kvvm::cache::{CacheConfig, DType, KvCache, Layout, SlotId};
-use kvvm::swap::{HostCopyId, SwapConfig, SwapEngine};
 use kvvm::testing::{stamp_tokens, verify_tokens};
 use kvvm::vmm::faulty::{CopyFault, FaultyBackend};
 use kvvm::vmm::host::{os_page_size, HostBackend, HostConfig};
-use kvvm::vmm::{Backend, BackendConfig, BackendOp};
+use kvvm::vmm::{Backend, BackendOp};
 use kvvm::Error;
+use kvvm::{CacheConfig, DType, HostCopyId, KvCache, Layout, SlotId, SwapConfig, SwapEngine};
 
 const MAX_TOKENS: usize = 300;
 const MAX_SLOTS: usize = 24;
@@ -346,20 +345,13 @@ fn run(layout: Layout, secs: u64, seed: u64, threads: usize) {
     let budget_pages = 160;
     let cache = Arc::new(
         KvCache::with_backend(
-            CacheConfig {
-                layers: 2,
-                kv_heads: 2,
-                head_dim: 8,
-                dtype: DType::F32,
-                max_slots: MAX_SLOTS,
-                max_tokens: MAX_TOKENS,
-                layout,
-                page_size: None,
-                budget_bytes: (budget_pages * page) as u64,
-                backend: BackendConfig::default(),
-                lookahead_steps: 4,
-                create_all_pages: false,
-            },
+            CacheConfig::new(2, 2, 8)
+                .with_dtype(DType::F32)
+                .with_max_slots(MAX_SLOTS)
+                .with_max_tokens(MAX_TOKENS)
+                .with_layout(layout)
+                .with_budget_bytes((budget_pages * page) as u64)
+                .with_lookahead_steps(4),
             faulty.clone() as Arc<dyn Backend>,
         )
         .expect("cache"),
