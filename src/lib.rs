@@ -49,6 +49,7 @@ mod swap;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod vmm;
+mod worker;
 
 pub use cache::{
     ByteRange, CacheConfig, CacheStats, DType, Device, Geometry, Kv, KvCache, Layout, ModelShape,

@@ -12,10 +12,10 @@
 //! backend-contract tests.
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::thread::JoinHandle;
 
 use crate::error::{Error, Result};
 use crate::vmm::{Backend, PageHandle};
+use crate::worker::Worker;
 
 /// Options of a [`PagePool`].
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -189,7 +189,7 @@ impl Inner {
 #[derive(Debug)]
 pub struct PagePool {
     inner: Arc<Inner>,
-    worker: Option<JoinHandle<()>>,
+    worker: Option<Worker>,
 }
 
 impl PagePool {
@@ -243,14 +243,10 @@ impl PagePool {
         }
         if pool.inner.config.background {
             let inner = pool.inner.clone();
-            let handle = std::thread::Builder::new()
-                .name("kvvm-pool".into())
-                .spawn(move || {
-                    crate::vmm::mark_background_thread();
-                    inner.background()
-                })
-                .map_err(|e| Error::InvalidConfig(format!("cannot start the pool thread: {e}")))?;
-            pool.worker = Some(handle);
+            pool.worker = Some(Worker::spawn("kvvm-pool", move || {
+                crate::vmm::mark_background_thread();
+                inner.background()
+            })?);
         }
         Ok(pool)
     }
@@ -439,8 +435,8 @@ impl Drop for PagePool {
     fn drop(&mut self) {
         self.inner.lock().shutdown = true;
         self.inner.work.notify_all();
-        if let Some(w) = self.worker.take() {
-            let _ = w.join();
+        if let Some(mut w) = self.worker.take() {
+            w.join();
         }
         let _ = self.trim(0);
     }

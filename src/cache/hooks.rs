@@ -4,7 +4,7 @@
 //! `free_slot`, reclamation and the background mapper leave it alone) until the engine calls
 //! [`KvCache::swap_out_commit`], [`KvCache::swap_in_commit`] or [`KvCache::swap_abort`].
 
-use super::{attach, KvCache, SlotId};
+use super::{attach, KvCache, MapFailure, SlotId, Work};
 use crate::error::{Error, Result};
 
 impl KvCache {
@@ -87,13 +87,20 @@ impl KvCache {
                 });
             }
         };
-        let plan = sh.plan(&[(i, need, missing)], pages);
+        let plan = sh.plan(
+            &[Work {
+                slot: i,
+                need,
+                missing,
+            }],
+            pages,
+        );
         match sh.map_pieces(plan) {
             Ok(done) => {
                 attach(&mut sh.lock(), done);
                 Ok(epoch)
             }
-            Err((_, e, kept)) => {
+            Err(MapFailure { error: e, kept, .. }) => {
                 attach(&mut sh.lock(), kept);
                 sh.finish(&[i]);
                 Err(Error::Grow {
