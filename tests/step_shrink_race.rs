@@ -156,9 +156,14 @@ fn cache(layout: Layout, lookahead: usize) -> (KvCache, Arc<GateBackend>) {
     (cache, gate)
 }
 
+/// `tokens <= capacity` for `slot`. Each is read under the lock but not both at once: with a
+/// concurrent shrink (which lowers both) or step (which raises the capacity before the tokens),
+/// reading the capacity before and after the tokens and taking the larger never reports a
+/// violation that did not happen, and a slot left above its capacity fails every read.
 fn assert_fits(cache: &KvCache, slot: SlotId, what: &str) {
+    let c1 = cache.capacity(slot).expect("capacity");
     let t = cache.tokens(slot).expect("tokens");
-    let c = cache.capacity(slot).expect("capacity");
+    let c = c1.max(cache.capacity(slot).expect("capacity"));
     assert!(
         t <= c,
         "{what}: slot {slot} holds {t} live tokens but its mapped pages hold only {c}"

@@ -272,7 +272,7 @@ fn shared_stepper(cache: &KvCache, x: SlotId, stop: &AtomicBool, seed: u64) -> R
             Err(e) if acceptable(&e) => {}
             Err(e) => return Err(format!("shared step: {e}")),
         }
-        let (t, cap) = (cache.tokens(x).unwrap(), cache.capacity(x).unwrap());
+        let (t, cap) = fits(cache, x);
         if t > cap {
             return Err(format!(
                 "shared slot {x} holds {t} tokens, its pages hold {cap}"
@@ -301,7 +301,7 @@ fn shared_shrinker(
             Err(e) if acceptable(&e) => {}
             Err(e) => return Err(format!("shared shrink: {e}")),
         }
-        let (t, cap) = (cache.tokens(x).unwrap(), cache.capacity(x).unwrap());
+        let (t, cap) = fits(cache, x);
         if t > cap {
             return Err(format!(
                 "shared slot {x} holds {t} tokens after shrink, its pages hold {cap}"
@@ -311,6 +311,15 @@ fn shared_shrinker(
         std::thread::yield_now();
     }
     Ok(ops)
+}
+
+/// (tokens, capacity) of a slot other threads change: the capacity is read before and after the
+/// tokens and the larger kept, so that a concurrent shrink (lowering both) or step (raising the
+/// capacity first) never shows a violation that did not happen.
+fn fits(cache: &KvCache, x: SlotId) -> (usize, usize) {
+    let c1 = cache.capacity(x).unwrap();
+    let t = cache.tokens(x).unwrap();
+    (t, c1.max(cache.capacity(x).unwrap()))
 }
 
 /// Arms a random fault every few milliseconds.

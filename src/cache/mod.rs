@@ -133,7 +133,9 @@ pub(crate) struct Shared {
 /// [`KvCache`] is `Send + Sync` and every method takes `&self`. Calls on different slots run
 /// concurrently: backend calls happen outside the cache's lock. Calls that change the same slot's
 /// mappings (`ensure`, `step`, `shrink`, `free_slot`, and the background mapper) are serialized
-/// per slot. Views and statistics may be read at any time.
+/// per slot. Views and statistics may be read at any time. After every interleaving of these
+/// calls, every allocated slot's live tokens lie in mapped pages
+/// (`tokens(slot) <= capacity(slot)`).
 #[derive(Debug)]
 pub struct KvCache {
     shared: Arc<Shared>,
@@ -314,7 +316,9 @@ impl KvCache {
         self.shared.grow(batch)
     }
 
-    /// Cuts `slot` to `tokens` tokens and unmaps the pages beyond them.
+    /// Cuts `slot` to `tokens` tokens and unmaps the pages beyond them. Pages that a `step` in
+    /// flight on another thread has promised to this slot stay mapped (the step then commits
+    /// its tokens into them); reclamation takes them back later if they are not used.
     ///
     /// # Errors
     /// [`Error::InvalidArgument`] for a bad slot; a backend error if unmapping fails, in which case
@@ -325,8 +329,11 @@ impl KvCache {
         let (mut st, i) = sh.wait_idle(sh.lock(), slot)?;
         // Beyond max_tokens nothing is mapped anyway (and `pages_for` must not overflow).
         let tokens = tokens.min(sh.geometry.max_tokens);
-        let keep = sh.geometry.pages_for(tokens);
         let s = &mut st.slots[i];
+        // A growth call in flight on a batch naming this slot may have found its pages present
+        // and promised them (see `Slot::pending`): they stay, or the call would commit tokens
+        // to pages this shrink unmapped. Reclamation takes them once the promise is over.
+        let keep = sh.geometry.pages_for(tokens.max(s.pending));
         if tokens < s.tokens {
             s.epoch += 1;
         }
