@@ -53,7 +53,7 @@ mod worker;
 
 pub use cache::{
     ByteRange, CacheConfig, CacheStats, DType, Device, Geometry, Kv, KvCache, Layout, ModelShape,
-    SlotId, TensorView, MAX_SLOTS, MAX_VIRTUAL_BYTES, PRESETS,
+    SlotId, TensorView, MAX_LAYERS, MAX_PAGE_LISTS, MAX_SLOTS, MAX_VIRTUAL_BYTES, PRESETS,
 };
 pub use error::{Error, Result};
 pub use pool::PoolStats;

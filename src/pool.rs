@@ -28,23 +28,28 @@ pub struct PoolConfig {
     pub create_all: bool,
     /// The background thread keeps at least this many free pages (within the budget).
     pub low_watermark: usize,
-    /// Free pages above this many are released back to the system.
+    /// Free pages above this many are released back to the system (not with `create_all`).
     pub high_watermark: usize,
     /// Run the background refill/trim thread. Without it, pages are created on demand and
     /// trimmed inline in [`PagePool::give_back`].
     pub background: bool,
 }
 
+/// Free pages a pool keeps for reuse by default; more are released to the system (a free page
+/// holds memory that no mapping shows, so the free list must not grow with the budget).
+pub const DEFAULT_HIGH_WATERMARK: usize = 64;
+
 impl PoolConfig {
     /// A pool of `budget_bytes` with pages of `page_size`, default watermarks (low 4 pages, high
-    /// unlimited: pages are kept for reuse) and the background thread on.
+    /// [`DEFAULT_HIGH_WATERMARK`] pages: a bounded number of free pages is kept for reuse, the
+    /// rest goes back to the system) and the background thread on.
     pub fn with_budget(page_size: usize, budget_bytes: u64) -> Self {
         PoolConfig {
             page_size,
             budget_bytes,
             create_all: false,
             low_watermark: 4,
-            high_watermark: usize::MAX,
+            high_watermark: DEFAULT_HIGH_WATERMARK,
             background: true,
         }
     }
@@ -114,7 +119,8 @@ impl Inner {
     }
 
     fn needs_trim(&self, s: &State) -> bool {
-        s.free.len() > self.config.high_watermark
+        // Pages created up front are meant to be kept.
+        !self.config.create_all && s.free.len() > self.config.high_watermark
     }
 
     /// Releases one free page (the lock is dropped during the call). Returns false if there was
@@ -215,6 +221,11 @@ impl PagePool {
                 config.budget_bytes, config.page_size
             )));
         }
+        crate::vmm::host::check_budget(
+            backend.info().usable_memory,
+            config.page_size,
+            config.budget_bytes,
+        )?;
         let inner = Arc::new(Inner {
             backend,
             budget_pages,

@@ -12,7 +12,8 @@ mod view;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 pub use config::{
-    CacheConfig, DType, Geometry, Layout, ModelShape, MAX_SLOTS, MAX_VIRTUAL_BYTES, PRESETS,
+    CacheConfig, DType, Geometry, Layout, ModelShape, MAX_LAYERS, MAX_PAGE_LISTS, MAX_SLOTS,
+    MAX_VIRTUAL_BYTES, PRESETS,
 };
 use grow::{attach, MapFailure, Work};
 use slot::Slot;
@@ -159,6 +160,23 @@ impl KvCache {
     /// reserving address space or creating pages up front.
     pub fn with_backend(config: CacheConfig, backend: Arc<dyn Backend>) -> Result<Self> {
         let geometry = Geometry::new(&config, backend.granularity())?;
+        let info = backend.info();
+        // Before anything is reserved or created: the host must be able to back the budget, and
+        // every buffer is one reservation (at least one mapping) of the process's map count.
+        crate::vmm::host::check_budget(
+            info.usable_memory,
+            geometry.page_size,
+            config.budget_bytes,
+        )?;
+        if let Some(headroom) = info.map_headroom {
+            if geometry.buffers > headroom {
+                return Err(Error::InvalidConfig(format!(
+                    "{} buffers need at least as many mappings, but the process may add only \
+                     {headroom} more (vm.max_map_count); use the interleaved layout",
+                    geometry.buffers
+                )));
+            }
+        }
         let metered = Arc::new(MeteredBackend::new(backend));
         let mut buffers = Vec::with_capacity(geometry.buffers);
         for _ in 0..geometry.buffers {
@@ -175,6 +193,9 @@ impl KvCache {
         let pool_config = PoolConfig {
             create_all: config.create_all_pages,
             low_watermark: 2 * geometry.buffers,
+            // Free pages above this go back to the system: memory kept for reuse stays
+            // bounded (and visible), a few steps' worth of pages per buffer.
+            high_watermark: (8 * geometry.buffers).max(crate::pool::DEFAULT_HIGH_WATERMARK),
             ..PoolConfig::with_budget(geometry.page_size, config.budget_bytes)
         };
         let pool = match PagePool::new(metered.clone(), pool_config) {
@@ -192,7 +213,6 @@ impl KvCache {
                 ..Slot::default()
             })
             .collect();
-        let info = metered.info();
         let shared = Arc::new(Shared {
             geometry,
             device: Device {

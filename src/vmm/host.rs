@@ -94,6 +94,155 @@ pub fn system_max_map_count() -> usize {
         .unwrap_or(65530)
 }
 
+/// Memory the host can still give this process: physical memory from `/proc/meminfo`, and the
+/// limit of the process's memory cgroup (v2 or v1, the tightest over the cgroup and its
+/// ancestors).
+///
+/// Host pages are memfd (shared memory) pages: the kernel charges them to the memory cgroup, but
+/// a page that is created and not mapped does not count in the process's RSS, which is what the
+/// OOM killer ranks processes by. So kvvm refuses up front a page budget the host cannot back.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HostMemory {
+    /// `MemTotal`, in bytes.
+    pub total: u64,
+    /// `MemAvailable`, in bytes.
+    pub available: u64,
+    /// The tightest memory cgroup limit in bytes, `None` when no limit applies.
+    pub cgroup_limit: Option<u64>,
+    /// What that limit still allows (limit minus usage) in bytes, `None` when no limit applies.
+    pub cgroup_remaining: Option<u64>,
+}
+
+impl HostMemory {
+    /// Reads the current figures. Unreadable files count as "no information" (no limit).
+    pub fn read() -> Self {
+        let (total, available) = std::fs::read_to_string("/proc/meminfo")
+            .map(|t| parse_meminfo(&t))
+            .unwrap_or((0, 0));
+        let mut m = HostMemory {
+            total,
+            available,
+            cgroup_limit: None,
+            cgroup_remaining: None,
+        };
+        if let Ok(cg) = std::fs::read_to_string("/proc/self/cgroup") {
+            for (dir, v2) in cgroup_dirs(&cg) {
+                if let Some((limit, usage)) = read_cgroup_limit(&dir, v2) {
+                    let rest = limit.saturating_sub(usage);
+                    if m.cgroup_remaining.is_none_or(|r| rest < r) {
+                        m.cgroup_limit = Some(limit);
+                        m.cgroup_remaining = Some(rest);
+                    }
+                }
+            }
+        }
+        m
+    }
+
+    /// Bytes of new pages the host can back now: the smaller of `MemAvailable` and what the
+    /// cgroup still allows (`u64::MAX` when nothing could be read).
+    pub fn usable(&self) -> u64 {
+        let physical = if self.total == 0 {
+            u64::MAX
+        } else {
+            self.available
+        };
+        physical.min(self.cgroup_remaining.unwrap_or(u64::MAX))
+    }
+}
+
+/// (`MemTotal`, `MemAvailable`) in bytes from the text of `/proc/meminfo` (0 when absent).
+pub(crate) fn parse_meminfo(text: &str) -> (u64, u64) {
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|rest| {
+                rest.trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse::<u64>()
+                    .ok()
+            })
+            .map_or(0, |kib| kib.saturating_mul(1024))
+    };
+    (field("MemTotal:"), field("MemAvailable:"))
+}
+
+/// The memory cgroup directories that limit this process, from the text of `/proc/self/cgroup`:
+/// its own cgroup and every ancestor, as (directory, is v2).
+pub(crate) fn cgroup_dirs(proc_self_cgroup: &str) -> Vec<(std::path::PathBuf, bool)> {
+    let mut out = Vec::new();
+    for line in proc_self_cgroup.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (Some(_), Some(controllers), Some(path)) = (parts.next(), parts.next(), parts.next())
+        else {
+            continue;
+        };
+        let (root, v2) = if controllers.is_empty() {
+            ("/sys/fs/cgroup", true)
+        } else if controllers.split(',').any(|c| c == "memory") {
+            ("/sys/fs/cgroup/memory", false)
+        } else {
+            continue;
+        };
+        let mut dir = std::path::PathBuf::from(root);
+        out.push((dir.clone(), v2));
+        for comp in path.split('/').filter(|c| !c.is_empty() && *c != "..") {
+            dir.push(comp);
+            out.push((dir.clone(), v2));
+        }
+    }
+    out
+}
+
+/// (limit, usage) of one memory cgroup directory; `None` when it sets no limit or cannot be read.
+fn read_cgroup_limit(dir: &std::path::Path, v2: bool) -> Option<(u64, u64)> {
+    let (limit_file, usage_file) = if v2 {
+        ("memory.max", "memory.current")
+    } else {
+        ("memory.limit_in_bytes", "memory.usage_in_bytes")
+    };
+    let limit = parse_cgroup_limit(&std::fs::read_to_string(dir.join(limit_file)).ok()?)?;
+    let usage = std::fs::read_to_string(dir.join(usage_file))
+        .ok()
+        .and_then(|u| u.trim().parse().ok())
+        .unwrap_or(0);
+    Some((limit, usage))
+}
+
+/// A cgroup limit file's value: `None` for "max" (v2) or the huge value v1 uses for no limit.
+pub(crate) fn parse_cgroup_limit(text: &str) -> Option<u64> {
+    let t = text.trim();
+    if t == "max" {
+        return None;
+    }
+    let v: u64 = t.parse().ok()?;
+    (v < 1 << 62).then_some(v)
+}
+
+/// Refuses (with [`Error::InvalidConfig`]) a page or a page budget that `usable` bytes cannot
+/// back. `usable` is [`BackendInfo::usable_memory`](super::BackendInfo::usable_memory).
+pub(crate) fn check_budget(usable: Option<u64>, page_size: usize, budget_bytes: u64) -> Result<()> {
+    let Some(usable) = usable else {
+        return Ok(());
+    };
+    if page_size as u64 > usable {
+        return Err(Error::InvalidConfig(format!(
+            "a page of {page_size} bytes is more host memory than this process may use \
+             ({usable} bytes: MemAvailable and the memory cgroup limit)"
+        )));
+    }
+    let pages = budget_bytes / page_size.max(1) as u64;
+    let backed = pages.saturating_mul(page_size as u64);
+    if backed > usable {
+        return Err(Error::InvalidConfig(format!(
+            "a page budget of {budget_bytes} bytes is more host memory than this process may \
+             use ({usable} bytes: MemAvailable and the memory cgroup limit); lower the budget"
+        )));
+    }
+    Ok(())
+}
+
 /// Number of mappings (VMAs) this process holds now, from `/proc/self/maps`.
 ///
 /// # Errors
@@ -317,6 +466,7 @@ impl Backend for HostBackend {
             total_memory: pages * os_page_size() as u64,
             max_map_count: Some(self.max_map_count),
             map_headroom: self.map_headroom(),
+            usable_memory: Some(HostMemory::read().usable()),
         }
     }
 
@@ -717,5 +867,81 @@ impl Drop for CopyPool {
         for mut w in self.workers.drain(..) {
             w.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn meminfo_fields() {
+        let t = "MemTotal:       24576000 kB\nMemFree:  100 kB\nMemAvailable:   20000000 kB\n";
+        assert_eq!(parse_meminfo(t), (24576000 * 1024, 20000000 * 1024));
+        assert_eq!(parse_meminfo("nothing"), (0, 0));
+    }
+
+    #[test]
+    fn cgroup_limits() {
+        assert_eq!(parse_cgroup_limit("max\n"), None);
+        assert_eq!(parse_cgroup_limit("9223372036854771712\n"), None);
+        assert_eq!(parse_cgroup_limit("1073741824\n"), Some(1 << 30));
+        assert_eq!(parse_cgroup_limit("garbage"), None);
+    }
+
+    #[test]
+    fn cgroup_directories_v1_and_v2() {
+        let v2 = cgroup_dirs("0::/user.slice/app.scope\n");
+        assert_eq!(
+            v2,
+            vec![
+                ("/sys/fs/cgroup".into(), true),
+                ("/sys/fs/cgroup/user.slice".into(), true),
+                ("/sys/fs/cgroup/user.slice/app.scope".into(), true),
+            ]
+        );
+        let v1 = cgroup_dirs("5:cpu,cpuacct:/x\n4:memory:/process_api/abc\n0::/\n");
+        assert_eq!(
+            v1,
+            vec![
+                ("/sys/fs/cgroup/memory".into(), false),
+                ("/sys/fs/cgroup/memory/process_api".into(), false),
+                ("/sys/fs/cgroup/memory/process_api/abc".into(), false),
+                ("/sys/fs/cgroup".into(), true),
+            ]
+        );
+    }
+
+    #[test]
+    fn budget_check() {
+        let page = 2 << 20;
+        assert!(check_budget(None, page, u64::MAX).is_ok());
+        assert!(check_budget(Some(1 << 30), page, 1 << 30).is_ok());
+        // The budget is counted in whole pages.
+        assert!(check_budget(Some(1 << 30), page, (1 << 30) + 4096).is_ok());
+        assert!(matches!(
+            check_budget(Some(1 << 30), page, (1 << 30) + (2 << 20)),
+            Err(Error::InvalidConfig(m)) if m.contains("memory")
+        ));
+        assert!(matches!(
+            check_budget(Some(1 << 20), page, 4 << 20),
+            Err(Error::InvalidConfig(m)) if m.contains("a page of")
+        ));
+        let usable = HostMemory {
+            total: 8 << 30,
+            available: 4 << 30,
+            cgroup_limit: Some(3 << 30),
+            cgroup_remaining: Some(1 << 30),
+        }
+        .usable();
+        assert_eq!(usable, 1 << 30);
+        assert_eq!(HostMemory::default().usable(), u64::MAX);
+    }
+
+    #[test]
+    fn this_machine_has_memory() {
+        let m = HostMemory::read();
+        assert!(m.total > 0 && m.available > 0 && m.available <= m.total, "{m:?}");
+        assert!(m.usable() <= m.available);
     }
 }
