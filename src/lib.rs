@@ -39,6 +39,7 @@
 
 mod cache;
 mod error;
+mod fork;
 mod kind;
 // The page pool is internal; the `testing` feature opens it for the backend-contract tests.
 #[cfg(feature = "testing")]

@@ -14,6 +14,7 @@
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use crate::error::{Error, Result};
+use crate::fork::ForkGuard;
 use crate::vmm::{Backend, PageHandle};
 use crate::worker::Worker;
 
@@ -196,6 +197,8 @@ impl Inner {
 pub struct PagePool {
     inner: Arc<Inner>,
     worker: Option<Worker>,
+    /// The process the pool belongs to (see [`crate::fork`]).
+    fork: ForkGuard,
 }
 
 impl PagePool {
@@ -248,6 +251,7 @@ impl PagePool {
         let mut pool = PagePool {
             inner,
             worker: None,
+            fork: ForkGuard::new(),
         };
         if pool.inner.config.create_all {
             pool.prefill(budget_pages)?;
@@ -291,6 +295,7 @@ impl PagePool {
     /// The backend error of the first creation that failed; pages created before stay in the
     /// pool.
     pub fn prefill(&self, pages: usize) -> Result<()> {
+        self.fork.check("page pool")?;
         let inner = &*self.inner;
         let mut s = inner.lock();
         while s.free.len() < pages && s.live + s.creating < inner.budget_pages {
@@ -323,6 +328,7 @@ impl PagePool {
     /// [`Error::BudgetExhausted`] if free pages plus the remaining budget cannot supply `n`; the
     /// backend's error if creating a page fails. The pool is unchanged in both cases.
     pub fn acquire(&self, n: usize) -> Result<Vec<PageHandle>> {
+        self.fork.check("page pool")?;
         if n == 0 {
             return Ok(Vec::new());
         }
@@ -388,7 +394,7 @@ impl PagePool {
     /// Free pages above the high watermark are released: by the background thread, or here when
     /// it does not run.
     pub fn give_back(&self, pages: Vec<PageHandle>) {
-        if pages.is_empty() {
+        if pages.is_empty() || self.fork.inherited() {
             return;
         }
         let inner = &*self.inner;
@@ -416,6 +422,7 @@ impl PagePool {
     /// # Errors
     /// The backend's error if a release fails; that page stays free in the pool.
     pub fn trim(&self, keep: usize) -> Result<usize> {
+        self.fork.check("page pool")?;
         let inner = &*self.inner;
         let mut released = 0;
         let mut s = inner.lock();
@@ -444,6 +451,10 @@ impl PagePool {
 
 impl Drop for PagePool {
     fn drop(&mut self) {
+        if self.fork.inherited() {
+            // The free pages are the parent's too (shared memfd): a child releases nothing.
+            return;
+        }
         self.inner.lock().shutdown = true;
         self.inner.work.notify_all();
         if let Some(mut w) = self.worker.take() {

@@ -22,6 +22,7 @@ pub use stats::CacheStats;
 pub use view::{ByteRange, Device, Kv, TensorView};
 
 use crate::error::{Error, Result};
+use crate::fork::ForkGuard;
 use crate::pool::{PagePool, PoolConfig};
 use crate::vmm::{Backend, BackendOp, MeteredBackend, VaRange};
 use crate::worker::Worker;
@@ -87,6 +88,8 @@ pub(crate) struct Shared {
     changed: Condvar,
     /// Wakes the background mapper.
     mapper_cv: Condvar,
+    /// The process the cache belongs to (see [`crate::fork`]).
+    fork: ForkGuard,
 }
 
 /// `KvCache`: contiguous virtual KV tensors with physical pages mapped on demand (vAttention).
@@ -229,6 +232,7 @@ impl KvCache {
             }),
             changed: Condvar::new(),
             mapper_cv: Condvar::new(),
+            fork: ForkGuard::new(),
         });
         let mapper = if config.lookahead_steps > 0 {
             let s = shared.clone();
@@ -275,6 +279,7 @@ impl KvCache {
     /// # Errors
     /// [`Error::SlotsExhausted`] when every slot is allocated.
     pub fn alloc_slot_for(&self, tokens: usize) -> Result<SlotId> {
+        self.shared.fork.check("cache")?;
         let want = self
             .shared
             .geometry
@@ -307,6 +312,7 @@ impl KvCache {
     /// # Errors
     /// [`Error::InvalidArgument`] if the slot is out of range or not allocated.
     pub fn free_slot(&self, slot: SlotId) -> Result<()> {
+        self.shared.fork.check("cache")?;
         let sh = &*self.shared;
         let (mut st, i) = sh.wait_idle(sh.lock(), slot)?;
         let s = &mut st.slots[i];
@@ -333,6 +339,7 @@ impl KvCache {
     /// As [`KvCache::ensure`]; the error names the first slot that could not be served. On error
     /// no slot changed.
     pub fn step(&self, batch: &[(SlotId, usize)]) -> Result<()> {
+        self.shared.fork.check("cache")?;
         self.shared.grow(batch)
     }
 
@@ -345,6 +352,7 @@ impl KvCache {
     /// the slot holds `min(tokens, current)` tokens and the pages that could not be unmapped stay
     /// mapped to it (nothing leaks).
     pub fn shrink(&self, slot: SlotId, tokens: usize) -> Result<()> {
+        self.shared.fork.check("cache")?;
         let sh = &*self.shared;
         let (mut st, i) = sh.wait_idle(sh.lock(), slot)?;
         // Beyond max_tokens nothing is mapped anyway (and `pages_for` must not overflow).
@@ -378,6 +386,7 @@ impl KvCache {
     /// # Errors
     /// A backend error if unmapping fails; the pages concerned stay mapped.
     pub fn reclaim_free_slots(&self) -> Result<usize> {
+        self.shared.fork.check("cache")?;
         self.shared.reclaim(usize::MAX)
     }
 
@@ -386,6 +395,7 @@ impl KvCache {
     /// # Errors
     /// [`Error::InvalidArgument`] for a bad slot.
     pub fn tokens(&self, slot: SlotId) -> Result<usize> {
+        self.shared.fork.check("cache")?;
         let st = self.shared.lock();
         let i = self.shared.check_slot(&st, slot)?;
         Ok(st.slots[i].tokens)
@@ -396,6 +406,7 @@ impl KvCache {
     /// # Errors
     /// [`Error::InvalidArgument`] for a slot out of range.
     pub fn capacity(&self, slot: SlotId) -> Result<usize> {
+        self.shared.fork.check("cache")?;
         let st = self.shared.lock();
         let s = st.slots.get(slot.as_usize()).ok_or(Error::SlotOutOfRange {
             slot,
@@ -406,6 +417,9 @@ impl KvCache {
 
     /// Whether a slot is allocated.
     pub fn is_allocated(&self, slot: SlotId) -> bool {
+        if self.shared.fork.inherited() {
+            return false;
+        }
         let st = self.shared.lock();
         st.slots.get(slot.as_usize()).is_some_and(|s| s.allocated)
     }
@@ -484,6 +498,9 @@ impl KvCache {
 
     /// A snapshot of the statistics.
     pub fn stats(&self) -> CacheStats {
+        if self.shared.fork.inherited() {
+            return CacheStats::default();
+        }
         let sh = &*self.shared;
         let g = &sh.geometry;
         let st = sh.lock();
@@ -521,6 +538,9 @@ impl KvCache {
     /// Waits until the background mapper has nothing left to do, and keeps it from waking
     /// itself until the next growth call (for tests and benchmarks that inspect the mappings).
     pub fn quiesce(&self) {
+        if self.shared.fork.inherited() {
+            return;
+        }
         let sh = &*self.shared;
         let mut st = sh.lock();
         while st.mapper_wake || st.mapper_active || st.slots.iter().any(|s| s.busy) {
@@ -532,6 +552,11 @@ impl KvCache {
 
 impl Drop for KvCache {
     fn drop(&mut self) {
+        if self.shared.fork.inherited() {
+            // The mapper thread stayed in the parent (its handle is forgotten, not joined), and
+            // the lock may have been held by one of the parent's threads at the fork.
+            return;
+        }
         self.shared.lock().shutdown = true;
         self.shared.mapper_cv.notify_all();
         if let Some(mut w) = self.mapper.take() {
@@ -590,6 +615,10 @@ impl Shared {
 
 impl Drop for Shared {
     fn drop(&mut self) {
+        if self.fork.inherited() {
+            // The pages are the parent's (shared memfd pages): a child forgets them.
+            return;
+        }
         let slots = std::mem::take(
             &mut self
                 .state

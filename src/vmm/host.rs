@@ -12,6 +12,7 @@
 //!   with [`Error::MapCountExhausted`] instead of letting `mmap` fail deep inside an operation.
 //! - Copies run on worker threads.
 
+use crate::fork::ForkGuard;
 use crate::worker::Worker;
 use std::collections::{BTreeMap, HashMap};
 use std::num::NonZeroUsize;
@@ -293,6 +294,8 @@ pub struct HostBackend {
     max_map_count: usize,
     host_buffers: Mutex<HashMap<u64, memmap2::MmapMut>>,
     copier: CopyPool,
+    /// The process the backend belongs to (see [`crate::fork`]).
+    fork: ForkGuard,
 }
 
 impl HostBackend {
@@ -335,6 +338,7 @@ impl HostBackend {
             max_map_count,
             host_buffers: Mutex::new(HashMap::new()),
             copier,
+            fork: ForkGuard::new(),
         };
         Ok(backend)
     }
@@ -424,12 +428,34 @@ impl HostBackend {
             )
         }
         .map_err(|e| sys_err(BackendOp::Unmap, "mmap(PROT_NONE, MAP_FIXED)", e))?;
+        dont_fork(va, len);
         Ok(())
+    }
+}
+
+/// Keeps `[addr, addr+len)` (inside a reservation) out of any child process: after `fork()` the
+/// child has no mapping there, so it can neither read nor write the parent's pages through the
+/// addresses it inherited. Every mapping made in a reservation gets the flag too, so that the
+/// kernel still merges neighbouring inaccessible ranges.
+fn dont_fork(addr: u64, len: usize) {
+    // SAFETY: madvise(MADV_DONTFORK) changes only whether the range is copied into a child; the
+    // range lies in a reservation of this backend.
+    let rc = unsafe { libc::madvise(addr as usize as *mut libc::c_void, len, libc::MADV_DONTFORK) };
+    if rc != 0 {
+        tracing::warn!(
+            "madvise(MADV_DONTFORK) on {addr:#x}+{len:#x} failed: {}",
+            std::io::Error::last_os_error()
+        );
     }
 }
 
 impl Drop for HostBackend {
     fn drop(&mut self) {
+        if self.fork.inherited() {
+            // The reservations were not inherited (MADV_DONTFORK): their addresses may hold
+            // something else of the child's by now.
+            return;
+        }
         let res = std::mem::take(
             self.reservations
                 .get_mut()
@@ -481,6 +507,7 @@ impl Backend for HostBackend {
     }
 
     fn reserve(&self, len: usize) -> Result<VaRange> {
+        self.fork.check("host backend")?;
         check_multiple("reservation", len, self.config.granularity)?;
         self.check_headroom(1)?;
         // Over-reserve by one granule and trim, so that the range is aligned to the granularity.
@@ -516,6 +543,7 @@ impl Backend for HostBackend {
             }
         }
         let addr = aligned as u64;
+        dont_fork(addr, len);
         self.vma_estimate.fetch_add(1, Ordering::Relaxed);
         self.reservations
             .write()
@@ -543,6 +571,7 @@ impl Backend for HostBackend {
     }
 
     fn create_page(&self, size: usize) -> Result<PageHandle> {
+        self.fork.check("host backend")?;
         check_multiple("page", size, self.config.granularity)?;
         let mut arena = self.arena.lock().unwrap_or_else(|p| p.into_inner());
         let reused = arena.free.get_mut(&size).and_then(|v| v.pop());
@@ -584,6 +613,10 @@ impl Backend for HostBackend {
     }
 
     fn release_page(&self, page: PageHandle) -> std::result::Result<(), (PageHandle, Error)> {
+        if let Err(e) = self.fork.check("host backend") {
+            // Punching a hole would destroy the parent's page.
+            return Err((page, e));
+        }
         let mut arena = self.arena.lock().unwrap_or_else(|p| p.into_inner());
         if arena.live.get(&page.raw()) != Some(&page.size()) {
             let e = Error::InvalidArgument(format!(
@@ -610,6 +643,7 @@ impl Backend for HostBackend {
     }
 
     fn map(&self, va: u64, pages: &[&PageHandle]) -> Result<()> {
+        self.fork.check("host backend")?;
         if pages.is_empty() {
             return Ok(());
         }
@@ -653,7 +687,7 @@ impl Backend for HostBackend {
                             off as i64,
                         )
                     }
-                    .map(|_| ())
+                    .map(|_| dont_fork(addr, len))
                 }
                 _ => Err(Errno::EINVAL),
             };
@@ -681,6 +715,7 @@ impl Backend for HostBackend {
     }
 
     fn unmap(&self, va: u64, len: usize) -> Result<()> {
+        self.fork.check("host backend")?;
         self.check_range(va, len)?;
         self.unmap_raw(va, len)
     }
