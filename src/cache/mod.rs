@@ -171,11 +171,11 @@ impl KvCache {
             geometry.page_size,
             config.budget_bytes,
         )?;
-        if let Some(headroom) = info.map_headroom {
-            if geometry.buffers > headroom {
+        if let Some(max) = info.max_map_count {
+            if geometry.buffers > max {
                 return Err(Error::InvalidConfig(format!(
-                    "{} buffers need at least as many mappings, but the process may add only \
-                     {headroom} more (vm.max_map_count); use the interleaved layout",
+                    "{} buffers need at least as many mappings, more than the process may hold \
+                     ({max}, vm.max_map_count); use the interleaved layout",
                     geometry.buffers
                 )));
             }

@@ -244,6 +244,23 @@ pub(crate) fn check_budget(usable: Option<u64>, page_size: usize, budget_bytes: 
     Ok(())
 }
 
+/// Pessimistic estimate of the process's mapping count, shared by every host backend: counted
+/// from `/proc/self/maps` once per process, raised by every reservation and map of any backend
+/// (never lowered), and recounted only when a check comes near a limit. Reading
+/// `/proc/self/maps` costs time proportional to the process's mappings, so creating backends and
+/// caches must not do it each time.
+static VMA_ESTIMATE: AtomicUsize = AtomicUsize::new(0);
+static VMA_COUNTED: std::sync::Once = std::sync::Once::new();
+
+fn vma_estimate() -> &'static AtomicUsize {
+    VMA_COUNTED.call_once(|| {
+        if let Ok(n) = process_map_count() {
+            VMA_ESTIMATE.fetch_max(n, Ordering::Relaxed);
+        }
+    });
+    &VMA_ESTIMATE
+}
+
 /// Number of mappings (VMAs) this process holds now, from `/proc/self/maps`.
 ///
 /// # Errors
@@ -287,8 +304,6 @@ pub struct HostBackend {
     arena: Mutex<Arena>,
     /// Live reservations: address → length.
     reservations: RwLock<BTreeMap<u64, usize>>,
-    /// Pessimistic estimate of the process's mapping count (recounted when near the limit).
-    vma_estimate: AtomicUsize,
     /// Maps are refused beyond this many process mappings.
     map_limit: usize,
     max_map_count: usize,
@@ -323,8 +338,9 @@ impl HostBackend {
         let copier = CopyPool::new(config.copy_threads.max(1))?;
         let max_map_count = config.max_map_count.unwrap_or_else(system_max_map_count);
         let map_limit = max_map_count.saturating_sub(config.map_count_reserve);
+        // Counts the process's mappings the first time only (see `vma_estimate`).
+        vma_estimate();
         let backend = HostBackend {
-            vma_estimate: AtomicUsize::new(process_map_count()?),
             config,
             memfd,
             arena: Mutex::new(Arena {
@@ -394,11 +410,11 @@ impl HostBackend {
 
     /// Refuses with [`Error::MapCountExhausted`] if `needed` more mappings would pass the limit.
     fn check_headroom(&self, needed: usize) -> Result<()> {
-        if self.vma_estimate.load(Ordering::Relaxed) + needed <= self.map_limit {
+        if vma_estimate().load(Ordering::Relaxed) + needed <= self.map_limit {
             return Ok(());
         }
         let actual = process_map_count()?;
-        self.vma_estimate.store(actual, Ordering::Relaxed);
+        vma_estimate().store(actual, Ordering::Relaxed);
         if actual + needed <= self.map_limit {
             Ok(())
         } else {
@@ -473,15 +489,19 @@ impl Drop for HostBackend {
 
 impl Backend for HostBackend {
     fn info(&self) -> BackendInfo {
-        let cpu = std::fs::read_to_string("/proc/cpuinfo")
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find(|l| l.starts_with("model name"))
-                    .and_then(|l| l.split(':').nth(1))
-                    .map(|v| v.trim().to_string())
-            })
-            .unwrap_or_else(|| std::env::consts::ARCH.to_string());
+        // Read once per process: every cache creation asks for the backend's info.
+        static CPU: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+        let cpu = CPU.get_or_init(|| {
+            std::fs::read_to_string("/proc/cpuinfo")
+                .ok()
+                .and_then(|s| {
+                    s.lines()
+                        .find(|l| l.starts_with("model name"))
+                        .and_then(|l| l.split(':').nth(1))
+                        .map(|v| v.trim().to_string())
+                })
+                .unwrap_or_else(|| std::env::consts::ARCH.to_string())
+        });
         // SAFETY: sysconf has no memory-safety preconditions.
         let pages = unsafe { libc::sysconf(libc::_SC_PHYS_PAGES) }.max(0) as u64;
         BackendInfo {
@@ -491,7 +511,11 @@ impl Backend for HostBackend {
             granularity: self.config.granularity,
             total_memory: pages * os_page_size() as u64,
             max_map_count: Some(self.max_map_count),
-            map_headroom: self.map_headroom(),
+            // From the shared estimate (a lower bound): `map_headroom` recounts.
+            map_headroom: Some(
+                self.map_limit
+                    .saturating_sub(vma_estimate().load(Ordering::Relaxed)),
+            ),
             // Without `populate`, a page takes memory only where it is touched: no budget is
             // committed up front, so none is checked.
             usable_memory: self.config.populate.then(|| HostMemory::read().usable()),
@@ -544,7 +568,7 @@ impl Backend for HostBackend {
         }
         let addr = aligned as u64;
         dont_fork(addr, len);
-        self.vma_estimate.fetch_add(1, Ordering::Relaxed);
+        vma_estimate().fetch_add(1, Ordering::Relaxed);
         self.reservations
             .write()
             .unwrap_or_else(|p| p.into_inner())
@@ -709,8 +733,7 @@ impl Backend for HostBackend {
             }
             addr += len as u64;
         }
-        self.vma_estimate
-            .fetch_add(2 * runs.len(), Ordering::Relaxed);
+        vma_estimate().fetch_add(2 * runs.len(), Ordering::Relaxed);
         Ok(())
     }
 
@@ -786,8 +809,14 @@ impl Backend for HostBackend {
     }
 
     fn map_headroom(&self) -> Option<usize> {
+        let est = vma_estimate().load(Ordering::Relaxed);
+        if self.map_limit.saturating_sub(est) >= self.map_limit / 2 {
+            // Far from the limit even by the pessimistic estimate: no need to read
+            // /proc/self/maps (whose cost grows with the process's mappings).
+            return Some(self.map_limit - est);
+        }
         let actual = process_map_count().ok()?;
-        self.vma_estimate.store(actual, Ordering::Relaxed);
+        vma_estimate().store(actual, Ordering::Relaxed);
         Some(self.map_limit.saturating_sub(actual))
     }
 }
