@@ -60,6 +60,14 @@ pub use error::{Error, Result};
 pub use pool::PoolStats;
 pub use swap::{HostCopyId, SwapConfig, SwapEngine, SwapStats, SwapTicket};
 
+/// The fork generation of this process: 0 in the process that first used kvvm, one more in the
+/// child of every `fork()` after that. kvvm objects made in an older generation were inherited
+/// from a parent process: in the child their calls fail with [`Error::InvalidArgument`] and
+/// dropping them only forgets them (the parent's pages are never touched).
+pub fn fork_generation() -> u64 {
+    fork::generation()
+}
+
 /// The Rust examples of `README.md`, compiled and run as doctests.
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]
