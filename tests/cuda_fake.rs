@@ -481,13 +481,13 @@ fn map_sets_access_once_per_run_and_pages_alias() {
     let mut buf = vec![0u8; G];
     // SAFETY: `r2` is mapped read/write and `buf` is writable for `G` bytes; the backend made
     // the primary context current on this thread.
-    unsafe { result::memcpy_dtoh(buf.as_mut_ptr().cast(), r2.addr, G) }.unwrap();
+    unsafe { result::mem::memcpy_dtoh(buf.as_mut_ptr().cast(), r2.addr, G) }.unwrap();
     assert!(holds(buf.as_ptr() as u64, G, 1));
 
     // The driver's rules, which the fake enforces: no unmapping part of one mapping ...
     for len in [G / 2, G + G / 2] {
         // SAFETY: the call is refused before anything is unmapped.
-        let e = unsafe { result::mem_unmap(r.addr, len) }.unwrap_err();
+        let e = unsafe { result::mem::unmap(r.addr, len) }.unwrap_err();
         assert_eq!(e.code(), Some(CUDA_ERROR_INVALID_VALUE), "{e}");
     }
     // ... and no mapping over a mapping, which the backend reports with the driver's name.
@@ -626,12 +626,12 @@ fn pinned_buffers_and_async_copies() {
     assert!(s.live("pending") > 0);
     let event = done2.event().expect("a CUDA completion has an event") as usize as CUevent;
     // SAFETY: the event lives as long as `done2`.
-    assert!(!unsafe { result::event_query(event) }.unwrap());
-    let stream = result::stream_create(CU_STREAM_NON_BLOCKING).unwrap();
+    assert!(!unsafe { result::event::query(event) }.unwrap());
+    let stream = result::stream::create(CU_STREAM_NON_BLOCKING).unwrap();
     // SAFETY: `stream` was just created and `event` is live.
-    unsafe { result::stream_wait_event(stream, event, 0) }.unwrap();
+    unsafe { result::stream::wait_event(stream, event, 0) }.unwrap();
     // SAFETY: `stream` is live.
-    assert!(!unsafe { result::stream_query(stream) }.unwrap());
+    assert!(!unsafe { result::stream::query(stream) }.unwrap());
     assert!(
         holds(c.addr(), len, 0),
         "copied before the device got to it"
@@ -640,8 +640,8 @@ fn pinned_buffers_and_async_copies() {
     assert!(done2.poll().unwrap());
     // SAFETY: `stream` is live and owned here; it is not used after being destroyed.
     unsafe {
-        assert!(result::stream_query(stream).unwrap());
-        result::stream_destroy(stream).unwrap();
+        assert!(result::stream::query(stream).unwrap());
+        result::stream::destroy(stream).unwrap();
     }
     assert!(holds(c.addr(), len, 33));
 
@@ -663,8 +663,8 @@ fn pinned_buffers_and_async_copies() {
     // SAFETY: `v` is readable for `G` bytes and `r` is mapped read/write; the fake runs the copy
     // before returning (nothing is held), and the stream is synchronized before `v` goes.
     unsafe {
-        result::memcpy_htod_async(r.addr, v.as_ptr().cast(), G, std::ptr::null_mut()).unwrap();
-        result::stream_synchronize(std::ptr::null_mut()).unwrap();
+        result::mem::memcpy_htod_async(r.addr, v.as_ptr().cast(), G, std::ptr::null_mut()).unwrap();
+        result::stream::synchronize(std::ptr::null_mut()).unwrap();
     }
     assert_eq!(s.live("pageable_async"), before + 1);
     drop(v);
@@ -1329,7 +1329,7 @@ fn a_stream_waiting_on_a_swap_in_event_sees_every_token() {
         out.wait().unwrap();
         let copy = out.copy();
 
-        let stream = result::stream_create(CU_STREAM_NON_BLOCKING).unwrap();
+        let stream = result::stream::create(CU_STREAM_NON_BLOCKING).unwrap();
         s.set_async(true);
         for _ in 0..4 {
             s.hold(true);
@@ -1343,17 +1343,17 @@ fn a_stream_waiting_on_a_swap_in_event_sees_every_token() {
             // ranges are mapped by `swap_in` and stay mapped until the slot is freed after the
             // stream is synchronized; `h` is a pinned buffer of `len` bytes read only after that.
             unsafe {
-                result::stream_wait_event(stream, event, 0).unwrap();
+                result::stream::wait_event(stream, event, 0).unwrap();
                 let mut at = h.addr();
                 for r in &ranges {
                     let dst = std::ptr::with_exposed_provenance_mut(at as usize);
-                    result::memcpy_dtoh_async(dst, r.addr, r.len, stream).unwrap();
+                    result::mem::memcpy_dtoh_async(dst, r.addr, r.len, stream).unwrap();
                     at += r.len as u64;
                 }
             }
             s.hold(false);
             // SAFETY: `stream` is live.
-            unsafe { result::stream_synchronize(stream) }.unwrap();
+            unsafe { result::stream::synchronize(stream) }.unwrap();
             t.wait().unwrap();
             verify(&cache, slot, 7, tokens);
             let mut at = h.addr();
@@ -1374,7 +1374,7 @@ fn a_stream_waiting_on_a_swap_in_event_sees_every_token() {
         }
         s.set_async(false);
         // SAFETY: `stream` is idle and not used afterwards.
-        unsafe { result::stream_destroy(stream) }.unwrap();
+        unsafe { result::stream::destroy(stream) }.unwrap();
         swap.release(copy).unwrap();
         drop(swap);
         drop(cache);

@@ -26,8 +26,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use kvvm_sys::result;
+use kvvm_sys::{Bound, PrimaryContext};
 use kvvm_sys::{
-    CUcontext, CUdevice, CUevent, CUmemAccessDesc, CUmemAllocationProp, CUstream, DriverError,
+    CUevent, CUmemAccessDesc, CUmemAllocationProp, CUstream, DriverError,
     CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED, CU_EVENT_BLOCKING_SYNC,
     CU_EVENT_DISABLE_TIMING, CU_MEMHOSTALLOC_PORTABLE, CU_MEM_ALLOC_GRANULARITY_MINIMUM,
     CU_STREAM_NON_BLOCKING,
@@ -62,61 +63,9 @@ pub fn driver_error(op: BackendOp, e: DriverError) -> Error {
     }
 }
 
-/// The retained primary context of one device. Released when the last owner (the backend or
-/// one of its completions) is dropped.
-#[derive(Debug)]
-struct Context {
-    device: CUdevice,
-    ctx: CUcontext,
-}
-
-// SAFETY: a CUcontext is a driver handle, not thread-affine data; the driver API may be called
-// with it from any thread (it is made current per call by `bind`).
-unsafe impl Send for Context {}
-// SAFETY: as above; `Context` has no interior mutability of its own.
-unsafe impl Sync for Context {}
-
-impl Drop for Context {
-    fn drop(&mut self) {
-        // SAFETY: this balances the one cuDevicePrimaryCtxRetain made in `CudaBackend::new`; every
-        // user of the context holds the `Arc` that is being dropped last here.
-        let _ = unsafe { result::primary_ctx_release(self.device) };
-    }
-}
-
-/// Restores the calling thread's previous context when dropped.
-struct Bound {
-    restore: Option<CUcontext>,
-}
-
-impl Drop for Bound {
-    fn drop(&mut self) {
-        if let Some(prev) = self.restore.take() {
-            // SAFETY: `prev` was current on this thread when `bind` ran and this thread did not
-            // destroy it since (only kvvm calls ran in between).
-            let _ = unsafe { result::ctx_set_current(prev) };
-        }
-    }
-}
-
-impl Context {
-    /// Makes this context current on the calling thread until the returned guard drops.
-    fn bind(&self) -> std::result::Result<Bound, DriverError> {
-        let current = result::ctx_get_current()?;
-        if current == self.ctx {
-            return Ok(Bound { restore: None });
-        }
-        // SAFETY: `self.ctx` is retained for as long as `self` lives.
-        unsafe { result::ctx_set_current(self.ctx)? };
-        // A thread that had no context keeps ours: that is harmless and saves the next call.
-        Ok(Bound {
-            restore: (!current.is_null()).then_some(current),
-        })
-    }
-
-    fn bind_for(&self, op: BackendOp) -> Result<Bound> {
-        self.bind().map_err(|e| driver_error(op, e))
-    }
+/// Binds the backend's context for one backend call.
+fn bind_for(ctx: &PrimaryContext, op: BackendOp) -> Result<Bound> {
+    ctx.bind().map_err(|e| driver_error(op, e))
 }
 
 /// A stream owned by the backend.
@@ -132,7 +81,7 @@ unsafe impl Sync for Stream {}
 /// The CUDA virtual-memory backend for one device. See the [module documentation](self).
 #[derive(Debug)]
 pub struct CudaBackend {
-    ctx: Arc<Context>,
+    ctx: Arc<PrimaryContext>,
     ordinal: i32,
     name: String,
     total_memory: u64,
@@ -152,34 +101,32 @@ impl CudaBackend {
     /// device does not exist; [`Error::Unsupported`] when it lacks virtual memory management.
     pub fn new(device: i32) -> Result<Self> {
         result::init()?;
-        let count = result::device_count()?;
+        let count = result::device::count()?;
         if device < 0 || device >= count {
             return Err(Error::InvalidConfig(format!(
                 "CUDA device {device} does not exist: {count} device(s) visible \
                  (check CUDA_VISIBLE_DEVICES)"
             )));
         }
-        let dev = result::device_get(device)?;
-        let name = result::device_name(dev)?;
-        let vmm =
-            result::device_attribute(dev, CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED)?;
+        let dev = result::device::get(device)?;
+        let name = result::device::name(dev)?;
+        let vmm = result::device::attribute(
+            dev,
+            CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED,
+        )?;
         if vmm == 0 {
             return Err(Error::Unsupported(format!(
                 "CUDA device {device} ({name}) does not support virtual memory management \
                  (CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED is 0)"
             )));
         }
-        let total_memory = result::device_total_mem(dev)? as u64;
-        let raw = result::primary_ctx_retain(dev)?;
+        let total_memory = result::device::total_mem(dev)? as u64;
         // From here on, dropping `ctx` (or the backend) releases the primary context.
-        let ctx = Arc::new(Context {
-            device: dev,
-            ctx: raw,
-        });
+        let ctx = Arc::new(PrimaryContext::retain(device)?);
         let bound = ctx.bind()?;
         let prop = CUmemAllocationProp::pinned_device(dev);
         let granularity =
-            result::mem_get_allocation_granularity(&prop, CU_MEM_ALLOC_GRANULARITY_MINIMUM)?;
+            result::mem::get_allocation_granularity(&prop, CU_MEM_ALLOC_GRANULARITY_MINIMUM)?;
         if granularity == 0 {
             return Err(Error::Unsupported(format!(
                 "CUDA device {device} ({name}) reports an allocation granularity of 0"
@@ -197,7 +144,7 @@ impl CudaBackend {
         };
         for _ in 0..COPY_STREAMS {
             // On error, `backend` is dropped, which destroys the streams made so far.
-            let s = result::stream_create(CU_STREAM_NON_BLOCKING)?;
+            let s = result::stream::create(CU_STREAM_NON_BLOCKING)?;
             backend.streams.push(Stream(s));
         }
         drop(bound);
@@ -246,7 +193,7 @@ impl CudaBackend {
         }
         // SAFETY: `[va, va+len)` consists of whole mappings made by the failing `map` call, which
         // has not returned them to anyone.
-        if let Err(e) = unsafe { result::mem_unmap(va, len) } {
+        if let Err(e) = unsafe { result::mem::unmap(va, len) } {
             tracing::error!("rolling back a failed map: cuMemUnmap({va:#x}, {len}) failed: {e}");
         }
     }
@@ -258,7 +205,7 @@ impl Drop for CudaBackend {
         for s in self.streams.drain(..) {
             // SAFETY: the stream was created by this backend and is destroyed once; work still
             // queued on it completes before the driver releases it.
-            let _ = unsafe { result::stream_destroy(s.0) };
+            let _ = unsafe { result::stream::destroy(s.0) };
         }
         let left = self.reservations().len();
         if left > 0 {
@@ -297,8 +244,8 @@ impl Backend for CudaBackend {
 
     fn reserve(&self, len: usize) -> Result<VaRange> {
         check_multiple("reservation", len, self.granularity)?;
-        let _bound = self.ctx.bind_for(BackendOp::Reserve)?;
-        let addr = result::mem_address_reserve(len, self.granularity, 0, 0)
+        let _bound = bind_for(&self.ctx, BackendOp::Reserve)?;
+        let addr = result::mem::address_reserve(len, self.granularity, 0, 0)
             .map_err(|e| driver_error(BackendOp::Reserve, e))?;
         self.reservations().insert(addr, len);
         Ok(VaRange { addr, len })
@@ -324,15 +271,12 @@ impl Backend for CudaBackend {
                 )))
             }
         }
-        let outcome = self
-            .ctx
-            .bind_for(BackendOp::FreeReservation)
-            .and_then(|_bound| {
-                // SAFETY: the range is a whole reservation made by this backend (checked above);
-                // the trait contract makes the caller unmap everything in it first.
-                unsafe { result::mem_address_free(range.addr, range.len) }
-                    .map_err(|e| driver_error(BackendOp::FreeReservation, e))
-            });
+        let outcome = bind_for(&self.ctx, BackendOp::FreeReservation).and_then(|_bound| {
+            // SAFETY: the range is a whole reservation made by this backend (checked above);
+            // the trait contract makes the caller unmap everything in it first.
+            unsafe { result::mem::address_free(range.addr, range.len) }
+                .map_err(|e| driver_error(BackendOp::FreeReservation, e))
+        });
         if outcome.is_err() {
             self.reservations().insert(range.addr, range.len);
         }
@@ -341,21 +285,21 @@ impl Backend for CudaBackend {
 
     fn create_page(&self, size: usize) -> Result<PageHandle> {
         check_multiple("page", size, self.granularity)?;
-        let _bound = self.ctx.bind_for(BackendOp::CreatePage)?;
-        let prop = CUmemAllocationProp::pinned_device(self.ctx.device);
-        let handle = result::mem_create(size, &prop, 0)
+        let _bound = bind_for(&self.ctx, BackendOp::CreatePage)?;
+        let prop = CUmemAllocationProp::pinned_device(self.ctx.device());
+        let handle = result::mem::create(size, &prop, 0)
             .map_err(|e| driver_error(BackendOp::CreatePage, e))?;
         Ok(PageHandle::from_raw(handle, size))
     }
 
     fn release_page(&self, page: PageHandle) -> std::result::Result<(), (PageHandle, Error)> {
-        let bound = match self.ctx.bind_for(BackendOp::ReleasePage) {
+        let bound = match bind_for(&self.ctx, BackendOp::ReleasePage) {
             Ok(b) => b,
             Err(e) => return Err((page, e)),
         };
         // SAFETY: `PageHandle` is neither Copy nor Clone and only this backend creates CUDA page
         // handles, so `page` is the unique owner of this allocation handle and it is released once.
-        let outcome = unsafe { result::mem_release(page.raw()) };
+        let outcome = unsafe { result::mem::release(page.raw()) };
         drop(bound);
         outcome.map_err(|e| (page, driver_error(BackendOp::ReleasePage, e)))
     }
@@ -372,7 +316,7 @@ impl Backend for CudaBackend {
             })?;
         }
         self.check_range("mapping", va, total)?;
-        let _bound = self.ctx.bind_for(BackendOp::Map)?;
+        let _bound = bind_for(&self.ctx, BackendOp::Map)?;
         let mut offset: usize = 0;
         for p in pages {
             let at = va + offset as u64;
@@ -380,15 +324,15 @@ impl Backend for CudaBackend {
             // and is unmapped by the trait's contract; the driver validates the handle, so a
             // foreign or released handle gives an error (or maps meaningless bytes), and the
             // offset 0 + size is within a page of `size` bytes.
-            if let Err(e) = unsafe { result::mem_map(at, p.size(), 0, p.raw(), 0) } {
+            if let Err(e) = unsafe { result::mem::map(at, p.size(), 0, p.raw(), 0) } {
                 self.rollback_map(va, offset);
                 return Err(driver_error(BackendOp::Map, e));
             }
             offset += p.size();
         }
-        let access = [CUmemAccessDesc::read_write_device(self.ctx.device)];
+        let access = [CUmemAccessDesc::read_write_device(self.ctx.device())];
         // SAFETY: `[va, va+total)` was mapped by this call just above and is not yet in use.
-        if let Err(e) = unsafe { result::mem_set_access(va, total, &access) } {
+        if let Err(e) = unsafe { result::mem::set_access(va, total, &access) } {
             self.rollback_map(va, total);
             return Err(driver_error(BackendOp::Map, e));
         }
@@ -397,10 +341,10 @@ impl Backend for CudaBackend {
 
     fn unmap(&self, va: u64, len: usize) -> Result<()> {
         self.check_range("unmapping", va, len)?;
-        let _bound = self.ctx.bind_for(BackendOp::Unmap)?;
+        let _bound = bind_for(&self.ctx, BackendOp::Unmap)?;
         // SAFETY: the range lies in a reservation of this backend; the trait's contract makes it
         // whole mappings made by `map` that no kernel or copy still uses.
-        unsafe { result::mem_unmap(va, len) }.map_err(|e| driver_error(BackendOp::Unmap, e))
+        unsafe { result::mem::unmap(va, len) }.map_err(|e| driver_error(BackendOp::Unmap, e))
     }
 
     fn alloc_host(&self, len: usize) -> Result<HostBuffer> {
@@ -409,14 +353,14 @@ impl Backend for CudaBackend {
                 "a host buffer of 0 bytes cannot be allocated".into(),
             ));
         }
-        let _bound = self.ctx.bind_for(BackendOp::AllocHost)?;
-        let p = result::mem_host_alloc(len, CU_MEMHOSTALLOC_PORTABLE)
+        let _bound = bind_for(&self.ctx, BackendOp::AllocHost)?;
+        let p = result::mem::host_alloc(len, CU_MEMHOSTALLOC_PORTABLE)
             .map_err(|e| driver_error(BackendOp::AllocHost, e))?;
         Ok(HostBuffer::from_raw(p.expose_provenance() as u64, len))
     }
 
     fn free_host(&self, buf: HostBuffer) -> std::result::Result<(), (HostBuffer, Error)> {
-        let bound = match self.ctx.bind_for(BackendOp::FreeHost) {
+        let bound = match bind_for(&self.ctx, BackendOp::FreeHost) {
             Ok(b) => b,
             Err(e) => return Err((buf, e)),
         };
@@ -424,7 +368,7 @@ impl Backend for CudaBackend {
         // SAFETY: `HostBuffer` is neither Copy nor Clone and CUDA host buffers come only from
         // `alloc_host`, so `buf` uniquely owns this pinned allocation; the trait's contract says no
         // copy is in flight on it.
-        let outcome = unsafe { result::mem_free_host(p) };
+        let outcome = unsafe { result::mem::free_host(p) };
         drop(bound);
         outcome.map_err(|e| (buf, driver_error(BackendOp::FreeHost, e)))
     }
@@ -435,7 +379,7 @@ impl Backend for CudaBackend {
         regions: &[CopyRegion],
     ) -> Result<Box<dyn Completion>> {
         let op = BackendOp::Copy;
-        let _bound = self.ctx.bind_for(op)?;
+        let _bound = bind_for(&self.ctx, op)?;
         let i = self.next_stream.fetch_add(1, Ordering::Relaxed) % self.streams.len().max(1);
         let Some(stream) = self.streams.get(i).map(|s| s.0) else {
             return Err(Error::Unsupported(
@@ -450,26 +394,26 @@ impl Backend for CudaBackend {
                         // SAFETY: the caller guarantees (copy_async's contract) that `src` is
                         // readable host memory and `dst` mapped, writable device memory for `len`
                         // bytes until the completion reports done; `stream` is ours and live.
-                        unsafe { result::memcpy_htod_async(r.dst, src, r.len, stream)? }
+                        unsafe { result::mem::memcpy_htod_async(r.dst, src, r.len, stream)? }
                     }
                     CopyKind::DeviceToHost => {
                         let dst = std::ptr::with_exposed_provenance_mut::<c_void>(r.dst as usize);
                         // SAFETY: as above, with `dst` writable host memory and `src` mapped,
                         // readable device memory.
-                        unsafe { result::memcpy_dtoh_async(dst, r.src, r.len, stream)? }
+                        unsafe { result::mem::memcpy_dtoh_async(dst, r.src, r.len, stream)? }
                     }
                     CopyKind::DeviceToDevice => {
                         // SAFETY: as above, both ranges mapped device memory.
-                        unsafe { result::memcpy_dtod_async(r.dst, r.src, r.len, stream)? }
+                        unsafe { result::mem::memcpy_dtod_async(r.dst, r.src, r.len, stream)? }
                     }
                 }
             }
             // Blocking sync: `Completion::wait` sleeps instead of spinning a core.
-            let event = result::event_create(CU_EVENT_DISABLE_TIMING | CU_EVENT_BLOCKING_SYNC)?;
+            let event = result::event::create(CU_EVENT_DISABLE_TIMING | CU_EVENT_BLOCKING_SYNC)?;
             // SAFETY: `event` was just created in this context and `stream` is ours.
-            if let Err(e) = unsafe { result::event_record(event, stream) } {
+            if let Err(e) = unsafe { result::event::record(event, stream) } {
                 // SAFETY: the event was created above, never recorded, and is not used again.
-                let _ = unsafe { result::event_destroy(event) };
+                let _ = unsafe { result::event::destroy(event) };
                 return Err(e);
             }
             Ok(event)
@@ -483,7 +427,7 @@ impl Backend for CudaBackend {
                 // Copies enqueued before the failure still read and write the caller's memory;
                 // wait for them so that nothing is in flight once the error is returned.
                 // SAFETY: `stream` is ours and live.
-                if let Err(sync) = unsafe { result::stream_synchronize(stream) } {
+                if let Err(sync) = unsafe { result::stream::synchronize(stream) } {
                     tracing::error!("synchronizing after a failed copy submission: {sync}");
                 }
                 Err(driver_error(op, e))
@@ -492,8 +436,8 @@ impl Backend for CudaBackend {
     }
 
     fn synchronize(&self) -> Result<()> {
-        let _bound = self.ctx.bind_for(BackendOp::Synchronize)?;
-        result::ctx_synchronize().map_err(|e| driver_error(BackendOp::Synchronize, e))
+        let _bound = bind_for(&self.ctx, BackendOp::Synchronize)?;
+        result::ctx::synchronize().map_err(|e| driver_error(BackendOp::Synchronize, e))
     }
 }
 
@@ -502,7 +446,7 @@ impl Backend for CudaBackend {
 struct CudaCompletion {
     event: CUevent,
     /// Keeps the context (and so the event) alive even if the backend is dropped first.
-    ctx: Arc<Context>,
+    ctx: Arc<PrimaryContext>,
 }
 
 // SAFETY: a CUevent is a driver handle usable from any thread; querying and synchronizing one
@@ -513,15 +457,15 @@ unsafe impl Sync for CudaCompletion {}
 
 impl Completion for CudaCompletion {
     fn poll(&self) -> Result<bool> {
-        let _bound = self.ctx.bind_for(BackendOp::Copy)?;
+        let _bound = bind_for(&self.ctx, BackendOp::Copy)?;
         // SAFETY: the event is live until this completion is dropped.
-        unsafe { result::event_query(self.event) }.map_err(|e| driver_error(BackendOp::Copy, e))
+        unsafe { result::event::query(self.event) }.map_err(|e| driver_error(BackendOp::Copy, e))
     }
 
     fn wait(&self) -> Result<()> {
-        let _bound = self.ctx.bind_for(BackendOp::Copy)?;
+        let _bound = bind_for(&self.ctx, BackendOp::Copy)?;
         // SAFETY: the event is live until this completion is dropped.
-        unsafe { result::event_synchronize(self.event) }
+        unsafe { result::event::synchronize(self.event) }
             .map_err(|e| driver_error(BackendOp::Copy, e))
     }
 
@@ -535,7 +479,7 @@ impl Drop for CudaCompletion {
         let bound = self.ctx.bind();
         // SAFETY: the event was created for this completion and is destroyed once, here; the
         // driver defers the release if the recorded work is still pending.
-        let _ = unsafe { result::event_destroy(self.event) };
+        let _ = unsafe { result::event::destroy(self.event) };
         drop(bound);
     }
 }
@@ -647,9 +591,10 @@ mod gpu_tests {
             // SAFETY: both ranges are mapped read/write by this test; the host buffers are
             // valid for the lengths given.
             unsafe {
-                result::memcpy_htod(r1.addr, src.as_ptr().cast(), 2 * g).unwrap();
-                result::memcpy_dtoh(alias.as_mut_ptr().cast(), r2.addr, g).unwrap();
-                result::memcpy_dtoh(second.as_mut_ptr().cast(), r1.addr + g as u64, g).unwrap();
+                result::mem::memcpy_htod(r1.addr, src.as_ptr().cast(), 2 * g).unwrap();
+                result::mem::memcpy_dtoh(alias.as_mut_ptr().cast(), r2.addr, g).unwrap();
+                result::mem::memcpy_dtoh(second.as_mut_ptr().cast(), r1.addr + g as u64, g)
+                    .unwrap();
             }
         }
         assert!(alias[..] == src[..g], "alias mapping shows different bytes");
@@ -676,7 +621,7 @@ mod gpu_tests {
         {
             let _bound = b.ctx.bind().unwrap();
             // SAFETY: r2 is mapped read/write again; `second` is valid for `g` bytes.
-            unsafe { result::memcpy_dtoh(second.as_mut_ptr().cast(), r2.addr, g).unwrap() };
+            unsafe { result::mem::memcpy_dtoh(second.as_mut_ptr().cast(), r2.addr, g).unwrap() };
         }
         assert!(second[..] == src[g..], "page contents lost across unmap");
         b.unmap(r2.addr, g).unwrap();
