@@ -273,6 +273,11 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn bench_map(a: MapArgs) -> Result<()> {
+    if a.rounds == 0 || a.pages == 0 {
+        return Err(Error::InvalidArgument(
+            "--rounds and --pages must be positive".into(),
+        ));
+    }
     let backend = kvvm::vmm::open(&kvvm::vmm::BackendConfig {
         host_granularity: a
             .page_size
