@@ -9,10 +9,8 @@ use kvvm_capi::*;
 fn config() -> kvvm_config {
     let mut c = kvvm_config::default();
     // SAFETY: valid local.
-    assert_eq!(
-        unsafe { kvvm_config_init(&mut c) },
-        kvvm_status::KVVM_STATUS_OK
-    );
+    let st = unsafe { kvvm_config_init(&mut c) };
+    assert_eq!(st, kvvm_status::KVVM_STATUS_OK);
     c.layers = 2;
     c.kv_heads = 2;
     c.head_dim = 32;
@@ -39,18 +37,12 @@ fn inherited_handles_fail_in_the_child_and_the_parent_keeps_its_bytes() {
     let c = config();
     let mut h = kvvm_cache::default();
     // SAFETY: valid locals.
-    assert_eq!(
-        unsafe { kvvm_cache_create(&c, &mut h) },
-        kvvm_status::KVVM_STATUS_OK,
-        "{}",
-        last_error()
-    );
+    let st = unsafe { kvvm_cache_create(&c, &mut h) };
+    assert_eq!(st, kvvm_status::KVVM_STATUS_OK, "{}", last_error());
     let mut slot = 0u32;
     // SAFETY: valid out-pointer.
-    assert_eq!(
-        unsafe { kvvm_cache_alloc_slot(h, &mut slot) },
-        kvvm_status::KVVM_STATUS_OK
-    );
+    let st = unsafe { kvvm_cache_alloc_slot(h, &mut slot) };
+    assert_eq!(st, kvvm_status::KVVM_STATUS_OK);
     assert_eq!(kvvm_cache_ensure(h, slot, 64), kvvm_status::KVVM_STATUS_OK);
     let row: Vec<u8> = (0..256u32).map(|i| (i * 7 + 3) as u8).collect();
     // SAFETY: `row` holds one row (2 heads × 32 × f32 = 256 bytes).
@@ -79,8 +71,8 @@ fn inherited_handles_fail_in_the_child_and_the_parent_keeps_its_bytes() {
         }
         let mut s2 = 0u32;
         // SAFETY: valid out-pointer.
-        if unsafe { kvvm_cache_alloc_slot(h, &mut s2) } != kvvm_status::KVVM_STATUS_INVALID_ARGUMENT
-        {
+        let st = unsafe { kvvm_cache_alloc_slot(h, &mut s2) };
+        if st != kvvm_status::KVVM_STATUS_INVALID_ARGUMENT {
             code = 3;
         }
         if kvvm_cache_shrink(h, slot, 0) != kvvm_status::KVVM_STATUS_INVALID_ARGUMENT {
