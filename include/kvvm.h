@@ -993,7 +993,8 @@ kvvm_status kvvm_cache_read_row(struct kvvm_cache cache,
  * slot's mapping (shrink, free, swap out), concurrently.
  *
  * # Errors
- * As `kvvm_cache_read_row`.
+ * As `kvvm_cache_read_row`; `KVVM_STATUS_INVALID_ARGUMENT` for a token in the slot's read-only
+ * (shared prefix) pages.
  *
  * # Safety
  * `buf` is null or valid for reads of `len` bytes.

@@ -290,6 +290,20 @@ fn bench_map(a: MapArgs) -> Result<()> {
         ..a.backend.config()
     })?;
     let page = a.page_size;
+    if a.pages == 0 || a.rounds == 0 {
+        return Err(Error::InvalidArgument(
+            "--pages and --rounds must be positive".into(),
+        ));
+    }
+    if backend.kind() == kvvm::vmm::BackendKind::Host {
+        // The kvvm pages and the baseline's memfd exist at the same time.
+        crate::check_host_memory(
+            "bench map",
+            (a.pages as u64)
+                .checked_mul(page as u64)
+                .and_then(|b| b.checked_mul(2)),
+        )?;
+    }
     // Interleave the two so that drift in the machine's state affects both alike.
     let mut kv = Vec::new();
     let mut raw = Vec::new();

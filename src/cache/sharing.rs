@@ -160,6 +160,10 @@ impl KvCache {
     /// first, among those no slot maps (call [`KvCache::reclaim_free_slots`] first to let go of
     /// free slots' mappings too). Returns how many pool pages went back to the free list.
     pub fn evict_prefixes(&self, pages: usize) -> usize {
+        if self.shared.fork.inherited() {
+            // A forked child's copy of the cache changes nothing of the parent's pages.
+            return 0;
+        }
         self.shared
             .evict_cached(pages.saturating_mul(self.shared.geometry.buffers))
     }
@@ -215,6 +219,7 @@ impl KvCache {
     }
 
     fn alloc_with_refs(&self, refs: &[PageRef<'_>], hint: usize) -> Result<PrefixHit> {
+        self.shared.fork.check("cache")?;
         let sh = &*self.shared;
         let g = &sh.geometry;
         let tpp = sh.tokens_per_page()?;
@@ -410,6 +415,7 @@ impl Shared {
     }
 
     fn publish(&self, slot: SlotId, refs: &[PageRef<'_>]) -> Result<usize> {
+        self.fork.check("cache")?;
         let g = &self.geometry;
         let tpp = self.tokens_per_page()?;
         let (mut st, i) = self.wait_idle(self.lock(), slot)?;
