@@ -183,53 +183,111 @@ fn published_pages_are_mapped_not_copied() {
     }
 }
 
-/// Writes one byte at `addr` in a forked child; returns the signal that killed it, if any.
-fn write_in_child(addr: u64) -> Option<nix::sys::signal::Signal> {
-    use nix::sys::wait::{waitpid, WaitStatus};
-    use nix::unistd::{fork, ForkResult};
-    // SAFETY: the child only performs a volatile write and `_exit`, both async-signal-safe.
-    match unsafe { fork() }.expect("fork") {
-        ForkResult::Child => {
-            // SAFETY: deliberately writing a possibly read-only address in a throwaway child
-            // (its memory is a copy; a MAP_SHARED page it could write would be seen by the
-            // parent, which the test then detects).
-            unsafe { std::ptr::write_volatile(addr as usize as *mut u8, 0xab) };
-            // SAFETY: _exit is async-signal-safe and ends the child without running destructors.
-            unsafe { libc::_exit(0) }
-        }
-        ForkResult::Parent { child } => match waitpid(child, None).expect("waitpid") {
-            WaitStatus::Signaled(_, sig, _) => Some(sig),
-            _ => None,
-        },
-    }
+/// The permissions `/proc/self/maps` lists for the mapping holding `addr` (e.g. `r--s`).
+fn prot_at(addr: u64) -> Option<String> {
+    let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
+    maps.lines().find_map(|l| {
+        let mut it = l.split_whitespace();
+        let (a, b) = it.next()?.split_once('-')?;
+        let perms = it.next()?;
+        let (a, b) = (
+            u64::from_str_radix(a, 16).ok()?,
+            u64::from_str_radix(b, 16).ok()?,
+        );
+        (a <= addr && addr < b).then(|| perms.to_string())
+    })
+}
+
+/// A publisher with 200 stamped tokens and a sharer of its pages.
+fn shared_pair(layout: Layout) -> (Arc<KvCache>, SlotId, SlotId, usize) {
+    let (_host, cache) = cache(layout, 64);
+    let prompt = ids(200, 0);
+    let a = cache.alloc_slot().unwrap();
+    cache.ensure(a, 200).unwrap();
+    write(&cache, a, 1, 0, 200);
+    cache.publish(a, &prompt, NS).unwrap();
+    let hit = cache.alloc_slot_with_prefix(&prompt, NS).unwrap();
+    assert!(hit.tokens > 0);
+    (cache, a, hit.slot, hit.tokens)
+}
+
+/// Runs only in the child processes `writes_into_shared_pages_fault` starts: builds a publisher
+/// and a sharer and writes one byte of the row `KVVM_PREFIX_CHILD` names, then exits 0.
+#[test]
+#[ignore = "run in a child process by writes_into_shared_pages_fault"]
+fn child_writes_one_row() {
+    let Ok(what) = std::env::var("KVVM_PREFIX_CHILD") else {
+        return;
+    };
+    let layout = if std::env::var("KVVM_PREFIX_LAYOUT").as_deref() == Ok("per-layer") {
+        Layout::PerLayer
+    } else {
+        Layout::Interleaved
+    };
+    let (cache, a, b, shared) = shared_pair(layout);
+    let ro = cache.read_only_tokens(a).unwrap();
+    let (slot, token) = match what.as_str() {
+        "sharer-first" => (b, 0),
+        "sharer-last" => (b, shared - 1),
+        "publisher" => (a, 0),
+        _ => (a, ro),
+    };
+    let addr = cache.row(slot, token, 1, Kv::V).unwrap().addr;
+    // SAFETY: deliberately writing a row that may be mapped read-only, in a throwaway process.
+    unsafe { std::ptr::write_volatile(addr as usize as *mut u8, 0xab) };
+    std::process::exit(0);
+}
+
+/// Runs `child_writes_one_row` in a new process; returns the signal that killed it, if any.
+fn write_in_child(what: &str, layout: Layout) -> Option<i32> {
+    use std::os::unix::process::ExitStatusExt;
+    let status = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--ignored",
+            "--exact",
+            "child_writes_one_row",
+            "--test-threads=1",
+        ])
+        .env("KVVM_PREFIX_CHILD", what)
+        .env(
+            "KVVM_PREFIX_LAYOUT",
+            if layout == Layout::PerLayer {
+                "per-layer"
+            } else {
+                "interleaved"
+            },
+        )
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(
+        status.signal().is_some() || status.success(),
+        "{what}: {status}"
+    );
+    status.signal()
 }
 
 #[test]
 fn writes_into_shared_pages_fault() {
     for layout in LAYOUTS {
-        let (_host, cache) = cache(layout, 64);
-        let prompt = ids(200, 0);
-        let a = cache.alloc_slot().unwrap();
-        cache.ensure(a, 200).unwrap();
-        write(&cache, a, 1, 0, 200);
-        cache.publish(a, &prompt, NS).unwrap();
-        let hit = cache.alloc_slot_with_prefix(&prompt, NS).unwrap();
-        assert!(hit.tokens > 0);
+        let segv = Some(libc::SIGSEGV);
+        // The sharer's aliases and the publisher's own published pages are read-only.
+        assert_eq!(write_in_child("sharer-first", layout), segv, "{layout:?}");
+        assert_eq!(write_in_child("sharer-last", layout), segv, "{layout:?}");
+        assert_eq!(write_in_child("publisher", layout), segv, "{layout:?}");
+        // Past the shared pages the publisher's page is its own: the write goes through.
+        assert_eq!(write_in_child("private", layout), None, "{layout:?}");
+        // And here, in this process: the mappings say so.
+        let (cache, a, b, shared) = shared_pair(layout);
         let row = |slot, t| cache.row(slot, t, 1, Kv::V).unwrap().addr;
-        let segv = Some(nix::sys::signal::Signal::SIGSEGV);
-        // The sharer's aliases and the publisher's own pages are read-only.
-        assert_eq!(write_in_child(row(hit.slot, 0)), segv, "{layout:?}");
-        assert_eq!(write_in_child(row(hit.slot, hit.tokens - 1)), segv);
-        assert_eq!(write_in_child(row(a, 0)), segv);
-        // Past the shared pages the publisher's page is its own.
+        assert_eq!(prot_at(row(b, 0)).as_deref(), Some("r--s"));
+        assert_eq!(prot_at(row(b, shared - 1)).as_deref(), Some("r--s"));
+        assert_eq!(prot_at(row(a, 0)).as_deref(), Some("r--s"));
         let ro = cache.read_only_tokens(a).unwrap();
-        if ro < 200 {
-            assert_eq!(write_in_child(row(a, ro)), None);
-            // The child wrote through a shared mapping of A's own page: stamp it again.
-            write(&cache, a, 1, ro, ro + 1);
-        }
+        assert_eq!(prot_at(row(a, ro)).as_deref(), Some("rw-s"));
         check(&cache, a, 1, 0, 200);
-        check(&cache, hit.slot, 1, 0, hit.tokens);
+        check(&cache, b, 1, 0, shared);
     }
 }
 
