@@ -35,7 +35,7 @@ use kvvm::vmm::{
 use kvvm::Error;
 use kvvm_sys::result;
 use kvvm_sys::{
-    CUevent, CUDA_ERROR_ILLEGAL_ADDRESS, CUDA_ERROR_INVALID_VALUE, CUDA_ERROR_OUT_OF_MEMORY,
+    CUevent, CUfunction, CUstream, CUDA_ERROR_ILLEGAL_ADDRESS, CUDA_ERROR_INVALID_VALUE, CUDA_ERROR_OUT_OF_MEMORY,
     CUDA_ERROR_UNKNOWN, CU_STREAM_NON_BLOCKING,
 };
 
@@ -59,6 +59,49 @@ const LIVE_KINDS: [&str; 10] = [
 ];
 
 type CountFn = unsafe extern "C" fn(*const c_char) -> c_longlong;
+
+/// The fake kernel's parameters (`struct fakecuda_kernel` in the fixture): at execution, after
+/// `delay_us`, `read_len` bytes at device address `read` go to host memory `read_out` (if not
+/// null), then `write_len` bytes at `write` are set from `write_in` (or to `write_byte`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct FakeKernel {
+    read: u64,
+    read_len: u64,
+    read_out: *mut u8,
+    write: u64,
+    write_len: u64,
+    write_in: *const u8,
+    write_byte: c_int,
+    delay_us: c_uint,
+}
+const _: () = assert!(std::mem::size_of::<FakeKernel>() == 56);
+
+impl FakeKernel {
+    /// A kernel that reads `[addr, addr+len)` for `delay_us` (an attention kernel).
+    fn reads(addr: u64, len: usize, delay_us: u32) -> Self {
+        FakeKernel {
+            read: addr,
+            read_len: len as u64,
+            read_out: std::ptr::null_mut(),
+            write: 0,
+            write_len: 0,
+            write_in: std::ptr::null(),
+            write_byte: 0,
+            delay_us,
+        }
+    }
+
+    /// A kernel that sets `[addr, addr+len)` to `byte` after `delay_us` (a KV write).
+    fn writes(addr: u64, len: usize, byte: u8, delay_us: u32) -> Self {
+        FakeKernel {
+            write: addr,
+            write_len: len as u64,
+            write_byte: c_int::from(byte),
+            ..FakeKernel::reads(0, 0, delay_us)
+        }
+    }
+}
 type FailFn = unsafe extern "C" fn(*const c_char, c_int, c_uint) -> c_int;
 
 /// The fake driver library and its test controls.
@@ -74,6 +117,9 @@ struct Fake {
     set_granularity: unsafe extern "C" fn(usize) -> c_int,
     set_total_mem: unsafe extern "C" fn(usize),
     set_vmm_supported: unsafe extern "C" fn(c_int),
+    launch: unsafe extern "C" fn(CUstream, *const FakeKernel) -> c_uint,
+    kernel_function: unsafe extern "C" fn() -> CUfunction,
+    set_delays: unsafe extern "C" fn(c_uint, c_uint, c_uint),
     _lib: Library,
 }
 
@@ -149,6 +195,24 @@ impl Fake {
     fn set_vmm_supported(&self, on: bool) {
         // SAFETY: takes a plain integer; only touches the fake's own state.
         unsafe { (self.set_vmm_supported)(c_int::from(on)) }
+    }
+
+    /// Enqueues the fake kernel `k` on `stream`.
+    ///
+    /// # Safety
+    /// `stream` must be live (or null); host memory `k` names must stay valid until the kernel
+    /// has run. Device addresses are checked by the fake when the kernel runs.
+    unsafe fn launch(&self, stream: CUstream, k: &FakeKernel) {
+        // SAFETY: forwarded from this function's contract; `k` is read during the call only.
+        let rc = unsafe { (self.launch)(stream, k) };
+        assert_eq!(rc, 0, "fakecuda_launch failed");
+    }
+
+    /// Asynchronous mode's timing: up to `max_pause_us` between two operations of a stream, up
+    /// to `jitter_us` more than its delay for each kernel; `seed` restarts the random sequence.
+    fn set_delays(&self, max_pause_us: u32, jitter_us: u32, seed: u32) {
+        // SAFETY: takes plain integers; only touches the fake's own state.
+        unsafe { (self.set_delays)(max_pause_us, jitter_us, seed) }
     }
 
     /// Every live object count.
@@ -235,6 +299,9 @@ fn load() -> Option<Fake> {
         set_granularity: sym!("fakecuda_set_granularity"),
         set_total_mem: sym!("fakecuda_set_total_mem"),
         set_vmm_supported: sym!("fakecuda_set_vmm_supported"),
+        launch: sym!("fakecuda_launch"),
+        kernel_function: sym!("fakecuda_kernel_function"),
+        set_delays: sym!("fakecuda_set_delays"),
         path,
         _lib: lib,
     };
@@ -256,6 +323,8 @@ struct Session {
     fake: &'static Fake,
     faults: i64,
     pageable: i64,
+    stale: i64,
+    busy: i64,
     _serial: MutexGuard<'static, ()>,
 }
 
@@ -273,6 +342,7 @@ impl Session {
         fake.clear_faults();
         fake.hold(false);
         fake.set_async(false);
+        fake.set_delays(200, 0, 0);
         // Fails only if an earlier test left objects behind, which that test reports.
         fake.set_granularity(G);
         fake.set_vmm_supported(true);
@@ -281,12 +351,15 @@ impl Session {
             fake,
             faults: fake.live("faults"),
             pageable: fake.live("pageable_async"),
+            stale: fake.live("stale_reads"),
+            busy: fake.live("unmap_busy"),
             _serial: serial,
         })
     }
 
-    /// Checks that every driver object is gone and that no copy touched an unmapped range or
-    /// pageable host memory during the test.
+    /// Checks that every driver object is gone and that, during the test, no copy or kernel
+    /// touched an unmapped range, no copy used pageable host memory, no copy read a range before
+    /// an earlier kernel wrote it, and no range was unmapped under queued work.
     fn finish(self) {
         self.clear_faults();
         self.hold(false);
@@ -297,7 +370,17 @@ impl Session {
         assert_eq!(
             self.live("faults"),
             self.faults,
-            "a copy found its device range unmapped"
+            "a copy or kernel found its device range unmapped"
+        );
+        assert_eq!(
+            self.live("stale_reads"),
+            self.stale,
+            "a copy read device memory before a kernel submitted earlier wrote it"
+        );
+        assert_eq!(
+            self.live("unmap_busy"),
+            self.busy,
+            "a range was unmapped while queued or running work still used it"
         );
         assert_eq!(
             self.live("pageable_async"),
@@ -932,8 +1015,126 @@ fn a_queued_copy_whose_source_went_away_faults() {
     b.free_reservation(r).unwrap();
     free_hosts(&b, vec![h]);
     drop(b);
+    // The unmap under the queued copy was reported too.
+    assert_eq!(s.live("unmap_busy"), s.busy + 1);
     let s = Session {
         faults: faults + 1,
+        busy: s.busy + 1,
+        ..s
+    };
+    s.finish();
+}
+
+#[test]
+fn the_fake_kernel_runs_in_stream_order_and_catches_races() {
+    // The fixture's own test: a kernel moves its bytes when it runs on its stream, not when it
+    // is launched; a copy on another stream that does not wait for it is reported as a stale
+    // read, one that waits is not; unmapping under a running kernel is reported and makes the
+    // kernel fault, stickily, on its stream only.
+    let s = session!();
+    let b = backend();
+    let (r, pages) = mapped(&b, 1);
+    let h = b.alloc_host(G).unwrap();
+    let caller = result::stream_create(CU_STREAM_NON_BLOCKING).unwrap();
+    let copier = result::stream_create(CU_STREAM_NON_BLOCKING).unwrap();
+    let event = result::event_create(kvvm_sys::CU_EVENT_DISABLE_TIMING).unwrap();
+    s.set_async(true);
+    s.set_delays(50, 0, 7);
+    let (stale, busy, faults, kernels) = (
+        s.live("stale_reads"),
+        s.live("unmap_busy"),
+        s.live("kernel_faults"),
+        s.live("kernels"),
+    );
+    let down = |stream| {
+        // SAFETY: `r` is mapped and `h` pinned; both outlive the synchronization below.
+        unsafe {
+            result::memcpy_dtoh_async(
+                std::ptr::with_exposed_provenance_mut(h.addr() as usize),
+                r.addr,
+                G,
+                stream,
+            )
+            .unwrap()
+        }
+    };
+
+    // 1. No fence: the copy runs while the kernel (20 ms) has not written yet.
+    fill(r.addr, G, 1);
+    // SAFETY: `caller` is live; the kernel names no host memory.
+    unsafe { s.launch(caller, &FakeKernel::writes(r.addr, G, 0x5a, 20_000)) };
+    down(copier);
+    // SAFETY: both streams are live.
+    unsafe {
+        result::stream_synchronize(copier).unwrap();
+        result::stream_synchronize(caller).unwrap();
+    }
+    assert_eq!(s.live("stale_reads"), stale + 1, "the stale copy was not reported");
+    assert!(holds(h.addr(), G, 1), "the copy saw bytes the kernel had not written yet");
+    assert!(
+        // SAFETY: `r` is mapped; no work is queued.
+        unsafe { std::slice::from_raw_parts(r.addr as usize as *const u8, G) }
+            .iter()
+            .all(|&x| x == 0x5a)
+    );
+
+    // 2. Fenced: the copy stream waits on an event recorded after the kernel.
+    // SAFETY: streams and event are live; the launch goes through cuLaunchKernel with the
+    // fake's handle and one parameter pointing to the kernel description.
+    unsafe {
+        let mut k = FakeKernel::writes(r.addr, G, 0x6b, 20_000);
+        let mut params = [(&raw mut k).cast::<std::ffi::c_void>()];
+        result::launch_kernel(
+            (s.kernel_function)(),
+            result::LaunchConfig {
+                grid: (1, 1, 1),
+                block: (1, 1, 1),
+                shared_mem_bytes: 0,
+            },
+            caller,
+            &mut params,
+        )
+        .unwrap();
+        result::event_record(event, caller).unwrap();
+        result::stream_wait_event(copier, event, 0).unwrap();
+    }
+    down(copier);
+    // SAFETY: `copier` is live.
+    unsafe { result::stream_synchronize(copier) }.unwrap();
+    assert_eq!(s.live("stale_reads"), stale + 1);
+    // SAFETY: `h` is pinned memory of `G` bytes no copy uses any more.
+    assert!(unsafe { std::slice::from_raw_parts(h.addr() as usize as *const u8, G) }
+        .iter()
+        .all(|&x| x == 0x6b));
+
+    // 3. Unmapped under a running kernel: reported at the unmap, and the kernel faults.
+    // SAFETY: `caller` is live.
+    unsafe { s.launch(caller, &FakeKernel::reads(r.addr, G, 20_000)) };
+    std::thread::sleep(std::time::Duration::from_millis(2));
+    b.unmap(r.addr, G).unwrap();
+    assert_eq!(s.live("unmap_busy"), busy + 1, "the busy unmap was not reported");
+    // SAFETY: `caller` is live.
+    let e = unsafe { result::stream_synchronize(caller) }.unwrap_err();
+    assert!(e.to_string().contains("CUDA_ERROR_ILLEGAL_ADDRESS"), "{e}");
+    assert_eq!(s.live("kernel_faults"), faults + 1);
+    assert_eq!(s.live("kernels"), kernels + 3);
+    // Sticky: the stream stays failed; other streams are unaffected.
+    // SAFETY: streams and event are live and idle; each is destroyed once.
+    unsafe {
+        assert!(result::stream_query(caller).is_err());
+        assert!(result::stream_query(copier).unwrap());
+        result::event_destroy(event).unwrap();
+        result::stream_destroy(caller).unwrap();
+        result::stream_destroy(copier).unwrap();
+    }
+    release_all(&b, pages);
+    b.free_reservation(r).unwrap();
+    free_hosts(&b, vec![h]);
+    drop(b);
+    let s = Session {
+        faults: s.faults + 1,
+        stale: stale + 1,
+        busy: busy + 1,
         ..s
     };
     s.finish();
