@@ -35,8 +35,8 @@ use kvvm::vmm::{
 use kvvm::Error;
 use kvvm_sys::result;
 use kvvm_sys::{
-    CUevent, CUfunction, CUstream, CUDA_ERROR_ILLEGAL_ADDRESS, CUDA_ERROR_INVALID_VALUE, CUDA_ERROR_OUT_OF_MEMORY,
-    CUDA_ERROR_UNKNOWN, CU_STREAM_NON_BLOCKING,
+    CUevent, CUfunction, CUstream, CUDA_ERROR_ILLEGAL_ADDRESS, CUDA_ERROR_INVALID_VALUE,
+    CUDA_ERROR_OUT_OF_MEMORY, CUDA_ERROR_UNKNOWN, CU_STREAM_NON_BLOCKING,
 };
 
 /// The granularity the fake is set to: small pages keep the tests small.
@@ -1069,8 +1069,15 @@ fn the_fake_kernel_runs_in_stream_order_and_catches_races() {
         result::stream_synchronize(copier).unwrap();
         result::stream_synchronize(caller).unwrap();
     }
-    assert_eq!(s.live("stale_reads"), stale + 1, "the stale copy was not reported");
-    assert!(holds(h.addr(), G, 1), "the copy saw bytes the kernel had not written yet");
+    assert_eq!(
+        s.live("stale_reads"),
+        stale + 1,
+        "the stale copy was not reported"
+    );
+    assert!(
+        holds(h.addr(), G, 1),
+        "the copy saw bytes the kernel had not written yet"
+    );
     assert!(
         // SAFETY: `r` is mapped; no work is queued.
         unsafe { std::slice::from_raw_parts(r.addr as usize as *const u8, G) }
@@ -1103,16 +1110,22 @@ fn the_fake_kernel_runs_in_stream_order_and_catches_races() {
     unsafe { result::stream_synchronize(copier) }.unwrap();
     assert_eq!(s.live("stale_reads"), stale + 1);
     // SAFETY: `h` is pinned memory of `G` bytes no copy uses any more.
-    assert!(unsafe { std::slice::from_raw_parts(h.addr() as usize as *const u8, G) }
-        .iter()
-        .all(|&x| x == 0x6b));
+    assert!(
+        unsafe { std::slice::from_raw_parts(h.addr() as usize as *const u8, G) }
+            .iter()
+            .all(|&x| x == 0x6b)
+    );
 
     // 3. Unmapped under a running kernel: reported at the unmap, and the kernel faults.
     // SAFETY: `caller` is live.
     unsafe { s.launch(caller, &FakeKernel::reads(r.addr, G, 20_000)) };
     std::thread::sleep(std::time::Duration::from_millis(2));
     b.unmap(r.addr, G).unwrap();
-    assert_eq!(s.live("unmap_busy"), busy + 1, "the busy unmap was not reported");
+    assert_eq!(
+        s.live("unmap_busy"),
+        busy + 1,
+        "the busy unmap was not reported"
+    );
     // SAFETY: `caller` is live.
     let e = unsafe { result::stream_synchronize(caller) }.unwrap_err();
     assert!(e.to_string().contains("CUDA_ERROR_ILLEGAL_ADDRESS"), "{e}");

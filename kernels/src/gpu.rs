@@ -35,6 +35,8 @@ pub struct GpuKernels {
     dev: CUdevice,
     ctx: kvvm_sys::CUcontext,
     arch: String,
+    nvrtc_version: (i32, i32),
+    code: cuda::CodeKind,
     modules: Vec<CUmodule>,
     strided: [CUfunction; 3],
     paged: [CUfunction; 3],
@@ -57,11 +59,14 @@ impl GpuKernels {
         let minor =
             cu::device_attribute(dev, kvvm_sys::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?;
         let arch = format!("compute_{major}{minor}");
+        let nvrtc_version = cuda::nvrtc_available()?;
         let ctx = cu::primary_ctx_retain(dev)?;
         let mut this = GpuKernels {
             dev,
             ctx,
             arch,
+            nvrtc_version,
+            code: cuda::CodeKind::Ptx,
             modules: Vec::new(),
             strided: [std::ptr::null_mut(); 3],
             paged: [std::ptr::null_mut(); 3],
@@ -70,8 +75,18 @@ impl GpuKernels {
         // SAFETY: `ctx` was just retained and is live.
         unsafe { cu::ctx_set_current(ctx) }?;
         for (name, _) in cuda::SOURCES {
-            let ptx = cuda::compile(name, &this.arch)?;
-            let module = cu::module_load_ptx(&ptx)?;
+            let image = cuda::compile_for_device(name, major, minor)?;
+            tracing::info!(
+                "{name}: {} for {} with NVRTC {}.{}",
+                image.kind.name(),
+                image.target,
+                nvrtc_version.0,
+                nvrtc_version.1
+            );
+            this.code = image.kind;
+            // SAFETY: `image.bytes` is a complete cubin (whose ELF headers give its size) or
+            // NUL-terminated PTX, alive for the call.
+            let module = unsafe { cu::module_load_data(image.bytes.as_ptr().cast()) }?;
             this.modules.push(module);
             for d in DTYPES {
                 let (slot, entry) = if name.contains("strided") {
@@ -98,9 +113,19 @@ impl GpuKernels {
         Ok(())
     }
 
-    /// The virtual architecture the kernels were compiled for, e.g. `compute_90`.
+    /// The device's virtual architecture, e.g. `compute_90`.
     pub fn arch(&self) -> &str {
         &self.arch
+    }
+
+    /// Whether the loaded kernels are machine code (SASS) or PTX compiled by the driver.
+    pub fn code_kind(&self) -> cuda::CodeKind {
+        self.code
+    }
+
+    /// The version of NVRTC that compiled the kernels, `(major, minor)`.
+    pub fn nvrtc_version(&self) -> (i32, i32) {
+        self.nvrtc_version
     }
 }
 
