@@ -406,7 +406,7 @@ fn loaded_wheel_dirs() -> Vec<PathBuf> {
 fn toolkit_dirs() -> Vec<PathBuf> {
     let mut dirs: Vec<PathBuf> = ["CUDA_HOME", "CUDA_PATH"]
         .iter()
-        .filter_map(|v| std::env::var_os(v))
+        .filter_map(std::env::var_os)
         .filter(|v| !v.is_empty())
         .map(|v| PathBuf::from(v).join("lib64"))
         .collect();
