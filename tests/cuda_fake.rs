@@ -1034,12 +1034,9 @@ fn the_fake_kernel_runs_in_stream_order_and_catches_races() {
         holds(h.addr(), G, 1),
         "the copy saw bytes the kernel had not written yet"
     );
-    assert!(
-        // SAFETY: `r` is mapped; no work is queued.
-        unsafe { std::slice::from_raw_parts(r.addr as usize as *const u8, G) }
-            .iter()
-            .all(|&x| x == 0x5a)
-    );
+    // SAFETY: `r` is mapped; no work is queued.
+    let dev = unsafe { std::slice::from_raw_parts(r.addr as usize as *const u8, G) };
+    assert!(dev.iter().all(|&x| x == 0x5a), "the kernel did not write");
 
     // 2. Fenced: the copy stream waits on an event recorded after the kernel.
     // SAFETY: streams and event are live; the launch goes through cuLaunchKernel with the
@@ -1066,10 +1063,10 @@ fn the_fake_kernel_runs_in_stream_order_and_catches_races() {
     unsafe { result::stream_synchronize(copier) }.unwrap();
     assert_eq!(s.live("stale_reads"), stale + 1);
     // SAFETY: `h` is pinned memory of `G` bytes no copy uses any more.
+    let got = unsafe { std::slice::from_raw_parts(h.addr() as usize as *const u8, G) };
     assert!(
-        unsafe { std::slice::from_raw_parts(h.addr() as usize as *const u8, G) }
-            .iter()
-            .all(|&x| x == 0x6b)
+        got.iter().all(|&x| x == 0x6b),
+        "the fenced copy missed the kernel's bytes"
     );
 
     // 3. Unmapped under a running kernel: reported at the unmap, and the kernel faults.
