@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the C ABI (cdylib and staticlib), checks that include/kvvm.h is what cbindgen generates
-# from src/ffi and that its version macros match Cargo.toml, then compiles the C example and the
+# from capi/src and that its version macros match Cargo.toml, then compiles the C example and the
 # C tests with -Wall -Werror, runs them, and runs the error-path test under valgrind.
 #
 #   scripts/c-tests.sh                  # check and run
@@ -18,8 +18,8 @@ if ! command -v cbindgen >/dev/null 2>&1 || [[ "$(cbindgen --version)" != "cbind
     cargo install cbindgen --version "$CBINDGEN_VERSION" --locked
 fi
 
-echo "== cargo build --lib (cdylib, staticlib)"
-cargo build --lib
+echo "== cargo build -p kvvm-clib (libkvvm.so, libkvvm.a)"
+cargo build -p kvvm-clib
 metadata=$(cargo metadata --format-version 1 --no-deps)
 target_dir=$(printf '%s' "$metadata" | grep -o '"target_directory":"[^"]*"' | head -n1 | cut -d'"' -f4)
 lib_dir="$target_dir/debug"
@@ -31,7 +31,7 @@ tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 
 echo "== header freshness (cbindgen $CBINDGEN_VERSION)"
-cbindgen --quiet --config cbindgen.toml --output "$tmp/kvvm.h" src/ffi/mod.rs
+cbindgen --quiet --config capi/cbindgen.toml --output "$tmp/kvvm.h" capi/src/lib.rs
 if [[ $update == 1 ]]; then
     cp "$tmp/kvvm.h" include/kvvm.h
 fi
@@ -53,23 +53,23 @@ done
 
 cflags=(-std=c11 -Wall -Wextra -Werror -O1 -g -Iinclude)
 echo "== compile (-Wall -Werror) against the cdylib and the staticlib"
-"$CC" "${cflags[@]}" examples/c/decode_loop.c -L"$lib_dir" -lkvvm -Wl,-rpath,"$lib_dir" -o "$tmp/decode_loop"
-"$CC" "${cflags[@]}" examples/c/decode_loop.c "$lib_dir/libkvvm.a" -lpthread -ldl -lm -o "$tmp/decode_loop_static"
-"$CC" "${cflags[@]}" tests/c/error_paths.c -L"$lib_dir" -lkvvm -Wl,-rpath,"$lib_dir" -o "$tmp/error_paths"
+"$CC" "${cflags[@]}" capi/examples/c/decode_loop.c -L"$lib_dir" -lkvvm -Wl,-rpath,"$lib_dir" -o "$tmp/decode_loop"
+"$CC" "${cflags[@]}" capi/examples/c/decode_loop.c "$lib_dir/libkvvm.a" -lpthread -ldl -lm -o "$tmp/decode_loop_static"
+"$CC" "${cflags[@]}" capi/tests/c/error_paths.c -L"$lib_dir" -lkvvm -Wl,-rpath,"$lib_dir" -o "$tmp/error_paths"
 # C++ sees the same header (where a C++ compiler is installed).
 if command -v "${CXX:-c++}" >/dev/null 2>&1; then
     "${CXX:-c++}" -std=c++17 -Wall -Wextra -Werror -Iinclude -x c++ -fsyntax-only - <<<'#include "kvvm.h"
-int main() { kvvm_cache c{}; return kvvm_cache_quiesce(c) == KVVM_INVALID_HANDLE ? 0 : 1; }'
+int main() { kvvm_cache c{}; return kvvm_cache_quiesce(c) == KVVM_STATUS_INVALID_HANDLE ? 0 : 1; }'
 fi
 
 export KVVM_BACKEND=host
-echo "== run examples/c/decode_loop.c (shared)"
+echo "== run capi/examples/c/decode_loop.c (shared)"
 "$tmp/decode_loop"
-echo "== run examples/c/decode_loop.c (static)"
+echo "== run capi/examples/c/decode_loop.c (static)"
 "$tmp/decode_loop_static"
-echo "== run tests/c/error_paths.c"
+echo "== run capi/tests/c/error_paths.c"
 "$tmp/error_paths"
-echo "== run tests/c/error_paths.c under valgrind"
+echo "== run capi/tests/c/error_paths.c under valgrind"
 # "Possibly lost": the main thread's std::thread::Thread handle, kept in a thread-local by Rust's std
 # (allocated when crossbeam first asks for the thread id) and never freed by design.
 valgrind --quiet --error-exitcode=1 --leak-check=full --errors-for-leak-kinds=definite,indirect \

@@ -9,8 +9,8 @@ if ! "$PYTHON" -c 'import numpy, pytest' >/dev/null 2>&1; then
     "$PYTHON" -m pip install --quiet numpy pytest
 fi
 
-echo "== cargo build --lib"
-cargo build --lib
+echo "== cargo build -p kvvm-clib"
+cargo build -p kvvm-clib
 target_dir=$(cargo metadata --format-version 1 --no-deps | grep -o '"target_directory":"[^"]*"' | head -n1 | cut -d'"' -f4)
 export KVVM_LIBRARY="$target_dir/debug/libkvvm.so"
 export KVVM_BACKEND=host

@@ -71,59 +71,59 @@ class KvvmError(Exception):
 
 
 class NullPointerError(KvvmError):
-    """KVVM_NULL_POINTER (a binding bug)."""
+    """KVVM_STATUS_NULL_POINTER (a binding bug)."""
 
 
 class InvalidHandleError(KvvmError):
-    """KVVM_INVALID_HANDLE: the object was closed."""
+    """KVVM_STATUS_INVALID_HANDLE: the object was closed."""
 
 
 class InvalidArgumentError(KvvmError, ValueError):
-    """KVVM_INVALID_ARGUMENT."""
+    """KVVM_STATUS_INVALID_ARGUMENT."""
 
 
 class InvalidConfigError(KvvmError, ValueError):
-    """KVVM_INVALID_CONFIG."""
+    """KVVM_STATUS_INVALID_CONFIG."""
 
 
 class BudgetExhaustedError(KvvmError, MemoryError):
-    """KVVM_BUDGET_EXHAUSTED: the page budget cannot supply the pages; nothing changed."""
+    """KVVM_STATUS_BUDGET_EXHAUSTED: the page budget cannot supply the pages; nothing changed."""
 
 
 class SlotsExhaustedError(KvvmError):
-    """KVVM_SLOTS_EXHAUSTED: every slot is allocated."""
+    """KVVM_STATUS_SLOTS_EXHAUSTED: every slot is allocated."""
 
 
 class HostBudgetExhaustedError(KvvmError, MemoryError):
-    """KVVM_HOST_BUDGET_EXHAUSTED."""
+    """KVVM_STATUS_HOST_BUDGET_EXHAUSTED."""
 
 
 class MapCountExhaustedError(KvvmError, MemoryError):
-    """KVVM_MAP_COUNT_EXHAUSTED."""
+    """KVVM_STATUS_MAP_COUNT_EXHAUSTED."""
 
 
 class BackendError(KvvmError, OSError):
-    """KVVM_BACKEND_ERROR: a system or driver call failed."""
+    """KVVM_STATUS_BACKEND_ERROR: a system or driver call failed."""
 
 
 class DriverError(KvvmError):
-    """KVVM_DRIVER_ERROR: the CUDA driver could not be used."""
+    """KVVM_STATUS_DRIVER_ERROR: the CUDA driver could not be used."""
 
 
 class UnsupportedError(KvvmError):
-    """KVVM_UNSUPPORTED."""
+    """KVVM_STATUS_UNSUPPORTED."""
 
 
 class BufferTooSmallError(KvvmError):
-    """KVVM_BUFFER_TOO_SMALL."""
+    """KVVM_STATUS_BUFFER_TOO_SMALL."""
 
 
 class PanicError(KvvmError):
-    """KVVM_PANIC: a bug inside kvvm was caught at the boundary."""
+    """KVVM_STATUS_PANIC: a bug inside kvvm was caught at the boundary."""
 
 
 class InternalError(KvvmError):
-    """KVVM_INTERNAL, or a status this binding does not know."""
+    """KVVM_STATUS_INTERNAL, or a status this binding does not know."""
 
 
 _ERRORS = {
@@ -329,7 +329,7 @@ class Cache:
         """Destroys the handle (idempotent)."""
         h, self._handle = self._handle, None
         if h is not None:
-            _check(library.kvvm_cache_destroy(h))
+            _check(library.kvvm_cache_free(h))
 
     def __enter__(self):
         return self
@@ -623,7 +623,7 @@ class SwapEngine:
     def close(self) -> None:
         h, self._handle = self._handle, None
         if h is not None:
-            _check(library.kvvm_swap_destroy(h))
+            _check(library.kvvm_swap_free(h))
 
     def __enter__(self):
         return self

@@ -130,7 +130,7 @@ def test_errors_become_exceptions_with_the_message():
         s = cache.alloc_slot()
         with pytest.raises(kvvm.InvalidArgumentError, match="max_tokens") as e:
             cache.ensure(s, 100000)
-        assert e.value.status == 3 and e.value.status_name == "KVVM_INVALID_ARGUMENT"
+        assert e.value.status == 3 and e.value.status_name == "KVVM_STATUS_INVALID_ARGUMENT"
         assert isinstance(e.value, ValueError)
         with pytest.raises(kvvm.BudgetExhaustedError, match="budget"):
             cache.ensure(s, 512)  # 512 tokens need 12 pages of 64 KiB, the budget has 4
@@ -147,7 +147,7 @@ def test_errors_become_exceptions_with_the_message():
         cache.tokens(0)
     # The library itself refuses the destroyed handle, with its own message.
     with pytest.raises(kvvm.InvalidHandleError, match="not valid"):
-        kvvm._check(kvvm.library.kvvm_cache_destroy(stale))
+        kvvm._check(kvvm.library.kvvm_cache_free(stale))
 
 
 def test_swap_round_trip_keeps_the_bytes():

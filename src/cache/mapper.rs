@@ -16,8 +16,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{attach, Shared, State};
-use crate::cache::stats::mark_background_thread;
+use super::{attach, MapFailure, Shared, State, Work};
+use crate::vmm::mark_background_thread;
 
 pub(super) fn run(sh: Arc<Shared>) {
     mark_background_thread();
@@ -72,7 +72,11 @@ pub(super) fn run(sh: Arc<Shared>) {
             let missing = s.missing(need);
             if missing > 0 && total + missing <= available {
                 total += missing;
-                work.push((i, need, missing));
+                work.push(Work {
+                    slot: i,
+                    need,
+                    missing,
+                });
             }
         }
         if work.is_empty() {
@@ -80,12 +84,12 @@ pub(super) fn run(sh: Arc<Shared>) {
             sh.changed.notify_all();
             continue;
         }
-        for &(i, _, _) in &work {
-            st.slots[i].busy = true;
+        for w in &work {
+            st.slots[w.slot].busy = true;
         }
         st.mapper_active = true;
         drop(st);
-        let busy: Vec<usize> = work.iter().map(|w| w.0).collect();
+        let busy: Vec<usize> = work.iter().map(|w| w.slot).collect();
         let pages = match sh.acquire(total, false) {
             Ok(p) => p,
             Err(e) => {
@@ -98,7 +102,7 @@ pub(super) fn run(sh: Arc<Shared>) {
         let plan = sh.plan(&work, pages);
         let (pieces, mapped) = match sh.map_pieces(plan) {
             Ok(done) => (done, total),
-            Err((_, e, kept)) => {
+            Err(MapFailure { error: e, kept, .. }) => {
                 tracing::debug!("mapper failed to map ahead: {e}");
                 (kept, 0)
             }

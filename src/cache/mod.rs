@@ -1,130 +1,29 @@
-//! `KvCache`: contiguous virtual KV tensors with physical pages mapped on demand (vAttention).
-//!
-//! Every slot (one request) owns a contiguous, page-aligned region in every buffer of the cache.
-//! Pages are mapped behind a slot only as its tokens need them, from a [`PagePool`] under a byte
-//! budget, so an attention kernel reads a slot's KV at fixed strides without a block table.
-//!
-//! # A decode loop
-//!
-//! ```
-//! use kvvm::cache::{CacheConfig, KvCache, Kv, Layout};
-//! use kvvm::vmm::{BackendChoice, BackendConfig};
-//!
-//! let mut config = CacheConfig::for_model("llama-3-8b", 4, 1024, 64 << 20)?;
-//! config.layers = 2; // keep the doctest small
-//! config.layout = Layout::Interleaved;
-//! config.backend = BackendConfig { choice: BackendChoice::Host, host_granularity: 64 << 10, ..Default::default() };
-//! let cache = KvCache::new(config)?;
-//!
-//! // Admit two requests and prefill their prompts.
-//! let a = cache.alloc_slot()?;
-//! let b = cache.alloc_slot()?;
-//! cache.ensure(a, 100)?;
-//! cache.ensure(b, 37)?;
-//! let (mut la, mut lb) = (100, 37);
-//! // Decode: one token per request per step; the kernels read layer l's K/V through
-//! // `cache.layer_view(l, Kv::K)` at the slot's row.
-//! for _ in 0..50 {
-//!     la += 1;
-//!     lb += 1;
-//!     cache.step(&[(a, la), (b, lb)])?;
-//!     let k0 = cache.layer_view(0, Kv::K)?;
-//!     let _row = k0.row_addr(a as usize, la - 1, 0); // where the new token's K goes
-//! }
-//! assert_eq!(cache.tokens(a)?, 150);
-//! cache.free_slot(b)?; // its pages stay mapped for the next request (deferred reclamation)
-//! let c = cache.alloc_slot_for(40)?;
-//! assert_eq!(c, b); // reuses the slot whose pages are already mapped
-//! # Ok::<(), kvvm::Error>(())
-//! ```
-//!
-//! # Concurrency
-//!
-//! [`KvCache`] is `Send + Sync` and every method takes `&self`. Calls on different slots run
-//! concurrently: backend calls happen outside the cache's lock. Calls that change the same slot's
-//! mappings (`ensure`, `step`, `shrink`, `free_slot`, and the background mapper) are serialized
-//! per slot. Views and statistics may be read at any time.
+//! [`KvCache`]: contiguous virtual KV tensors with physical pages mapped on demand.
 
-pub mod config;
+mod config;
+mod grow;
 mod hooks;
 mod mapper;
-pub mod stats;
-pub mod view;
+mod reclaim;
+mod slot;
+mod stats;
+mod view;
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::thread::JoinHandle;
 
-pub use config::{CacheConfig, DType, Geometry, Layout, ModelShape, PRESETS};
-pub use stats::{CacheStats, MeteredBackend, OpStats};
+pub use config::{
+    CacheConfig, DType, Geometry, Layout, ModelShape, MAX_SLOTS, MAX_VIRTUAL_BYTES, PRESETS,
+};
+use grow::{attach, MapFailure, Work};
+use slot::Slot;
+pub use slot::SlotId;
+pub use stats::CacheStats;
 pub use view::{ByteRange, Device, Kv, TensorView};
 
 use crate::error::{Error, Result};
 use crate::pool::{PagePool, PoolConfig};
-use crate::vmm::{Backend, BackendOp, PageHandle, VaRange};
-
-/// Index of a slot, `0..max_slots`.
-pub type SlotId = u32;
-
-#[derive(Debug, Default)]
-struct Slot {
-    allocated: bool,
-    /// Live tokens (allocated slots only).
-    tokens: usize,
-    /// Mapped pages per buffer, in address order from the slot's start.
-    pages: Vec<Vec<PageHandle>>,
-    /// A thread is changing this slot's mappings outside the lock.
-    busy: bool,
-    /// Of `busy`: the change takes pages away (shrink, reclamation), so pages the slot lists now
-    /// may be gone when it ends; growth must wait even if it needs no new page.
-    shrinking: bool,
-    /// Tokens the background mapper should make room for.
-    ahead: usize,
-    /// Cached smallest page count over the buffers (kept by `refresh`).
-    min_pages: usize,
-    /// Tokens promised by growth calls in flight (0 when none): reclamation keeps the pages
-    /// they need even before the calls commit their new token counts.
-    pending: usize,
-    /// Growth calls in flight that made a promise in `pending` (it is cleared when the last ends).
-    promises: u32,
-    /// Bumped whenever the slot's tokens stop being a continuation of what they were
-    /// (allocation, shrink): lets the swap engine tell whether a host copy still matches.
-    epoch: u64,
-}
-
-impl Slot {
-    /// Pages mapped in every buffer.
-    fn mapped(&self) -> usize {
-        self.min_pages
-    }
-    /// (buffer, page count) of every buffer holding more than `keep` pages: what to unmap to
-    /// cut the slot to `keep` pages per buffer.
-    fn tails(&self, keep: usize) -> Vec<(usize, usize)> {
-        self.pages
-            .iter()
-            .enumerate()
-            .filter(|(_, p)| p.len() > keep)
-            .map(|(b, p)| (b, p.len()))
-            .collect()
-    }
-    /// Recomputes the cached page count after the page lists changed.
-    fn refresh(&mut self) {
-        self.min_pages = self.pages.iter().map(Vec::len).min().unwrap_or(0);
-    }
-    fn total_pages(&self) -> usize {
-        self.pages.iter().map(Vec::len).sum()
-    }
-    /// Pool pages needed so that every buffer has `target` pages.
-    fn missing(&self, target: usize) -> usize {
-        if self.min_pages >= target {
-            // Every buffer has enough (the common case of a decode step): no need to look.
-            return 0;
-        }
-        self.pages
-            .iter()
-            .map(|p| target.saturating_sub(p.len()))
-            .sum()
-    }
-}
+use crate::vmm::{Backend, BackendOp, MeteredBackend, VaRange};
+use crate::worker::Worker;
 
 #[derive(Debug, Default)]
 struct State {
@@ -174,15 +73,6 @@ impl StepClock {
     }
 }
 
-/// A planned mapping: `pages` go into buffer `buffer` of `slot` starting at page index `start`.
-#[derive(Debug)]
-struct Piece {
-    slot: usize,
-    buffer: usize,
-    start: usize,
-    pages: Vec<PageHandle>,
-}
-
 #[derive(Debug)]
 pub(crate) struct Shared {
     geometry: Geometry,
@@ -198,11 +88,56 @@ pub(crate) struct Shared {
     mapper_cv: Condvar,
 }
 
-/// A KV cache of contiguous virtual tensors. See the [module documentation](self).
+/// `KvCache`: contiguous virtual KV tensors with physical pages mapped on demand (vAttention).
+///
+/// Every slot (one request) owns a contiguous, page-aligned region in every buffer of the cache.
+/// Pages are mapped behind a slot only as its tokens need them, from a [`PagePool`] under a byte
+/// budget, so an attention kernel reads a slot's KV at fixed strides without a block table.
+///
+/// # A decode loop
+///
+/// ```
+/// use kvvm::{CacheConfig, KvCache, Kv, Layout};
+/// use kvvm::vmm::{BackendChoice, BackendConfig};
+///
+/// let mut config = CacheConfig::for_model("llama-3-8b", 4, 1024, 64 << 20)?;
+/// config.layers = 2; // keep the doctest small
+/// config.layout = Layout::Interleaved;
+/// config.backend = BackendConfig { choice: BackendChoice::Host, host_granularity: 64 << 10, ..Default::default() };
+/// let cache = KvCache::new(config)?;
+///
+/// // Admit two requests and prefill their prompts.
+/// let a = cache.alloc_slot()?;
+/// let b = cache.alloc_slot()?;
+/// cache.ensure(a, 100)?;
+/// cache.ensure(b, 37)?;
+/// let (mut la, mut lb) = (100, 37);
+/// // Decode: one token per request per step; the kernels read layer l's K/V through
+/// // `cache.layer_view(l, Kv::K)` at the slot's row.
+/// for _ in 0..50 {
+///     la += 1;
+///     lb += 1;
+///     cache.step(&[(a, la), (b, lb)])?;
+///     let k0 = cache.layer_view(0, Kv::K)?;
+///     let _row = k0.row_addr(a.as_usize(), la - 1, 0); // where the new token's K goes
+/// }
+/// assert_eq!(cache.tokens(a)?, 150);
+/// cache.free_slot(b)?; // its pages stay mapped for the next request (deferred reclamation)
+/// let c = cache.alloc_slot_for(40)?;
+/// assert_eq!(c, b); // reuses the slot whose pages are already mapped
+/// # Ok::<(), kvvm::Error>(())
+/// ```
+///
+/// # Concurrency
+///
+/// [`KvCache`] is `Send + Sync` and every method takes `&self`. Calls on different slots run
+/// concurrently: backend calls happen outside the cache's lock. Calls that change the same slot's
+/// mappings (`ensure`, `step`, `shrink`, `free_slot`, and the background mapper) are serialized
+/// per slot. Views and statistics may be read at any time.
 #[derive(Debug)]
 pub struct KvCache {
     shared: Arc<Shared>,
-    mapper: Option<JoinHandle<()>>,
+    mapper: Option<Worker>,
 }
 
 impl KvCache {
@@ -275,14 +210,7 @@ impl KvCache {
         });
         let mapper = if config.lookahead_steps > 0 {
             let s = shared.clone();
-            Some(
-                std::thread::Builder::new()
-                    .name("kvvm-mapper".into())
-                    .spawn(move || mapper::run(s))
-                    .map_err(|e| {
-                        Error::InvalidConfig(format!("cannot start the mapper thread: {e}"))
-                    })?,
-            )
+            Some(Worker::spawn("kvvm-mapper", move || mapper::run(s))?)
         } else {
             None
         };
@@ -294,18 +222,19 @@ impl KvCache {
         &self.shared.geometry
     }
 
-    /// The backend (metered: its counters are part of [`KvCache::stats`]).
+    /// The backend the cache maps its pages through, wrapped in the meter whose counters are
+    /// part of [`KvCache::stats`].
+    ///
+    /// Use it to allocate host buffers ([`Backend::alloc_host`]) and copy between them and the
+    /// cache's rows ([`Backend::copy_async`]) on the cache's own device, as a stamping or
+    /// prefetching tool does. Mapping or unmapping through it behind the cache's back breaks the
+    /// cache's invariants.
     pub fn backend(&self) -> &Arc<MeteredBackend> {
         &self.shared.backend
     }
 
-    /// The page pool.
-    pub fn pool(&self) -> &PagePool {
-        &self.shared.pool
-    }
-
     /// The reserved range of every buffer.
-    pub fn buffers(&self) -> &[VaRange] {
+    pub(crate) fn buffers(&self) -> &[VaRange] {
         &self.shared.buffers
     }
 
@@ -347,7 +276,7 @@ impl KvCache {
         s.tokens = 0;
         s.ahead = 0;
         s.epoch += 1;
-        Ok(i as SlotId)
+        Ok(SlotId::new(i as u32))
     }
 
     /// Frees a slot. Its pages stay mapped (deferred reclamation): a later request can reuse them,
@@ -441,17 +370,17 @@ impl KvCache {
     /// [`Error::InvalidArgument`] for a slot out of range.
     pub fn capacity(&self, slot: SlotId) -> Result<usize> {
         let st = self.shared.lock();
-        let s = st
-            .slots
-            .get(slot as usize)
-            .ok_or_else(|| Error::InvalidArgument(format!("slot {slot} out of range")))?;
+        let s = st.slots.get(slot.as_usize()).ok_or(Error::SlotOutOfRange {
+            slot,
+            max_slots: self.shared.geometry.max_slots,
+        })?;
         Ok(self.shared.geometry.tokens_in(s.mapped()))
     }
 
     /// Whether a slot is allocated.
     pub fn is_allocated(&self, slot: SlotId) -> bool {
         let st = self.shared.lock();
-        st.slots.get(slot as usize).is_some_and(|s| s.allocated)
+        st.slots.get(slot.as_usize()).is_some_and(|s| s.allocated)
     }
 
     /// The view of layer `layer`'s K or V for the whole batch.
@@ -484,9 +413,16 @@ impl KvCache {
     /// [`Error::InvalidArgument`] for a slot out of range or `tokens > max_tokens`.
     pub fn slot_ranges(&self, slot: SlotId, tokens: usize) -> Result<Vec<ByteRange>> {
         let g = &self.shared.geometry;
-        if slot as usize >= g.max_slots || tokens > g.max_tokens {
+        if slot.as_usize() >= g.max_slots {
+            return Err(Error::SlotOutOfRange {
+                slot,
+                max_slots: g.max_slots,
+            });
+        }
+        if tokens > g.max_tokens {
             return Err(Error::InvalidArgument(format!(
-                "slot {slot} / {tokens} tokens out of range"
+                "{tokens} tokens exceed max_tokens {}",
+                g.max_tokens
             )));
         }
         Ok(self
@@ -494,7 +430,7 @@ impl KvCache {
             .buffers
             .iter()
             .map(|b| ByteRange {
-                addr: b.addr + (slot as usize * g.slot_bytes) as u64,
+                addr: b.addr + (slot.as_usize() * g.slot_bytes) as u64,
                 len: tokens * g.token_bytes,
             })
             .collect())
@@ -510,13 +446,11 @@ impl KvCache {
     pub fn row(&self, slot: SlotId, token: usize, layer: usize, kv: Kv) -> Result<ByteRange> {
         let live = self.tokens(slot)?;
         if token >= live {
-            return Err(Error::InvalidArgument(format!(
-                "token {token} of slot {slot} is not a live token (the slot holds {live})"
-            )));
+            return Err(Error::TokenNotLive { slot, token, live });
         }
         let v = self.layer_view(layer, kv)?;
         Ok(ByteRange {
-            addr: v.row_addr(slot as usize, token, 0),
+            addr: v.row_addr(slot.as_usize(), token, 0),
             len: self.shared.geometry.row_bytes(),
         })
     }
@@ -573,8 +507,8 @@ impl Drop for KvCache {
     fn drop(&mut self) {
         self.shared.lock().shutdown = true;
         self.shared.mapper_cv.notify_all();
-        if let Some(h) = self.mapper.take() {
-            let _ = h.join();
+        if let Some(mut w) = self.mapper.take() {
+            w.join();
         }
     }
 }
@@ -600,15 +534,13 @@ impl Shared {
     }
 
     fn check_slot(&self, st: &State, slot: SlotId) -> Result<usize> {
-        match st.slots.get(slot as usize) {
-            Some(s) if s.allocated => Ok(slot as usize),
-            Some(_) => Err(Error::InvalidArgument(format!(
-                "slot {slot} is not allocated"
-            ))),
-            None => Err(Error::InvalidArgument(format!(
-                "slot {slot} out of range (max_slots {})",
-                st.slots.len()
-            ))),
+        match st.slots.get(slot.as_usize()) {
+            Some(s) if s.allocated => Ok(slot.as_usize()),
+            Some(_) => Err(Error::SlotNotAllocated { slot }),
+            None => Err(Error::SlotOutOfRange {
+                slot,
+                max_slots: st.slots.len(),
+            }),
         }
     }
 
@@ -627,442 +559,6 @@ impl Shared {
         drop(st);
         self.changed.notify_all();
     }
-
-    /// The foreground growth path of `ensure` and `step`.
-    fn grow(&self, batch: &[(SlotId, usize)]) -> Result<()> {
-        let g = &self.geometry;
-        let mut st = self.lock();
-        // Validate and merge duplicates (the largest target wins).
-        let mut targets: Vec<(usize, usize)> = Vec::with_capacity(batch.len());
-        for &(slot, tokens) in batch {
-            let i = self.check_slot(&st, slot)?;
-            if tokens > g.max_tokens {
-                return Err(Error::InvalidArgument(format!(
-                    "slot {slot}: {tokens} tokens exceed max_tokens {}",
-                    g.max_tokens
-                )));
-            }
-            targets.push((i, tokens));
-        }
-        if !targets.windows(2).all(|w| w[0].0 < w[1].0) {
-            targets.sort_unstable();
-            // Sorted by (slot, tokens): keep the last, largest entry of each slot.
-            targets.reverse();
-            targets.dedup_by_key(|t| t.0);
-        }
-        // Which occupant of each slot this call is for (see `commit_tokens`): recorded only
-        // when the lock is about to be released, the fast path holds it throughout.
-        let mut epochs: Option<Vec<u64>> = None;
-        let record = |st: &State| targets.iter().map(|&(i, _)| st.slots[i].epoch).collect();
-        // Wait until no slot that needs pages is busy, then claim them all at once (no
-        // hold-and-wait, so concurrent steps cannot deadlock).
-        let work: Vec<(usize, usize, usize)> = loop {
-            let work: Vec<(usize, usize, usize)> = targets
-                .iter()
-                .filter_map(|&(i, t)| {
-                    if g.fits(t, st.slots[i].min_pages) {
-                        return None;
-                    }
-                    let need = g.pages_for(t);
-                    let missing = st.slots[i].missing(need);
-                    (missing > 0).then_some((i, need, missing))
-                })
-                .collect();
-            // A slot losing pages (reclamation of its mapped-ahead tail) must be waited for
-            // even when its target fits the pages it lists now: they may be unmapped under us.
-            if work.iter().all(|&(i, _, _)| !st.slots[i].busy)
-                && targets.iter().all(|&(i, _)| !st.slots[i].shrinking)
-            {
-                break work;
-            }
-            if epochs.is_none() {
-                epochs = Some(record(&st));
-            }
-            st = self.changed.wait(st).unwrap_or_else(|p| p.into_inner());
-            // Slots may have been freed meanwhile.
-            for &(i, _) in &targets {
-                self.check_slot(&st, i as SlotId)?;
-            }
-        };
-        if work.is_empty() {
-            let wake = self.commit_tokens(&mut st, &targets, epochs.as_deref(), true);
-            drop(st);
-            self.wake_mapper(wake);
-            return Ok(());
-        }
-        let epochs = epochs.unwrap_or_else(|| record(&st));
-        for &(i, _, _) in &work {
-            st.slots[i].busy = true;
-        }
-        // Slots of this batch that already have their pages must keep them while the pages of
-        // the others are acquired (reclamation would otherwise take them as "mapped ahead").
-        for &(i, t) in &targets {
-            let s = &mut st.slots[i];
-            s.pending = s.pending.max(t);
-            s.promises += 1;
-        }
-        let total: usize = work.iter().map(|w| w.2).sum();
-        // A slot left uneven by an earlier failed unmap may hold pages beyond its target in one
-        // buffer while missing some in another; the surplus holds no live token, so when pages
-        // are short it goes back to the pool first (the slot is ours: it is marked busy).
-        let surplus: Vec<Shrink> = if self.pool.available() < total {
-            work.iter()
-                .filter_map(|&(i, need, _)| {
-                    let tails = st.slots[i].tails(need);
-                    (!tails.is_empty()).then_some((i, need, tails))
-                })
-                .collect()
-        } else {
-            Vec::new()
-        };
-        drop(st);
-        for (i, need, tails) in surplus {
-            if let Err(e) = self.unmap_tails(i, need, &tails) {
-                tracing::debug!("could not return surplus pages of slot {i}: {e}");
-            }
-        }
-        let busy: Vec<usize> = work.iter().map(|w| w.0).collect();
-
-        let pages = match self.acquire(total, true) {
-            Ok(p) => p,
-            Err(e) => {
-                self.clear_pending(&targets);
-                self.finish(&busy);
-                let (slot, missing) = blame(&work, &e);
-                return Err(Error::Grow {
-                    slot: slot as SlotId,
-                    missing_pages: missing,
-                    source: Box::new(e),
-                });
-            }
-        };
-        let plan = self.plan(&work, pages);
-        match self.map_pieces(plan) {
-            Ok(done) => {
-                let mut st = self.lock();
-                attach(&mut st, done);
-                for &i in &busy {
-                    st.slots[i].busy = false;
-                }
-                let wake = self.commit_tokens(&mut st, &targets, Some(&epochs), true);
-                clear_pending(&mut st, &targets);
-                drop(st);
-                self.changed.notify_all();
-                self.wake_mapper(wake);
-                Ok(())
-            }
-            Err((failed_slot, e, kept)) => {
-                let mut st = self.lock();
-                attach(&mut st, kept);
-                for &i in &busy {
-                    st.slots[i].busy = false;
-                }
-                clear_pending(&mut st, &targets);
-                drop(st);
-                self.changed.notify_all();
-                let missing = work.iter().find(|w| w.0 == failed_slot).map_or(0, |w| w.2);
-                Err(Error::Grow {
-                    slot: failed_slot as SlotId,
-                    missing_pages: missing,
-                    source: Box::new(e),
-                })
-            }
-        }
-    }
-
-    /// Forgets the promise of a growth call that gave up (see [`Slot::pending`]).
-    fn clear_pending(&self, targets: &[(usize, usize)]) {
-        clear_pending(&mut self.lock(), targets);
-    }
-
-    /// Records the new token counts after a successful growth and wakes the mapper.
-    /// Returns whether the mapper was given work: the caller must then call
-    /// [`Shared::wake_mapper`] after releasing the lock.
-    #[must_use]
-    fn commit_tokens(
-        &self,
-        st: &mut State,
-        targets: &[(usize, usize)],
-        epochs: Option<&[u64]>,
-        decode: bool,
-    ) -> bool {
-        let mut wake = false;
-        if self.lookahead > 0 && decode {
-            st.clock.tick();
-        }
-        for (k, &(i, t)) in targets.iter().enumerate() {
-            let s = &mut st.slots[i];
-            // A slot of the batch that needed no page was not held: if it was freed (and maybe
-            // handed to another request) meanwhile, the new occupant must not inherit tokens.
-            if !s.allocated || epochs.is_some_and(|e| e.get(k) != Some(&s.epoch)) {
-                continue;
-            }
-            s.tokens = s.tokens.max(t);
-            if self.lookahead > 0 {
-                s.ahead = (s.tokens + self.lookahead).min(self.geometry.max_tokens);
-                wake |= !self.geometry.fits(s.ahead, s.min_pages);
-            }
-        }
-        if wake {
-            st.mapper_wake = true;
-        }
-        // A mapper that is awake sees the flag before it sleeps again: no system call needed.
-        let notify = wake && st.mapper_sleeping;
-        st.mapper_notified += u64::from(notify);
-        notify
-    }
-
-    /// Wakes the background mapper (call without holding the lock).
-    fn wake_mapper(&self, wake: bool) {
-        if wake {
-            self.mapper_cv.notify_one();
-        }
-    }
-
-    /// Splits `pages` into per-(slot, buffer) pieces for `work` = (slot, target pages, missing).
-    fn plan(&self, work: &[(usize, usize, usize)], mut pages: Vec<PageHandle>) -> Vec<Piece> {
-        let st = self.lock();
-        let mut plan = Vec::new();
-        for &(i, need, _) in work {
-            for (b, have) in st.slots[i].pages.iter().enumerate() {
-                let n = need.saturating_sub(have.len());
-                if n > 0 {
-                    let rest = pages.split_off(pages.len() - n);
-                    plan.push(Piece {
-                        slot: i,
-                        buffer: b,
-                        start: have.len(),
-                        pages: rest,
-                    });
-                }
-            }
-        }
-        plan
-    }
-
-    /// Maps every piece. On failure unmaps what this call mapped, gives the pages back, and
-    /// returns the failing slot, the error, and the pieces that could not be rolled back (still
-    /// mapped; they must be attached to their slots).
-    #[allow(clippy::type_complexity)]
-    fn map_pieces(
-        &self,
-        plan: Vec<Piece>,
-    ) -> std::result::Result<Vec<Piece>, (usize, Error, Vec<Piece>)> {
-        let mut done: Vec<Piece> = Vec::with_capacity(plan.len());
-        let mut it = plan.into_iter();
-        while let Some(p) = it.next() {
-            let refs: Vec<&PageHandle> = p.pages.iter().collect();
-            if let Err(e) = self.backend.map(self.va(p.buffer, p.slot, p.start), &refs) {
-                let failed = p.slot;
-                let mut back = p.pages;
-                for q in it {
-                    back.extend(q.pages);
-                }
-                let mut kept = Vec::new();
-                for q in done.into_iter().rev() {
-                    let len = q.pages.len() * self.geometry.page_size;
-                    match self.backend.unmap(self.va(q.buffer, q.slot, q.start), len) {
-                        Ok(()) => back.extend(q.pages),
-                        Err(u) => {
-                            tracing::warn!("rollback unmap failed, pages stay mapped: {u}");
-                            kept.push(q);
-                        }
-                    }
-                }
-                self.pool.give_back(back);
-                return Err((failed, e, kept));
-            }
-            done.push(p);
-        }
-        Ok(done)
-    }
-
-    /// Takes `n` pages from the pool; with `reclaim`, takes pages back from free slots when the
-    /// pool runs short (only if that makes the request succeed).
-    fn acquire(&self, n: usize, reclaim: bool) -> Result<Vec<PageHandle>> {
-        let mut attempts = 0;
-        loop {
-            match self.pool.acquire(n) {
-                Ok(p) => return Ok(p),
-                Err(Error::BudgetExhausted { available, .. }) if reclaim && attempts < 4 => {
-                    attempts += 1;
-                    let deficit = n - available.min(n);
-                    let reclaimable: usize = {
-                        let st = self.lock();
-                        self.victims(&st).iter().map(|v| v.2).sum()
-                    };
-                    if reclaimable < deficit {
-                        // Pages the background mapper holds right now become reclaimable once
-                        // it is done: wait for it rather than fail.
-                        let mut st = self.lock();
-                        if st.mapper_active {
-                            while st.mapper_active {
-                                st = self.changed.wait(st).unwrap_or_else(|p| p.into_inner());
-                            }
-                            continue;
-                        }
-                        drop(st);
-                        return self.pool.acquire(n);
-                    }
-                    self.reclaim(deficit)?;
-                }
-                Err(e) => return Err(e),
-            }
-        }
-    }
-
-    /// Candidates for reclamation: (slot, floor) where `floor` is the page count the slot must
-    /// keep per buffer; free slots first (largest first), then allocated slots' pages mapped ahead
-    /// of their tokens. Busy slots are skipped.
-    fn victims(&self, st: &State) -> Vec<(usize, usize, usize)> {
-        let mut free = Vec::new();
-        let mut ahead = Vec::new();
-        for (i, s) in st.slots.iter().enumerate() {
-            if s.busy {
-                continue;
-            }
-            let floor = if s.allocated {
-                self.geometry.pages_for(s.tokens.max(s.pending))
-            } else {
-                0
-            };
-            let excess: usize = s.pages.iter().map(|p| p.len().saturating_sub(floor)).sum();
-            if excess == 0 {
-                continue;
-            }
-            if s.allocated {
-                ahead.push((i, floor, excess));
-            } else {
-                free.push((i, floor, excess));
-            }
-        }
-        free.sort_by_key(|&(i, _, n)| (std::cmp::Reverse(n), i));
-        ahead.sort_by_key(|&(i, _, n)| (std::cmp::Reverse(n), i));
-        free.extend(ahead);
-        free
-    }
-
-    /// Unmaps pages of free slots (largest first), then pages mapped ahead by allocated slots,
-    /// until `pages` pool pages were returned or nothing is left. Returns how many were returned.
-    fn reclaim(&self, pages: usize) -> Result<usize> {
-        let mut st = self.lock();
-        let mut remaining = pages;
-        let mut plan: Vec<Shrink> = Vec::new();
-        for (i, floor, _) in self.victims(&st) {
-            if remaining == 0 {
-                break;
-            }
-            let s = &mut st.slots[i];
-            let freed_at = |keep: usize| -> usize {
-                s.pages.iter().map(|p| p.len().saturating_sub(keep)).sum()
-            };
-            // Keep as many leading pages as possible while freeing enough.
-            let mut keep = s.pages.iter().map(Vec::len).max().unwrap_or(0);
-            while keep > floor && freed_at(keep) < remaining {
-                keep -= 1;
-            }
-            let freed = freed_at(keep);
-            if freed == 0 {
-                continue;
-            }
-            let tails = s.tails(keep);
-            remaining = remaining.saturating_sub(freed);
-            s.busy = true;
-            s.shrinking = true;
-            if s.allocated {
-                s.ahead = 0;
-            }
-            plan.push((i, keep, tails));
-        }
-        drop(st);
-        let mut result = Ok(());
-        let mut total = 0;
-        for (i, keep, tails) in &plan {
-            let before: usize = tails.iter().map(|&(_, l)| l - keep).sum();
-            match self.unmap_tails(*i, *keep, tails) {
-                Ok(()) => total += before,
-                Err(e) => result = Err(e),
-            }
-        }
-        let slots: Vec<usize> = plan.iter().map(|p| p.0).collect();
-        self.lock().reclaimed_pages += total as u64;
-        self.finish(&slots);
-        result.map(|()| total)
-    }
-
-    /// Unmaps, in every buffer listed in `tails` (buffer, current length), the pages of slot `i`
-    /// beyond `keep`, and gives them to the pool. The slot must be marked busy by the caller.
-    fn unmap_tails(&self, i: usize, keep: usize, tails: &[(usize, usize)]) -> Result<()> {
-        let mut first_err = None;
-        for &(b, len) in tails {
-            let bytes = (len - keep) * self.geometry.page_size;
-            match self.backend.unmap(self.va(b, i, keep), bytes) {
-                Ok(()) => {
-                    let pages = {
-                        let mut st = self.lock();
-                        let s = &mut st.slots[i];
-                        let tail = s.pages[b].split_off(keep);
-                        s.refresh();
-                        tail
-                    };
-                    self.pool.give_back(pages);
-                }
-                Err(e) => {
-                    first_err.get_or_insert(e);
-                }
-            }
-        }
-        first_err.map_or(Ok(()), Err)
-    }
-}
-
-/// A planned shrink: (slot, pages to keep per buffer, (buffer, current length) of each tail).
-type Shrink = (usize, usize, Vec<(usize, usize)>);
-
-/// Forgets the promises of a growth call that has finished: a slot's promise is cleared when no
-/// other call in flight still holds one (their largest promise stands until then).
-fn clear_pending(st: &mut State, targets: &[(usize, usize)]) {
-    for &(i, _) in targets {
-        let s = &mut st.slots[i];
-        s.promises = s.promises.saturating_sub(1);
-        if s.promises == 0 {
-            s.pending = 0;
-        }
-    }
-}
-
-/// Attaches mapped pieces to their slots.
-fn attach(st: &mut State, pieces: Vec<Piece>) {
-    // Pieces come grouped by slot: refresh each slot once, after its last piece (a refresh
-    // looks at every buffer, so once per piece would be quadratic in the per-layer layout).
-    let mut last: Option<usize> = None;
-    for p in pieces {
-        if let Some(prev) = last.filter(|&prev| prev != p.slot) {
-            st.slots[prev].refresh();
-        }
-        last = Some(p.slot);
-        let s = &mut st.slots[p.slot];
-        debug_assert_eq!(s.pages[p.buffer].len(), p.start);
-        s.pages[p.buffer].extend(p.pages);
-    }
-    if let Some(prev) = last {
-        st.slots[prev].refresh();
-    }
-}
-
-/// Which slot a budget failure is charged to: the first whose cumulative need passes what was
-/// available.
-fn blame(work: &[(usize, usize, usize)], e: &Error) -> (usize, usize) {
-    if let Error::BudgetExhausted { available, .. } = e {
-        let mut sum = 0;
-        for &(i, _, m) in work {
-            sum += m;
-            if sum > *available {
-                return (i, m);
-            }
-        }
-    }
-    work.first().map_or((0, 0), |w| (w.0, w.2))
 }
 
 impl Drop for Shared {

@@ -1,115 +1,24 @@
-//! SwapEngine: asynchronous, coarse-grained KV swapping between device memory and pinned host
-//! memory (the FastSwitch design).
-//!
-//! A serving engine preempts a request by swapping its slot out to host memory and resumes it
-//! later by swapping it into any empty slot:
-//!
-//! ```
-//! use std::sync::Arc;
-//! use kvvm::cache::{CacheConfig, KvCache, Layout};
-//! use kvvm::swap::{SwapConfig, SwapEngine};
-//! use kvvm::vmm::{BackendChoice, BackendConfig};
-//!
-//! let mut config = CacheConfig::for_model("llama-3-8b", 4, 1024, 64 << 20)?;
-//! config.layers = 2; // keep the doctest small
-//! config.layout = Layout::Interleaved;
-//! config.backend = BackendConfig { choice: BackendChoice::Host, host_granularity: 64 << 10, ..Default::default() };
-//! let cache = Arc::new(KvCache::new(config)?);
-//! let swap = SwapEngine::new(cache.clone(), SwapConfig { host_budget_bytes: 64 << 20, ..Default::default() })?;
-//!
-//! // A request with 300 tokens of KV (prefill writes it through the layer views).
-//! let slot = cache.alloc_slot()?;
-//! cache.ensure(slot, 300)?;
-//!
-//! // Preempt: copy its KV to host. The slot's pages are unmapped and the slot freed only once
-//! // the copy has completed; meanwhile other slots keep decoding.
-//! let ticket = swap.swap_out(slot)?;
-//! let copy = ticket.copy();
-//! ticket.wait()?;
-//! assert!(!cache.is_allocated(slot));
-//! assert_eq!(swap.host_tokens(copy)?, 300);
-//!
-//! // Resume into any empty slot. On CUDA the compute stream may instead wait on
-//! // `ticket.event()` with `cuStreamWaitEvent`.
-//! let slot = cache.alloc_slot_for(300)?;
-//! let ticket = swap.swap_in(copy, slot)?;
-//! ticket.wait()?;
-//! assert_eq!(cache.tokens(slot)?, 300);
-//!
-//! // Decode 20 more tokens, then preempt again: the host copy still holds the first 300
-//! // tokens (KV of past tokens never changes), so only the 20 new ones are copied.
-//! cache.ensure(slot, 320)?;
-//! let ticket = swap.swap_out(slot)?;
-//! assert_eq!(ticket.copy(), copy);
-//! assert_eq!(ticket.bytes(), 20 * cache.geometry().bytes_per_token() as u64);
-//! ticket.wait()?;
-//! swap.release(copy)?; // the request finished while swapped out
-//! # Ok::<(), kvvm::Error>(())
-//! ```
-//!
-//! # Transfers
-//!
-//! A swap copies a slot's tokens in as few, as large transfers as the layout permits: the
-//! interleaved layout keeps a slot's tokens in one contiguous range, the per-layer layout in one
-//! range per buffer (2 × layers). Ranges are cut into [`SwapConfig::chunk_bytes`] pieces only so
-//! that the backend can pipeline them (worker threads on the host backend, copy streams on CUDA).
-//! Up to [`SwapConfig::max_in_flight`] transfers run at once; a swap never holds the cache's lock
-//! while copying: the slot is marked busy instead, so `step` on other slots goes on. On the host
-//! backend a swap-in first fills in the page tables of the pages it just mapped, chunk by chunk
-//! ahead of the copy, rather than taking a page fault per OS page inside the copy.
-//!
-//! Ordering with the caller's compute: copies run on the backend's own streams (CUDA) or threads
-//! (host). Before `swap_out`, the kernels that wrote the slot's KV must have completed (on CUDA,
-//! synchronize the compute stream or an event recorded on it); after `swap_in`, the slot may be
-//! read once the ticket is complete, or, on CUDA, by work that a stream orders after
-//! [`SwapTicket::event`] with `cuStreamWaitEvent`.
-//!
-//! A transfer finishes when its copy completes: a swap-out then (and never before) unmaps the
-//! slot's pages, returns them to the pool and frees the slot; a swap-in gives the slot its tokens.
-//! The finishing work runs in whichever comes first of [`SwapTicket::poll`] / [`SwapTicket::wait`]
-//! and the engine's completion thread, so a caller that never polls leaks nothing; dropping the
-//! engine waits for every transfer in flight and finishes it.
-//!
-//! # Failures
-//!
-//! A copy that fails (at submission or at completion) or pages that cannot be mapped leave the
-//! slot as it was (still allocated, every token intact; after a failed swap-in, still empty) and
-//! the host copy as it was; the error is returned by `swap_out` / `swap_in` (submission) or by the
-//! ticket (completion).
-//!
-//! # Host memory and KV reuse
-//!
-//! Host copies live in an arena of large blocks obtained from the backend (page-locked on CUDA)
-//! within [`SwapConfig::host_budget_bytes`], carved by a first-fit extent allocator. A copy's
-//! extent holds, per buffer, room for a *capacity* of tokens: the copied tokens plus a quarter
-//! (rounded up to 16 tokens, at most `max_tokens`), so that a conversation that is swapped in,
-//! decodes a little and is swapped out again appends its new tokens in place. When it has grown
-//! past the capacity, the copy is relocated: a larger extent is taken, the old tokens are copied
-//! host-to-host (no device traffic) and the old extent is returned once the transfer succeeded.
-//!
-//! After a swap-in completes, the host copy stays valid and tied to the slot; the next swap-out of
-//! that slot copies only the tokens added since, provided the slot was neither freed nor shrunk in
-//! between. Such copies (the device holds their tokens too) are a cache: when the budget runs
-//! short they are evicted, lowest [`SwapEngine::set_priority`] first and least recently used
-//! within a priority, unless [`SwapEngine::pin`]ned. A copy written by a swap-out is the only
-//! place its request's KV lives and is never evicted; it goes away with [`SwapEngine::release`]
-//! (or becomes evictable once swapped in again). When the free, unallocated and evictable bytes
-//! together fall short, the swap fails with [`Error::HostBudgetExhausted`] before evicting
-//! anything; when they suffice in total but no hole is large enough even after evicting every
-//! evictable copy (fragmentation), it fails the same way, having evicted only cached copies. In
-//! both cases the slot and every copy a swap-out wrote are as they were.
+//! [`SwapEngine`]: asynchronous, coarse KV swapping between device and host memory.
 
 mod arena;
+mod copies;
+mod staging;
+mod ticket;
+
+use copies::HostCopy;
+use staging::{push_chunked, stage, submit, StageJob, Staged, StagedCompletion};
+pub use ticket::SwapTicket;
+use ticket::{Direction, Phase, Transfer};
 
 use std::collections::HashMap;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
-use std::thread::JoinHandle;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
-use arena::{aligned, Arena, Extent, MIN_BLOCK};
+use arena::Arena;
 
 use crate::cache::{KvCache, SlotId};
 use crate::error::{Error, Result};
-use crate::vmm::{Backend, BackendKind, Completion, CopyKind, CopyRegion};
+use crate::vmm::{Backend, BackendKind, Completion, CopyKind};
+use crate::worker::Worker;
 
 /// The smallest [`SwapConfig::chunk_bytes`] accepted.
 pub const MIN_CHUNK_BYTES: usize = 256;
@@ -153,7 +62,8 @@ impl HostCopyId {
 }
 
 /// Counters of a [`SwapEngine`].
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct SwapStats {
     /// Bytes copied device to host by completed swap-outs.
     pub bytes_out: u64,
@@ -175,89 +85,115 @@ pub struct SwapStats {
     pub in_flight: u64,
 }
 
-/// The engine. See the [module documentation](self).
+/// SwapEngine: asynchronous, coarse-grained KV swapping between device memory and pinned host
+/// memory (the FastSwitch design).
+///
+/// A serving engine preempts a request by swapping its slot out to host memory and resumes it
+/// later by swapping it into any empty slot:
+///
+/// ```
+/// use std::sync::Arc;
+/// use kvvm::{CacheConfig, KvCache, Layout};
+/// use kvvm::{SwapConfig, SwapEngine};
+/// use kvvm::vmm::{BackendChoice, BackendConfig};
+///
+/// let mut config = CacheConfig::for_model("llama-3-8b", 4, 1024, 64 << 20)?;
+/// config.layers = 2; // keep the doctest small
+/// config.layout = Layout::Interleaved;
+/// config.backend = BackendConfig { choice: BackendChoice::Host, host_granularity: 64 << 10, ..Default::default() };
+/// let cache = Arc::new(KvCache::new(config)?);
+/// let swap = SwapEngine::new(cache.clone(), SwapConfig { host_budget_bytes: 64 << 20, ..Default::default() })?;
+///
+/// // A request with 300 tokens of KV (prefill writes it through the layer views).
+/// let slot = cache.alloc_slot()?;
+/// cache.ensure(slot, 300)?;
+///
+/// // Preempt: copy its KV to host. The slot's pages are unmapped and the slot freed only once
+/// // the copy has completed; meanwhile other slots keep decoding.
+/// let ticket = swap.swap_out(slot)?;
+/// let copy = ticket.copy();
+/// ticket.wait()?;
+/// assert!(!cache.is_allocated(slot));
+/// assert_eq!(swap.host_tokens(copy)?, 300);
+///
+/// // Resume into any empty slot. On CUDA the compute stream may instead wait on
+/// // `ticket.event()` with `cuStreamWaitEvent`.
+/// let slot = cache.alloc_slot_for(300)?;
+/// let ticket = swap.swap_in(copy, slot)?;
+/// ticket.wait()?;
+/// assert_eq!(cache.tokens(slot)?, 300);
+///
+/// // Decode 20 more tokens, then preempt again: the host copy still holds the first 300
+/// // tokens (KV of past tokens never changes), so only the 20 new ones are copied.
+/// cache.ensure(slot, 320)?;
+/// let ticket = swap.swap_out(slot)?;
+/// assert_eq!(ticket.copy(), copy);
+/// assert_eq!(ticket.bytes(), 20 * cache.geometry().bytes_per_token() as u64);
+/// ticket.wait()?;
+/// swap.release(copy)?; // the request finished while swapped out
+/// # Ok::<(), kvvm::Error>(())
+/// ```
+///
+/// # Transfers
+///
+/// A swap copies a slot's tokens in as few, as large transfers as the layout permits: the
+/// interleaved layout keeps a slot's tokens in one contiguous range, the per-layer layout in one
+/// range per buffer (2 × layers). Ranges are cut into [`SwapConfig::chunk_bytes`] pieces only so
+/// that the backend can pipeline them (worker threads on the host backend, copy streams on CUDA).
+/// Up to [`SwapConfig::max_in_flight`] transfers run at once; a swap never holds the cache's lock
+/// while copying: the slot is marked busy instead, so `step` on other slots goes on. On the host
+/// backend a swap-in first fills in the page tables of the pages it just mapped, chunk by chunk
+/// ahead of the copy, rather than taking a page fault per OS page inside the copy.
+///
+/// Ordering with the caller's compute: copies run on the backend's own streams (CUDA) or threads
+/// (host). Before `swap_out`, the kernels that wrote the slot's KV must have completed (on CUDA,
+/// synchronize the compute stream or an event recorded on it); after `swap_in`, the slot may be
+/// read once the ticket is complete, or, on CUDA, by work that a stream orders after
+/// [`SwapTicket::event`] with `cuStreamWaitEvent`.
+///
+/// A transfer finishes when its copy completes: a swap-out then (and never before) unmaps the
+/// slot's pages, returns them to the pool and frees the slot; a swap-in gives the slot its tokens.
+/// The finishing work runs in whichever comes first of [`SwapTicket::poll`] / [`SwapTicket::wait`]
+/// and the engine's completion thread, so a caller that never polls leaks nothing; dropping the
+/// engine waits for every transfer in flight and finishes it.
+///
+/// # Failures
+///
+/// A copy that fails (at submission or at completion) or pages that cannot be mapped leave the
+/// slot as it was (still allocated, every token intact; after a failed swap-in, still empty) and
+/// the host copy as it was; the error is returned by `swap_out` / `swap_in` (submission) or by the
+/// ticket (completion).
+///
+/// # Host memory and KV reuse
+///
+/// Host copies live in an arena of large blocks obtained from the backend (page-locked on CUDA)
+/// within [`SwapConfig::host_budget_bytes`], carved by a first-fit extent allocator. A copy's
+/// extent holds, per buffer, room for a *capacity* of tokens: the copied tokens plus a quarter
+/// (rounded up to 16 tokens, at most `max_tokens`), so that a conversation that is swapped in,
+/// decodes a little and is swapped out again appends its new tokens in place. When it has grown
+/// past the capacity, the copy is relocated: a larger extent is taken, the old tokens are copied
+/// host-to-host (no device traffic) and the old extent is returned once the transfer succeeded.
+///
+/// After a swap-in completes, the host copy stays valid and tied to the slot; the next swap-out of
+/// that slot copies only the tokens added since, provided the slot was neither freed nor shrunk in
+/// between. Such copies (the device holds their tokens too) are a cache: when the budget runs
+/// short they are evicted, lowest [`SwapEngine::set_priority`] first and least recently used
+/// within a priority, unless [`SwapEngine::pin`]ned. A copy written by a swap-out is the only
+/// place its request's KV lives and is never evicted; it goes away with [`SwapEngine::release`]
+/// (or becomes evictable once swapped in again). When the free, unallocated and evictable bytes
+/// together fall short, the swap fails with [`Error::HostBudgetExhausted`] before evicting
+/// anything; when they suffice in total but no hole is large enough even after evicting every
+/// evictable copy (fragmentation), it fails the same way, having evicted only cached copies. In
+/// both cases the slot and every copy a swap-out wrote are as they were.
 #[derive(Debug)]
 pub struct SwapEngine {
     inner: Arc<Inner>,
     /// Hands transfers to the completion thread; dropped first at teardown.
     tx: Option<crossbeam_channel::Sender<Arc<Transfer>>>,
-    worker: Option<JoinHandle<()>>,
+    worker: Option<Worker>,
     /// Host backend: hands swap-ins to the staging thread (see [`Staged`]).
     stage_tx: Option<crossbeam_channel::Sender<StageJob>>,
-    stager: Option<JoinHandle<()>>,
-}
-
-/// A transfer in flight: poll or wait for it. Dropping a ticket does not cancel the transfer; the
-/// engine finishes it in the background.
-#[derive(Debug)]
-pub struct SwapTicket {
-    transfer: Arc<Transfer>,
-    /// Weak, so that a ticket kept around does not keep the engine and the cache alive: once the
-    /// engine is gone every transfer is finished and the ticket only reads the outcome.
-    inner: Weak<Inner>,
-}
-
-impl SwapTicket {
-    /// `Ok(true)` once the transfer and its bookkeeping are done, `Ok(false)` while in flight,
-    /// the transfer's error if it failed. Never blocks on the copy.
-    ///
-    /// # Errors
-    /// The error of the failed transfer (the slot and the host copy are then as they were).
-    pub fn poll(&self) -> Result<bool> {
-        match self.transfer.try_finish(&self.inner.upgrade(), false) {
-            None => Ok(false),
-            Some(r) => r.map(|()| true),
-        }
-    }
-    /// Blocks until the transfer is done.
-    ///
-    /// # Errors
-    /// As [`SwapTicket::poll`].
-    pub fn wait(&self) -> Result<()> {
-        self.transfer
-            .try_finish(&self.inner.upgrade(), true)
-            .unwrap_or(Ok(()))
-    }
-    /// On CUDA, the raw `CUevent` recorded after the copy, which a stream can wait on with
-    /// `cuStreamWaitEvent`; `None` on the host backend or when nothing needed copying.
-    pub fn event(&self) -> Option<u64> {
-        self.transfer.completions.last().and_then(|c| c.event())
-    }
-    /// The host copy this transfer reads or writes.
-    pub fn copy(&self) -> HostCopyId {
-        HostCopyId(self.transfer.copy)
-    }
-    /// Bytes this transfer copies.
-    pub fn bytes(&self) -> u64 {
-        self.transfer.bytes
-    }
-    /// The slot this transfer empties (swap-out) or fills (swap-in).
-    pub fn slot(&self) -> SlotId {
-        self.transfer.slot
-    }
-}
-
-/// A host copy of one request's KV.
-#[derive(Debug)]
-struct HostCopy {
-    /// `None` while the copy holds no token.
-    extent: Option<Extent>,
-    /// Tokens per buffer the extent has room for.
-    cap: usize,
-    /// Tokens held.
-    tokens: usize,
-    pinned: bool,
-    priority: u8,
-    /// Logical time of the last use, for LRU.
-    last_use: u64,
-    /// A transfer reads or writes the copy: it may be neither evicted, freed nor reused.
-    busy: bool,
-    /// Written by a swap-out and not swapped in since: the only place this KV lives.
-    sole: bool,
-    /// The slot (and its epoch) swapped in from this copy, whose next swap-out may append.
-    attached: Option<(SlotId, u64)>,
-    /// Released while busy: dropped when the transfer finishes.
-    doomed: bool,
+    stager: Option<Worker>,
 }
 
 #[derive(Debug, Default)]
@@ -281,264 +217,6 @@ struct Inner {
     changed: Condvar,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Direction {
-    Out,
-    In,
-}
-
-#[derive(Debug)]
-enum Phase {
-    InFlight,
-    Finishing,
-    Done(Result<()>),
-}
-
-/// One submitted transfer and what finishing it must do.
-#[derive(Debug)]
-struct Transfer {
-    dir: Direction,
-    slot: SlotId,
-    copy: u64,
-    /// Tokens the copy holds once the transfer succeeded.
-    tokens: usize,
-    /// Swap-out: tokens the copy already held (not copied again).
-    reused: usize,
-    /// Swap-out: the copy was created for this transfer (removed if it fails).
-    created: bool,
-    /// Swap-out: the copy moves to this extent (and capacity) if the transfer succeeds.
-    relocate: Option<(Extent, usize)>,
-    /// Swap-in: the slot's epoch, for the attachment.
-    epoch: u64,
-    bytes: u64,
-    /// The submitted copies (one per chunk on the host backend's swap-in, else one).
-    completions: Vec<Box<dyn Completion>>,
-    phase: Mutex<Phase>,
-    done: Condvar,
-}
-
-impl Transfer {
-    fn phase(&self) -> MutexGuard<'_, Phase> {
-        self.phase.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn wait_done(&self, mut ph: MutexGuard<'_, Phase>) -> Result<()> {
-        loop {
-            if let Phase::Done(r) = &*ph {
-                return r.clone();
-            }
-            ph = self.done.wait(ph).unwrap_or_else(|p| p.into_inner());
-        }
-    }
-
-    /// Finishes the transfer if its copy is complete (or, with `block`, once it is). Exactly one
-    /// caller runs the bookkeeping; `None` means "not yet" (only without `block`).
-    fn try_finish(&self, inner: &Option<Arc<Inner>>, block: bool) -> Option<Result<()>> {
-        let Some(inner) = inner else {
-            // The engine is gone, and it finished every transfer before it went.
-            let ph = self.phase();
-            return match &*ph {
-                Phase::Done(r) => Some(r.clone()),
-                _ if block => Some(self.wait_done(ph)),
-                _ => None,
-            };
-        };
-        {
-            let ph = self.phase();
-            match &*ph {
-                Phase::Done(r) => return Some(r.clone()),
-                Phase::Finishing if block => return Some(self.wait_done(ph)),
-                Phase::Finishing => return None,
-                Phase::InFlight => {}
-            }
-        }
-        let copied = if block {
-            wait_all(&self.completions)
-        } else {
-            // Done only when every copy is done; the first error wins.
-            let mut first_err = None;
-            for c in &self.completions {
-                match c.poll() {
-                    Ok(false) => return None,
-                    Ok(true) => {}
-                    Err(e) => {
-                        first_err.get_or_insert(e);
-                    }
-                }
-            }
-            first_err.map_or(Ok(()), Err)
-        };
-        {
-            let mut ph = self.phase();
-            match &*ph {
-                Phase::InFlight => *ph = Phase::Finishing,
-                Phase::Done(r) => return Some(r.clone()),
-                Phase::Finishing if block => return Some(self.wait_done(ph)),
-                Phase::Finishing => return None,
-            }
-        }
-        // Whatever happens in `finish`, the transfer must reach `Done`: waiters (the completion
-        // thread, `quiesce`, the engine's drop) would otherwise wait forever.
-        let r =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.finish(self, copied)))
-                .unwrap_or_else(|_| {
-                    Err(Error::Internal("finishing a swap transfer panicked".into()))
-                });
-        *self.phase() = Phase::Done(r.clone());
-        self.done.notify_all();
-        Some(r)
-    }
-}
-
-/// Waits for every copy (even after one failed: none may still run when the transfer is
-/// finished); returns the first error.
-fn wait_all(completions: &[Box<dyn Completion>]) -> Result<()> {
-    let mut first_err = None;
-    for c in completions {
-        if let Err(e) = c.wait() {
-            first_err.get_or_insert(e);
-        }
-    }
-    first_err.map_or(Ok(()), Err)
-}
-
-/// Asks the kernel to fill in the page tables of `[addr, addr+len)` (`MADV_POPULATE_READ`), so
-/// that a copy into freshly mapped host-backend pages does not take one page fault per OS page.
-/// The pages are shared memfd pages already allocated, which a read fault maps writable and with
-/// fault-around (several pages per fault): on the machine this was measured on, populating
-/// 128 MiB took 10 ms this way, 20 ms with `MADV_POPULATE_WRITE` and 130 ms through faults in
-/// the copy itself. Best effort: without it (kernels before 5.14) the copy takes the faults.
-fn prefault(addr: u64, len: usize) {
-    // SAFETY: madvise does not touch Rust-visible memory; the caller passes a range of pages
-    // mapped read/write for a busy slot, and populating them changes no byte.
-    let r = unsafe {
-        libc::madvise(
-            addr as usize as *mut libc::c_void,
-            len,
-            libc::MADV_POPULATE_READ,
-        )
-    };
-    if r != 0 {
-        tracing::trace!(
-            "MADV_POPULATE_READ failed: {}",
-            std::io::Error::last_os_error()
-        );
-    }
-}
-
-/// Submits `regions` (`kind`) in one call (none if empty).
-fn submit(
-    backend: &dyn Backend,
-    kind: CopyKind,
-    regions: &[CopyRegion],
-) -> Result<Vec<Box<dyn Completion>>> {
-    if regions.is_empty() {
-        return Ok(Vec::new());
-    }
-    // SAFETY: forwarded from the caller, who upholds `copy_async`'s contract for `regions`.
-    Ok(vec![unsafe { backend.copy_async(kind, regions) }?])
-}
-
-/// A host-backend swap-in's copies, submitted by the engine's staging thread one chunk at a
-/// time after populating the chunk's page tables (see [`prefault`]), so that `swap_in` returns
-/// at once and populating a chunk overlaps copying the previous one.
-#[derive(Debug, Default)]
-struct Staged {
-    /// Set once every chunk is submitted (or submission failed): the copies and the
-    /// submission error.
-    done: Mutex<Option<Submitted>>,
-    cv: Condvar,
-}
-
-/// What the staging thread submitted for one swap-in: the copies, and the submission error.
-type Submitted = (Arc<Vec<Box<dyn Completion>>>, Option<Error>);
-
-/// The [`Completion`] of a [`Staged`] swap-in.
-#[derive(Debug)]
-struct StagedCompletion(Arc<Staged>);
-
-impl StagedCompletion {
-    fn submitted(&self, block: bool) -> Option<Submitted> {
-        let mut done = self.0.done.lock().unwrap_or_else(|p| p.into_inner());
-        while block && done.is_none() {
-            done = self.0.cv.wait(done).unwrap_or_else(|p| p.into_inner());
-        }
-        done.clone()
-    }
-}
-
-impl Completion for StagedCompletion {
-    fn poll(&self) -> Result<bool> {
-        let Some((copies, submit_err)) = self.submitted(false) else {
-            return Ok(false);
-        };
-        let mut first_err = None;
-        for c in copies.iter() {
-            match c.poll() {
-                Ok(false) => return Ok(false),
-                Ok(true) => {}
-                Err(e) => {
-                    first_err.get_or_insert(e);
-                }
-            }
-        }
-        submit_err.or(first_err).map_or(Ok(true), Err)
-    }
-
-    fn wait(&self) -> Result<()> {
-        let (copies, submit_err) = self
-            .submitted(true)
-            .unwrap_or_else(|| (Arc::new(Vec::new()), None));
-        let copied = wait_all(&copies);
-        submit_err.map_or(copied, Err)
-    }
-}
-
-/// One swap-in for the staging thread.
-#[derive(Debug)]
-struct StageJob {
-    staged: Arc<Staged>,
-    regions: Vec<CopyRegion>,
-}
-
-/// The staging thread: populates and submits each job's chunks in order.
-fn stage(backend: Arc<dyn Backend>, rx: crossbeam_channel::Receiver<StageJob>) {
-    for job in rx {
-        let mut copies: Vec<Box<dyn Completion>> = Vec::with_capacity(job.regions.len());
-        let mut error = None;
-        for r in &job.regions {
-            prefault(r.dst, r.len);
-            // SAFETY: `swap_in` built these regions under `copy_async`'s contract: the slot
-            // (destination) and the host copy (source) stay busy until the transfer finishes,
-            // which waits for this job's completion, hence for every copy submitted here.
-            match unsafe { backend.copy_async(CopyKind::HostToDevice, std::slice::from_ref(r)) } {
-                Ok(c) => copies.push(c),
-                Err(e) => {
-                    error = Some(e);
-                    break;
-                }
-            }
-        }
-        *job.staged.done.lock().unwrap_or_else(|p| p.into_inner()) =
-            Some((Arc::new(copies), error));
-        job.staged.cv.notify_all();
-    }
-}
-
-/// Appends `[src, src+len)` → `[dst, dst+len)` to `out` in pieces of at most `chunk` bytes.
-fn push_chunked(out: &mut Vec<CopyRegion>, dst: u64, src: u64, len: usize, chunk: usize) {
-    let mut done = 0;
-    while done < len {
-        let n = (len - done).min(chunk);
-        out.push(CopyRegion {
-            dst: dst + done as u64,
-            src: src + done as u64,
-            len: n,
-        });
-        done += n;
-    }
-}
-
 impl Inner {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
@@ -546,96 +224,6 @@ impl Inner {
 
     fn backend(&self) -> &dyn Backend {
         &**self.cache.backend()
-    }
-
-    /// Host tokens per buffer a copy of `tokens` tokens reserves room for.
-    fn capacity_for(&self, tokens: usize) -> usize {
-        let max = self.cache.geometry().max_tokens;
-        (tokens + tokens / 4)
-            .div_ceil(16)
-            .saturating_mul(16)
-            .clamp(tokens, max.max(tokens))
-    }
-
-    /// Extent bytes for `cap` tokens per buffer.
-    fn extent_bytes(&self, cap: usize) -> usize {
-        aligned(cap * self.cache.geometry().bytes_per_token())
-    }
-
-    /// Takes a host extent of `len` bytes: a free hole, else a new block within the budget, else
-    /// room made by evicting cached copies. Fails without evicting anything when the free,
-    /// unallocated and evictable bytes together fall short.
-    fn alloc_extent(&self, st: &mut State, len: usize) -> Result<Extent> {
-        let budget = self.config.host_budget_bytes;
-        loop {
-            if let Some(e) = st.arena.try_alloc(len) {
-                return Ok(e);
-            }
-            let unreserved = budget.saturating_sub(st.arena.reserved());
-            if unreserved >= len as u64 {
-                let block =
-                    ((unreserved as usize).min(MIN_BLOCK.max(len)) / arena::ALIGN) * arena::ALIGN;
-                st.arena.grow(self.backend(), block.max(len))?;
-                continue;
-            }
-            if unreserved + st.arena.empty_block_bytes() >= len as u64
-                && st.arena.release_empty(self.backend()) > 0
-            {
-                continue;
-            }
-            let evictable: u64 = st
-                .copies
-                .values()
-                .filter(|c| Self::evictable(c))
-                .filter_map(|c| c.extent.map(|e| e.len as u64))
-                .sum();
-            let available = unreserved + st.arena.free_bytes() + evictable;
-            let victim = if available >= len as u64 {
-                st.copies
-                    .iter()
-                    .filter(|(_, c)| Self::evictable(c) && c.extent.is_some())
-                    .min_by_key(|(id, c)| (c.priority, c.last_use, **id))
-                    .map(|(&id, _)| id)
-            } else {
-                None
-            };
-            match victim {
-                Some(id) => {
-                    self.drop_copy(st, id);
-                    st.stats.evictions += 1;
-                }
-                None => {
-                    return Err(Error::HostBudgetExhausted {
-                        needed: len as u64,
-                        available: available.min(budget),
-                        budget_bytes: budget,
-                    })
-                }
-            }
-        }
-    }
-
-    fn evictable(c: &HostCopy) -> bool {
-        !c.pinned && !c.busy && !c.sole && !c.doomed
-    }
-
-    /// Removes a copy that no transfer uses and frees its extent.
-    fn drop_copy(&self, st: &mut State, id: u64) {
-        if let Some(c) = st.copies.remove(&id) {
-            if let Some(e) = c.extent {
-                st.arena.free(e);
-            }
-            if let Some((slot, _)) = c.attached {
-                if st.by_slot.get(&slot) == Some(&id) {
-                    st.by_slot.remove(&slot);
-                }
-            }
-        }
-    }
-
-    fn tick(st: &mut State) -> u64 {
-        st.clock += 1;
-        st.clock
     }
 
     /// Waits for room under `max_in_flight` and takes it.
@@ -740,8 +328,8 @@ impl SwapEngine {
     /// need it, up to the budget.
     ///
     /// # Errors
-    /// [`Error::InvalidConfig`] for a zero chunk size or in-flight limit, or when the completion
-    /// thread cannot be started.
+    /// [`Error::InvalidConfig`] for a zero chunk size or in-flight limit;
+    /// [`Error::ThreadSpawn`] when the completion or staging thread cannot be started.
     pub fn new(cache: Arc<KvCache>, config: SwapConfig) -> Result<Self> {
         // Tiny chunks would describe a swap with one copy region per few bytes (memory use
         // proportional to the bytes moved); a huge in-flight limit would not bound anything.
@@ -765,15 +353,12 @@ impl SwapEngine {
         });
         let (tx, rx) = crossbeam_channel::unbounded::<Arc<Transfer>>();
         let worker_inner = inner.clone();
-        let worker = std::thread::Builder::new()
-            .name("kvvm-swap".into())
-            .spawn(move || {
-                let inner = Some(worker_inner);
-                for t in rx {
-                    let _ = t.try_finish(&inner, true);
-                }
-            })
-            .map_err(|e| Error::InvalidConfig(format!("cannot start the swap thread: {e}")))?;
+        let worker = Worker::spawn("kvvm-swap", move || {
+            let inner = Some(worker_inner);
+            for t in rx {
+                let _ = t.try_finish(&inner, true);
+            }
+        })?;
         let mut engine = SwapEngine {
             inner,
             tx: Some(tx),
@@ -784,12 +369,7 @@ impl SwapEngine {
         if engine.inner.backend().kind() == BackendKind::Host {
             let (stage_tx, stage_rx) = crossbeam_channel::unbounded::<StageJob>();
             let backend: Arc<dyn Backend> = engine.inner.cache.backend().clone();
-            let stager = std::thread::Builder::new()
-                .name("kvvm-swap-stage".into())
-                .spawn(move || stage(backend, stage_rx))
-                .map_err(|e| {
-                    Error::InvalidConfig(format!("cannot start the swap staging thread: {e}"))
-                })?;
+            let stager = Worker::spawn("kvvm-swap-stage", move || stage(backend, stage_rx))?;
             engine.stage_tx = Some(stage_tx);
             engine.stager = Some(stager);
         }
@@ -964,7 +544,7 @@ impl SwapEngine {
         if let Some(base) = dst_base {
             let buffers = inner.cache.buffers();
             for (b, r) in buffers.iter().enumerate() {
-                let src = r.addr + (slot as usize * g.slot_bytes + from * tb) as u64;
+                let src = r.addr + (slot.as_usize() * g.slot_bytes + from * tb) as u64;
                 let dst = base + (b * dst_cap * tb + from * tb) as u64;
                 push_chunked(
                     &mut regions,
@@ -1007,7 +587,7 @@ impl SwapEngine {
     /// Maps the pages `slot` needs for the copy's tokens and copies them back. The slot must be
     /// allocated and hold no tokens (e.g. from `cache.alloc_slot_for(n)`); it must not be used
     /// before the ticket completes. The copy stays valid afterwards (see the
-    /// [module documentation](self) on KV reuse). Waits while the copy is in another transfer,
+    /// [type documentation](SwapEngine) on KV reuse). Waits while the copy is in another transfer,
     /// and while [`SwapConfig::max_in_flight`] transfers are in flight.
     ///
     /// # Errors
@@ -1058,7 +638,7 @@ impl SwapEngine {
             for (b, r) in inner.cache.buffers().iter().enumerate() {
                 push_chunked(
                     &mut regions,
-                    r.addr + (slot as usize * g.slot_bytes) as u64,
+                    r.addr + (slot.as_usize() * g.slot_bytes) as u64,
                     base + (b * cap * tb) as u64,
                     tokens * tb,
                     inner.config.chunk_bytes,
@@ -1111,58 +691,6 @@ impl SwapEngine {
         }))
     }
 
-    fn with_copy<T>(&self, copy: HostCopyId, f: impl FnOnce(&mut HostCopy) -> T) -> Result<T> {
-        let mut st = self.inner.lock();
-        match st.copies.get_mut(&copy.0) {
-            Some(c) if !c.doomed => Ok(f(c)),
-            _ => Err(Error::InvalidArgument(format!(
-                "host copy {} does not exist (released or evicted)",
-                copy.0
-            ))),
-        }
-    }
-
-    /// Drops a host copy. A copy in a transfer is dropped when the transfer finishes.
-    ///
-    /// # Errors
-    /// [`Error::InvalidArgument`] for an unknown, released or evicted copy.
-    pub fn release(&self, copy: HostCopyId) -> Result<()> {
-        let busy = self.with_copy(copy, |c| {
-            c.doomed = true;
-            c.busy
-        })?;
-        if !busy {
-            let mut st = self.inner.lock();
-            self.inner.drop_copy(&mut st, copy.0);
-        }
-        Ok(())
-    }
-
-    /// Pins or unpins a host copy; pinned copies are never evicted.
-    ///
-    /// # Errors
-    /// [`Error::InvalidArgument`] for an unknown, released or evicted copy.
-    pub fn pin(&self, copy: HostCopyId, pinned: bool) -> Result<()> {
-        self.with_copy(copy, |c| c.pinned = pinned)
-    }
-
-    /// Sets a copy's eviction priority: lower priorities are evicted first, least recently used
-    /// first within a priority. New copies have priority 0.
-    ///
-    /// # Errors
-    /// [`Error::InvalidArgument`] for an unknown, released or evicted copy.
-    pub fn set_priority(&self, copy: HostCopyId, priority: u8) -> Result<()> {
-        self.with_copy(copy, |c| c.priority = priority)
-    }
-
-    /// Tokens a host copy holds (those of completed transfers).
-    ///
-    /// # Errors
-    /// [`Error::InvalidArgument`] for an unknown, released or evicted copy.
-    pub fn host_tokens(&self, copy: HostCopyId) -> Result<usize> {
-        self.with_copy(copy, |c| c.tokens)
-    }
-
     /// A snapshot of the counters.
     pub fn stats(&self) -> SwapStats {
         let st = self.inner.lock();
@@ -1198,12 +726,12 @@ impl Drop for SwapEngine {
         // Closing the channels lets the staging thread submit every queued swap-in and the
         // completion thread finish every queued transfer, and both exit.
         self.stage_tx.take();
-        if let Some(h) = self.stager.take() {
-            let _ = h.join();
+        if let Some(mut w) = self.stager.take() {
+            w.join();
         }
         self.tx.take();
-        if let Some(h) = self.worker.take() {
-            let _ = h.join();
+        if let Some(mut w) = self.worker.take() {
+            w.join();
         }
         self.quiesce();
     }

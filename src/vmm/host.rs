@@ -12,13 +12,13 @@
 //!   with [`Error::MapCountExhausted`] instead of letting `mmap` fail deep inside an operation.
 //! - Copies run on worker threads.
 
+use crate::worker::Worker;
 use std::collections::{BTreeMap, HashMap};
 use std::num::NonZeroUsize;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
-use std::thread::JoinHandle;
 
 use nix::errno::Errno;
 use nix::fcntl::{fallocate, FallocateFlags};
@@ -651,47 +651,39 @@ struct CopyJob {
 #[derive(Debug)]
 struct CopyPool {
     tx: Option<crossbeam_channel::Sender<CopyJob>>,
-    workers: Vec<JoinHandle<()>>,
+    workers: Vec<Worker>,
 }
 
 impl CopyPool {
     fn new(threads: usize) -> Result<Self> {
         let (tx, rx) = crossbeam_channel::unbounded::<CopyJob>();
         let mut workers = Vec::with_capacity(threads);
-        for i in 0..threads {
+        for _ in 0..threads {
             let rx = rx.clone();
-            let h = std::thread::Builder::new()
-                .name(format!("kvvm-copy-{i}"))
-                .spawn(move || {
-                    for job in rx {
-                        let r = job.region;
-                        // SAFETY: `copy_async`'s contract makes the submitter guarantee that both
-                        // ranges are valid, non-overlapping and untouched by anyone else until the
-                        // completion reports done, which happens only after this copy.
-                        unsafe {
-                            std::ptr::copy_nonoverlapping(
-                                r.src as usize as *const u8,
-                                r.dst as usize as *mut u8,
-                                r.len,
-                            )
-                        };
-                        let mut rem = job
-                            .state
-                            .remaining
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner());
-                        *rem -= 1;
-                        if *rem == 0 {
-                            job.state.cv.notify_all();
-                        }
+            let h = Worker::spawn("kvvm-copy", move || {
+                for job in rx {
+                    let r = job.region;
+                    // SAFETY: `copy_async`'s contract makes the submitter guarantee that both
+                    // ranges are valid, non-overlapping and untouched by anyone else until the
+                    // completion reports done, which happens only after this copy.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            r.src as usize as *const u8,
+                            r.dst as usize as *mut u8,
+                            r.len,
+                        )
+                    };
+                    let mut rem = job
+                        .state
+                        .remaining
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner());
+                    *rem -= 1;
+                    if *rem == 0 {
+                        job.state.cv.notify_all();
                     }
-                })
-                .map_err(|e| Error::Backend {
-                    backend: BackendKind::Host,
-                    op: BackendOp::Copy,
-                    code: e.raw_os_error().unwrap_or(0) as i64,
-                    message: format!("spawning a copy worker: {e}"),
-                })?;
+                }
+            })?;
             workers.push(h);
         }
         Ok(CopyPool {
@@ -722,8 +714,8 @@ impl Drop for CopyPool {
     fn drop(&mut self) {
         // Closing the channel lets the workers finish queued copies and exit.
         self.tx.take();
-        for w in self.workers.drain(..) {
-            let _ = w.join();
+        for mut w in self.workers.drain(..) {
+            w.join();
         }
     }
 }

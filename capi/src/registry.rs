@@ -1,0 +1,127 @@
+//! The handle registry: ids handed to C map to reference-counted objects.
+//!
+//! Ids count up from 1 and are never reused, so a destroyed handle stays invalid forever, and a
+//! made-up id is found only if it happens to equal a live one of the right kind (no undefined
+//! behaviour either way). Lookups clone the `Arc` and release the lock at once, so calls on
+//! different handles (and on the same one) run concurrently; destroying a handle while another
+//! thread uses it only drops the registry's reference.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use crate::{kvvm_status, FfiError, FfiResult};
+use kvvm::KvCache;
+use kvvm::{SwapEngine, SwapTicket};
+
+/// An object a handle refers to.
+#[derive(Debug, Clone)]
+pub(crate) enum Object {
+    /// A cache (`kvvm_cache`).
+    Cache(Arc<KvCache>),
+    /// A swap engine (`kvvm_swap`).
+    Swap(Arc<SwapEngine>),
+    /// A swap ticket (`kvvm_ticket`).
+    Ticket(Arc<SwapTicket>),
+}
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+static OBJECTS: Mutex<BTreeMap<u64, Object>> = Mutex::new(BTreeMap::new());
+
+fn objects() -> MutexGuard<'static, BTreeMap<u64, Object>> {
+    OBJECTS.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Registers an object and returns its new id (never 0).
+pub(crate) fn insert(o: Object) -> u64 {
+    let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+    objects().insert(id, o);
+    id
+}
+
+fn invalid(kind: &str, id: u64) -> FfiError {
+    if id == 0 {
+        FfiError::new(
+            kvvm_status::KVVM_STATUS_INVALID_HANDLE,
+            format!("null {kind} handle"),
+        )
+    } else {
+        FfiError::new(
+            kvvm_status::KVVM_STATUS_INVALID_HANDLE,
+            format!("{kind} handle {id} is not valid (destroyed, or never created)"),
+        )
+    }
+}
+
+/// Looks up an object, checking its kind with `pick`.
+pub(crate) fn get<T>(id: u64, kind: &str, pick: impl FnOnce(&Object) -> Option<T>) -> FfiResult<T> {
+    let found = objects().get(&id).and_then(pick);
+    found.ok_or_else(|| invalid(kind, id))
+}
+
+/// Removes an object of the kind `pick` accepts and returns it (dropped by the caller outside
+/// the registry lock: dropping a cache joins its mapper thread).
+pub(crate) fn remove<T>(id: u64, kind: &str, pick: impl Fn(&Object) -> Option<T>) -> FfiResult<T> {
+    let mut map = objects();
+    let v = map
+        .get(&id)
+        .and_then(&pick)
+        .ok_or_else(|| invalid(kind, id))?;
+    map.remove(&id);
+    Ok(v)
+}
+
+/// The cache with handle `id`.
+pub(crate) fn get_cache(id: u64) -> FfiResult<Arc<KvCache>> {
+    get(id, "cache", |o| match o {
+        Object::Cache(c) => Some(c.clone()),
+        _ => None,
+    })
+}
+
+/// Removes the cache with handle `id`.
+pub(crate) fn remove_cache(id: u64) -> FfiResult {
+    let c = remove(id, "cache", |o| match o {
+        Object::Cache(c) => Some(c.clone()),
+        _ => None,
+    })?;
+    drop(c);
+    Ok(())
+}
+
+/// The swap engine with handle `id`.
+pub(crate) fn get_swap(id: u64) -> FfiResult<Arc<SwapEngine>> {
+    get(id, "swap engine", |o| match o {
+        Object::Swap(s) => Some(s.clone()),
+        _ => None,
+    })
+}
+
+/// Removes the swap engine with handle `id` (dropped outside the lock: dropping the last
+/// reference waits for its transfers).
+pub(crate) fn remove_swap(id: u64) -> FfiResult {
+    let s = remove(id, "swap engine", |o| match o {
+        Object::Swap(s) => Some(s.clone()),
+        _ => None,
+    })?;
+    drop(s);
+    Ok(())
+}
+
+/// The ticket with handle `id`.
+pub(crate) fn get_ticket(id: u64) -> FfiResult<Arc<SwapTicket>> {
+    get(id, "ticket", |o| match o {
+        Object::Ticket(t) => Some(t.clone()),
+        _ => None,
+    })
+}
+
+/// Removes the ticket with handle `id`.
+pub(crate) fn remove_ticket(id: u64) -> FfiResult {
+    let t = remove(id, "ticket", |o| match o {
+        Object::Ticket(t) => Some(t.clone()),
+        _ => None,
+    })?;
+    drop(t);
+    Ok(())
+}

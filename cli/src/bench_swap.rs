@@ -1,0 +1,429 @@
+//! `kvvm bench swap`: swap whole requests out to host memory and back in through the
+//! [`SwapEngine`] (coarse transfers), against the fine-grained baseline (vLLM's pattern: one copy
+//! per 16-token block per layer per K/V) and a plain copy of the same bytes between the same
+//! kinds of memory (`memcpy` with the backend's copy-thread count on the host backend; one
+//! pinned `copy_async` per request on CUDA) as the physical limit.
+//!
+//! Every page is touched before timing (the cache's pages by filling them, the host arena by a
+//! warm-up round, the baselines' host buffers by a memset), and each figure is the best of
+//! `--rounds` rounds.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use clap::Args;
+use kvvm::vmm::{Backend, BackendKind, Completion, CopyKind, CopyRegion, HostBuffer};
+use kvvm::{ByteRange, CacheConfig, Kv, KvCache, Layout, SlotId};
+use kvvm::{Error, Result};
+use kvvm::{SwapConfig, SwapEngine, SwapTicket};
+
+use crate::BackendArgs;
+
+/// Tokens of one block in the fine-grained baseline (vLLM's default block size).
+const BLOCK_TOKENS: usize = 16;
+/// Host buffers the baselines rotate through (request i uses buffer i mod this).
+const STAGING_BUFFERS: usize = 8;
+
+/// Options.
+#[derive(Args, Debug)]
+pub struct SwapArgs {
+    /// Model preset (shapes).
+    #[arg(long, default_value = "llama-3-8b")]
+    model: String,
+    /// Requests swapped out and back in.
+    #[arg(long, default_value_t = 32)]
+    requests: usize,
+    /// Tokens per request.
+    #[arg(long, default_value_t = 1024)]
+    tokens: usize,
+    /// Cache layout: interleaved or per-layer.
+    #[arg(long, default_value = "interleaved")]
+    layout: Layout,
+    /// Transfer chunk size in bytes.
+    #[arg(long, default_value_t = 4 << 20)]
+    chunk_bytes: usize,
+    /// Rounds per measurement; the best is reported (the figures are noisy on a shared machine).
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
+    #[command(flatten)]
+    backend: BackendArgs,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Bandwidth in GB/s (10^9 bytes per second).
+fn gbps(bytes: u64, secs: f64) -> f64 {
+    bytes as f64 / secs.max(1e-9) / 1e9
+}
+
+/// Host copies with `threads` threads, each taking an equal share of every region.
+fn parallel_memcpy(regions: &[CopyRegion], threads: usize) {
+    let threads = threads.max(1);
+    std::thread::scope(|s| {
+        for t in 0..threads {
+            s.spawn(move || {
+                for r in regions {
+                    let share = r.len.div_ceil(threads);
+                    let start = (t * share).min(r.len);
+                    let end = ((t + 1) * share).min(r.len);
+                    if start < end {
+                        // SAFETY: the caller passes regions whose sources and destinations are
+                        // mapped, readable/writable memory of this process that nothing else
+                        // accesses meanwhile; threads copy disjoint shares.
+                        unsafe {
+                            std::ptr::copy_nonoverlapping(
+                                (r.src + start as u64) as usize as *const u8,
+                                (r.dst + start as u64) as usize as *mut u8,
+                                end - start,
+                            )
+                        };
+                    }
+                }
+            });
+        }
+    });
+}
+
+struct Bench {
+    cache: Arc<KvCache>,
+    backend: Arc<dyn Backend>,
+    slots: Vec<SlotId>,
+    tokens: usize,
+    /// The baselines' host buffers, one request's bytes each, used in turn: several, so that
+    /// the baselines do not keep hitting one buffer in a large last-level cache while the
+    /// engine writes fresh memory.
+    staging: Vec<HostBuffer>,
+    copy_threads: usize,
+}
+
+impl Bench {
+    fn request_bytes(&self) -> u64 {
+        (self.tokens * self.cache.geometry().bytes_per_token()) as u64
+    }
+
+    fn total_bytes(&self) -> u64 {
+        self.request_bytes() * self.slots.len() as u64
+    }
+
+    /// The contiguous regions between `slot`'s ranges and its staging buffer (packed buffer
+    /// after buffer), in direction `kind`.
+    fn whole_regions(&self, slot: SlotId, kind: CopyKind) -> Result<Vec<CopyRegion>> {
+        let mut off = 0u64;
+        let mut out = Vec::new();
+        let k = self.slots.iter().position(|&s| s == slot).unwrap_or(0);
+        let staging = &self.staging[k % self.staging.len()];
+        for r in self.cache.slot_ranges(slot, self.tokens)? {
+            let host = staging.addr() + off;
+            out.push(match kind {
+                CopyKind::DeviceToHost => CopyRegion {
+                    dst: host,
+                    src: r.addr,
+                    len: r.len,
+                },
+                _ => CopyRegion {
+                    dst: r.addr,
+                    src: host,
+                    len: r.len,
+                },
+            });
+            off += r.len as u64;
+        }
+        Ok(out)
+    }
+
+    /// vLLM's pattern: one region per 16-token block per layer per K/V. In the per-layer layout
+    /// these are exactly the (contiguous) blocks of each K or V buffer; in the interleaved
+    /// layout a block's rows of one layer are strided, so the baseline copies pieces of the same
+    /// size and count from the slot's contiguous range instead.
+    fn block_regions(&self, slot: SlotId, kind: CopyKind) -> Result<Vec<CopyRegion>> {
+        let g = self.cache.geometry();
+        let block = BLOCK_TOKENS * g.row_bytes();
+        let mut out = Vec::new();
+        for whole in self.whole_regions(slot, kind)? {
+            let mut done = 0;
+            while done < whole.len {
+                let n = (whole.len - done).min(block);
+                out.push(CopyRegion {
+                    dst: whole.dst + done as u64,
+                    src: whole.src + done as u64,
+                    len: n,
+                });
+                done += n;
+            }
+        }
+        Ok(out)
+    }
+
+    /// The limit: a plain copy of every request's bytes, request after request, through the
+    /// staging buffer.
+    fn limit(&self, kind: CopyKind) -> Result<f64> {
+        let mut plans = Vec::new();
+        for &s in &self.slots {
+            plans.push(self.whole_regions(s, kind)?);
+        }
+        let t0 = Instant::now();
+        for regions in &plans {
+            if self.backend.kind() == BackendKind::Host {
+                parallel_memcpy(regions, self.copy_threads);
+            } else {
+                // SAFETY: the slot's pages are mapped (its tokens are live and nobody else
+                // uses the cache during the benchmark) and the staging buffer is this backend's
+                // host buffer; one request at a time, so destinations are not shared.
+                unsafe { self.backend.copy_async(kind, regions) }?.wait()?;
+            }
+        }
+        Ok(gbps(self.total_bytes(), t0.elapsed().as_secs_f64()))
+    }
+
+    /// The fine-grained baseline: one `copy_async` per block, request after request (the
+    /// staging buffer is reused, so a request's copies complete before the next one starts).
+    fn fine(&self, kind: CopyKind) -> Result<f64> {
+        let mut plans = Vec::new();
+        for &s in &self.slots {
+            plans.push(self.block_regions(s, kind)?);
+        }
+        let t0 = Instant::now();
+        for regions in &plans {
+            let mut pending: Vec<Box<dyn Completion>> = Vec::with_capacity(regions.len());
+            for r in regions {
+                // SAFETY: as in `limit`; the blocks of one request are disjoint.
+                pending.push(unsafe { self.backend.copy_async(kind, std::slice::from_ref(r)) }?);
+            }
+            for c in pending {
+                c.wait()?;
+            }
+        }
+        Ok(gbps(self.total_bytes(), t0.elapsed().as_secs_f64()))
+    }
+
+    /// The engine's transfer shape without its page management: each request's ranges cut into
+    /// `chunk` byte regions and submitted as one copy, request after request (no map, unmap or
+    /// page-table population). Shown in the table to separate the two costs.
+    fn chunked(&self, kind: CopyKind, chunk: usize) -> Result<f64> {
+        let mut plans = Vec::new();
+        for &s in &self.slots {
+            let mut regions = Vec::new();
+            for w in self.whole_regions(s, kind)? {
+                let mut done = 0;
+                while done < w.len {
+                    let n = (w.len - done).min(chunk);
+                    regions.push(CopyRegion {
+                        dst: w.dst + done as u64,
+                        src: w.src + done as u64,
+                        len: n,
+                    });
+                    done += n;
+                }
+            }
+            plans.push(regions);
+        }
+        let t0 = Instant::now();
+        for regions in &plans {
+            // SAFETY: as in `limit`.
+            unsafe { self.backend.copy_async(kind, regions) }?.wait()?;
+        }
+        Ok(gbps(self.total_bytes(), t0.elapsed().as_secs_f64()))
+    }
+
+    /// Swaps every request out and back in through the engine; returns (out, in) GB/s.
+    fn coarse(&mut self, swap: &SwapEngine) -> Result<(f64, f64)> {
+        let t0 = Instant::now();
+        let tickets: Vec<SwapTicket> = self
+            .slots
+            .iter()
+            .map(|&s| swap.swap_out(s))
+            .collect::<Result<_>>()?;
+        for t in &tickets {
+            t.wait()?;
+        }
+        let out = gbps(self.total_bytes(), t0.elapsed().as_secs_f64());
+        let copies: Vec<_> = tickets.iter().map(SwapTicket::copy).collect();
+        let mut slots = Vec::with_capacity(copies.len());
+        for _ in &copies {
+            slots.push(self.cache.alloc_slot_for(self.tokens)?);
+        }
+        let t0 = Instant::now();
+        let tickets: Vec<SwapTicket> = copies
+            .iter()
+            .zip(&slots)
+            .map(|(&c, &s)| swap.swap_in(c, s))
+            .collect::<Result<_>>()?;
+        for t in &tickets {
+            t.wait()?;
+        }
+        let inn = gbps(self.total_bytes(), t0.elapsed().as_secs_f64());
+        for c in copies {
+            swap.release(c)?;
+        }
+        self.slots = slots;
+        Ok((out, inn))
+    }
+}
+
+/// Writes a byte pattern into every token of `range` (host backend), populating its pages.
+fn touch(range: &ByteRange) {
+    // SAFETY: the range holds live tokens of an allocated slot, so its pages are mapped
+    // read/write; nobody else accesses it during the setup.
+    unsafe { std::ptr::write_bytes(range.addr as usize as *mut u8, 0x5a, range.len) };
+}
+
+pub fn run(args: SwapArgs) -> Result<()> {
+    if args.requests == 0 || args.tokens == 0 || args.rounds == 0 {
+        return Err(Error::InvalidArgument(
+            "--requests, --tokens and --rounds must be positive".into(),
+        ));
+    }
+    let backend_config = args.backend.config();
+    let backend = kvvm::vmm::open(&backend_config)?;
+    let mut config = CacheConfig::for_model(&args.model, args.requests, args.tokens, 1 << 40)?;
+    config.layout = args.layout;
+    config.lookahead_steps = 0;
+    let g = kvvm::Geometry::new(&config, backend.granularity())?;
+    config.budget_bytes = (g.pages_for(args.tokens) * g.buffers * g.page_size * args.requests)
+        as u64
+        + (g.buffers * g.page_size) as u64;
+    let cache = Arc::new(KvCache::with_backend(config, backend.clone())?);
+    let request_bytes = (args.tokens * g.bytes_per_token()) as u64;
+    let swap = SwapEngine::new(
+        cache.clone(),
+        SwapConfig {
+            host_budget_bytes: request_bytes * args.requests as u64 + (64 << 20),
+            chunk_bytes: args.chunk_bytes,
+            max_in_flight: args.requests,
+        },
+    )?;
+    let host = backend.kind() == BackendKind::Host;
+    let mut slots = Vec::with_capacity(args.requests);
+    for _ in 0..args.requests {
+        let s = cache.alloc_slot_for(args.tokens)?;
+        cache.ensure(s, args.tokens)?;
+        if host {
+            for r in cache.slot_ranges(s, args.tokens)? {
+                touch(&r);
+            }
+        }
+        slots.push(s);
+    }
+    let mut staging = Vec::new();
+    for _ in 0..args.requests.min(STAGING_BUFFERS) {
+        let b = backend.alloc_host(request_bytes as usize)?;
+        if host {
+            touch(&ByteRange {
+                addr: b.addr(),
+                len: b.len(),
+            });
+        }
+        staging.push(b);
+    }
+    let mut bench = Bench {
+        cache: cache.clone(),
+        backend: backend.clone(),
+        slots,
+        tokens: args.tokens,
+        staging,
+        copy_threads: backend_config.copy_threads,
+    };
+    // Sanity: the first row of layer 0 is what we wrote, after a full round trip.
+    let probe = |b: &Bench| -> Result<Option<u8>> {
+        if !host {
+            return Ok(None);
+        }
+        let r = b.cache.row(b.slots[0], 0, 0, Kv::K)?;
+        // SAFETY: the row lies in mapped pages of a resident slot.
+        Ok(Some(unsafe { *(r.addr as usize as *const u8) }))
+    };
+    // Warm-up: touches the host arena and the transfer paths.
+    bench.coarse(&swap)?;
+    let mut best = [0f64; 8];
+    for _ in 0..args.rounds {
+        let (o, i) = bench.coarse(&swap)?;
+        let figures = [
+            o,
+            i,
+            bench.fine(CopyKind::DeviceToHost)?,
+            bench.fine(CopyKind::HostToDevice)?,
+            bench.limit(CopyKind::DeviceToHost)?,
+            bench.limit(CopyKind::HostToDevice)?,
+            bench.chunked(CopyKind::DeviceToHost, args.chunk_bytes)?,
+            bench.chunked(CopyKind::HostToDevice, args.chunk_bytes)?,
+        ];
+        for (b, f) in best.iter_mut().zip(figures) {
+            *b = b.max(f);
+        }
+    }
+    if let Some(byte) = probe(&bench)? {
+        if byte != 0x5a {
+            return Err(Error::InvalidArgument(format!(
+                "data changed during the benchmark: read {byte:#x}"
+            )));
+        }
+    }
+    let [coarse_out, coarse_in, fine_out, fine_in, limit_out, limit_in, chunked_out, chunked_in] =
+        best;
+    // The limit is the faster direction of the plain copy; the coarse figure compared with it
+    // is the slower direction of the engine, so the ratio holds for both directions.
+    let limit = limit_out.max(limit_in);
+    let coarse_vs_limit = coarse_out.min(coarse_in) / limit;
+    let coarse_vs_fine = (coarse_out + coarse_in) / (fine_out + fine_in);
+    let stats = swap.stats();
+    drop(swap);
+    for b in bench.staging {
+        if let Err((_, e)) = backend.free_host(b) {
+            tracing::warn!("freeing a staging buffer failed: {e}");
+        }
+    }
+    if args.json {
+        let v = serde_json::json!({
+            "coarse_out_gbps": coarse_out,
+            "coarse_in_gbps": coarse_in,
+            "fine_out_gbps": fine_out,
+            "fine_in_gbps": fine_in,
+            "limit_gbps": limit,
+            "coarse_vs_limit": coarse_vs_limit,
+            "coarse_vs_fine": coarse_vs_fine,
+        });
+        println!("{v}");
+    } else {
+        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        println!(
+            "swap: {} × {} tokens of {} ({} layout, {} backend), {:.2} GiB each way, chunk {} KiB, best of {}",
+            args.requests,
+            args.tokens,
+            args.model,
+            args.layout,
+            backend.kind(),
+            gib(request_bytes * args.requests as u64),
+            args.chunk_bytes >> 10,
+            args.rounds
+        );
+        println!("{:<34} {:>10} {:>10}", "", "out GB/s", "in GB/s");
+        println!(
+            "{:<34} {:>10.2} {:>10.2}",
+            "coarse (SwapEngine)", coarse_out, coarse_in
+        );
+        println!(
+            "{:<34} {:>10.2} {:>10.2}",
+            "  its copies alone (no map/unmap)", chunked_out, chunked_in
+        );
+        println!(
+            "{:<34} {:>10.2} {:>10.2}",
+            "fine (16-token block/layer/KV)", fine_out, fine_in
+        );
+        println!(
+            "{:<34} {:>10.2} {:>10.2}",
+            "limit (plain copy, same bytes)", limit_out, limit_in
+        );
+        println!(
+            "coarse / limit {coarse_vs_limit:.3} (slower coarse direction over the faster limit: out {:.3}, in {:.3})",
+            coarse_out / limit_out,
+            coarse_in / limit_in
+        );
+        println!("coarse / fine  {coarse_vs_fine:.2}");
+        println!(
+            "transfers {}, reused {} bytes, host arena used {} bytes",
+            stats.transfers, stats.reuse_saved_bytes, stats.host_bytes_used
+        );
+    }
+    Ok(())
+}

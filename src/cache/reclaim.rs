@@ -1,0 +1,179 @@
+//! Reclamation: taking pages back from free slots and from pages mapped ahead, under pressure.
+
+use crate::error::{Error, Result};
+use crate::vmm::{Backend, PageHandle};
+
+use super::{Shared, State};
+
+impl Shared {
+    /// Takes `n` pages from the pool; with `reclaim`, takes pages back from free slots when the
+    /// pool runs short (only if that makes the request succeed).
+    pub(super) fn acquire(&self, n: usize, reclaim: bool) -> Result<Vec<PageHandle>> {
+        let mut attempts = 0;
+        loop {
+            match self.pool.acquire(n) {
+                Ok(p) => return Ok(p),
+                Err(Error::BudgetExhausted { available, .. }) if reclaim && attempts < 4 => {
+                    attempts += 1;
+                    let deficit = n - available.min(n);
+                    let reclaimable: usize = {
+                        let st = self.lock();
+                        self.victims(&st).iter().map(|v| v.excess).sum()
+                    };
+                    if reclaimable < deficit {
+                        // Pages the background mapper holds right now become reclaimable once
+                        // it is done: wait for it rather than fail.
+                        let mut st = self.lock();
+                        if st.mapper_active {
+                            while st.mapper_active {
+                                st = self.changed.wait(st).unwrap_or_else(|p| p.into_inner());
+                            }
+                            continue;
+                        }
+                        drop(st);
+                        return self.pool.acquire(n);
+                    }
+                    self.reclaim(deficit)?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Candidates for reclamation: free slots first (largest first), then allocated slots' pages
+    /// mapped ahead of their tokens. Busy slots are skipped.
+    pub(super) fn victims(&self, st: &State) -> Vec<Victim> {
+        let mut free = Vec::new();
+        let mut ahead = Vec::new();
+        for (i, s) in st.slots.iter().enumerate() {
+            if s.busy {
+                continue;
+            }
+            let floor = if s.allocated {
+                self.geometry.pages_for(s.tokens.max(s.pending))
+            } else {
+                0
+            };
+            let excess: usize = s.pages.iter().map(|p| p.len().saturating_sub(floor)).sum();
+            if excess == 0 {
+                continue;
+            }
+            let v = Victim {
+                slot: i,
+                floor,
+                excess,
+            };
+            if s.allocated {
+                ahead.push(v);
+            } else {
+                free.push(v);
+            }
+        }
+        free.sort_by_key(|v| (std::cmp::Reverse(v.excess), v.slot));
+        ahead.sort_by_key(|v| (std::cmp::Reverse(v.excess), v.slot));
+        free.extend(ahead);
+        free
+    }
+
+    /// Unmaps pages of free slots (largest first), then pages mapped ahead by allocated slots,
+    /// until `pages` pool pages were returned or nothing is left. Returns how many were returned.
+    pub(super) fn reclaim(&self, pages: usize) -> Result<usize> {
+        let mut st = self.lock();
+        let mut remaining = pages;
+        let mut plan: Vec<Shrink> = Vec::new();
+        for Victim { slot: i, floor, .. } in self.victims(&st) {
+            if remaining == 0 {
+                break;
+            }
+            let s = &mut st.slots[i];
+            let freed_at = |keep: usize| -> usize {
+                s.pages.iter().map(|p| p.len().saturating_sub(keep)).sum()
+            };
+            // Keep as many leading pages as possible while freeing enough.
+            let mut keep = s.pages.iter().map(Vec::len).max().unwrap_or(0);
+            while keep > floor && freed_at(keep) < remaining {
+                keep -= 1;
+            }
+            let freed = freed_at(keep);
+            if freed == 0 {
+                continue;
+            }
+            let tails = s.tails(keep);
+            remaining = remaining.saturating_sub(freed);
+            s.busy = true;
+            s.shrinking = true;
+            if s.allocated {
+                s.ahead = 0;
+            }
+            plan.push(Shrink {
+                slot: i,
+                keep,
+                tails,
+            });
+        }
+        drop(st);
+        let mut result = Ok(());
+        let mut total = 0;
+        for p in &plan {
+            let before: usize = p.tails.iter().map(|&(_, l)| l - p.keep).sum();
+            match self.unmap_tails(p.slot, p.keep, &p.tails) {
+                Ok(()) => total += before,
+                Err(e) => result = Err(e),
+            }
+        }
+        let slots: Vec<usize> = plan.iter().map(|p| p.slot).collect();
+        self.lock().reclaimed_pages += total as u64;
+        self.finish(&slots);
+        result.map(|()| total)
+    }
+
+    /// Unmaps, in every buffer listed in `tails` (buffer, current length), the pages of slot `i`
+    /// beyond `keep`, and gives them to the pool. The slot must be marked busy by the caller.
+    pub(super) fn unmap_tails(
+        &self,
+        i: usize,
+        keep: usize,
+        tails: &[(usize, usize)],
+    ) -> Result<()> {
+        let mut first_err = None;
+        for &(b, len) in tails {
+            let bytes = (len - keep) * self.geometry.page_size;
+            match self.backend.unmap(self.va(b, i, keep), bytes) {
+                Ok(()) => {
+                    let pages = {
+                        let mut st = self.lock();
+                        let s = &mut st.slots[i];
+                        let tail = s.pages[b].split_off(keep);
+                        s.refresh();
+                        tail
+                    };
+                    self.pool.give_back(pages);
+                }
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+}
+
+/// A slot reclamation may take pages from.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Victim {
+    pub(super) slot: usize,
+    /// Pages per buffer the slot must keep (its live and promised tokens).
+    pub(super) floor: usize,
+    /// Pages beyond the floor (summed over buffers).
+    pub(super) excess: usize,
+}
+
+/// A planned shrink of one slot.
+#[derive(Debug)]
+pub(super) struct Shrink {
+    pub(super) slot: usize,
+    /// Pages to keep per buffer.
+    pub(super) keep: usize,
+    /// (buffer, current length) of every buffer holding more than `keep` pages.
+    pub(super) tails: Vec<(usize, usize)>,
+}
