@@ -1,6 +1,7 @@
 //! The error type shared by every layer of kvvm.
 
-use crate::vmm::{BackendKind, BackendOp};
+use crate::cache::SlotId;
+use crate::kind::{BackendKind, BackendOp};
 
 /// Result alias used throughout kvvm.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -69,7 +70,7 @@ pub enum Error {
     #[error("slot {slot}: {missing_pages} pages missing: {source}")]
     Grow {
         /// The slot that could not grow.
-        slot: u32,
+        slot: SlotId,
         /// How many pages it lacked.
         missing_pages: usize,
         /// Why they could not be mapped.
@@ -81,6 +82,39 @@ pub enum Error {
         /// The cache's slot count.
         max_slots: usize,
     },
+    /// A slot index at or above the cache's `max_slots`.
+    #[error("slot {slot} out of range (max_slots {max_slots})")]
+    SlotOutOfRange {
+        /// The slot asked for.
+        slot: SlotId,
+        /// The cache's slot count.
+        max_slots: usize,
+    },
+    /// The slot exists but is not allocated (never allocated, freed, or swapped out).
+    #[error("slot {slot} is not allocated")]
+    SlotNotAllocated {
+        /// The slot asked for.
+        slot: SlotId,
+    },
+    /// A token at or beyond the slot's live tokens (pages there may be reclaimed at any time).
+    #[error("token {token} of slot {slot} is not a live token (the slot holds {live})")]
+    TokenNotLive {
+        /// The slot.
+        slot: SlotId,
+        /// The token asked for.
+        token: usize,
+        /// The slot's live tokens.
+        live: usize,
+    },
+    /// A background thread (mapper, page pool, copy workers, swap completion) could not be
+    /// started; the object being created was not created.
+    #[error("cannot start the {thread} thread: {message}")]
+    ThreadSpawn {
+        /// The thread's name.
+        thread: &'static str,
+        /// The operating system's reason.
+        message: String,
+    },
     /// A configuration that cannot work.
     #[error("invalid configuration: {0}")]
     InvalidConfig(String),
@@ -90,15 +124,13 @@ pub enum Error {
     /// The operation is not supported by this backend or build.
     #[error("unsupported: {0}")]
     Unsupported(String),
-    /// A failure injected by [`crate::vmm::faulty::FaultyBackend`].
+    /// A failure injected by `kvvm::vmm::faulty::FaultyBackend` (feature `testing`).
+    #[cfg(feature = "testing")]
     #[error("injected fault in {op}")]
     Injected {
         /// The operation that was made to fail.
         op: BackendOp,
     },
-    /// An error from reading or parsing input (traces, configuration files).
-    #[error("{0}")]
-    Input(String),
     /// A bug inside kvvm was caught (a panic in a background step); the state it names may need
     /// to be rebuilt.
     #[error("internal error: {0}")]
@@ -112,7 +144,8 @@ impl Error {
         match self {
             Error::BudgetExhausted { .. }
             | Error::MapCountExhausted { .. }
-            | Error::HostBudgetExhausted { .. } => true,
+            | Error::HostBudgetExhausted { .. }
+            | Error::ThreadSpawn { .. } => true,
             Error::Backend { code, backend, .. } => match backend {
                 BackendKind::Host => *code == libc::ENOMEM as i64,
                 BackendKind::Cuda => *code == kvvm_sys::CUDA_ERROR_OUT_OF_MEMORY as i64,

@@ -5,26 +5,58 @@
 //! block tables), and moves whole requests' KV between device memory and pinned host memory
 //! asynchronously, in large transfers (the FastSwitch design).
 //!
-//! Layers, bottom up (each calls only the one below):
-//! - [`vmm`]: the [`vmm::Backend`] trait and its implementations: [`vmm::cuda`] (CUDA driver
-//!   virtual-memory management, loaded at run time) and [`vmm::host`] (Linux memfd pages), plus
-//!   [`vmm::faulty`] for fault injection in tests.
-//! - [`pool`]: the physical page pool (budget, reuse, watermarks).
-//! - [`cache`]: [`cache::KvCache`], contiguous virtual KV tensors with on-demand pages.
+//! The types a serving engine needs are at the crate root:
+//! - [`KvCache`] with its [`CacheConfig`] ([`Layout`], [`DType`], [`ModelShape`]): slots
+//!   ([`SlotId`]), on-demand growth (`ensure`, `step`, `shrink`), views ([`TensorView`] per layer
+//!   and [`Kv`]), statistics ([`CacheStats`]);
+//! - [`SwapEngine`] with its [`SwapConfig`]: asynchronous swap-out and swap-in
+//!   ([`SwapTicket`]) of whole slots to host copies ([`HostCopyId`]) with KV reuse;
+//! - [`Error`] and [`Result`].
+//!
+//! [`vmm`] holds the backend contract ([`vmm::Backend`]) and its implementations (CUDA driver
+//! virtual-memory management loaded at run time, and Linux memfd pages), for callers that pick
+//! or wrap a backend themselves. With the `testing` feature, [`testing`] has a shadow-model
+//! harness and `vmm::faulty` a fault-injecting backend.
+//!
+//! ```
+//! use kvvm::{CacheConfig, KvCache, Kv};
+//! use kvvm::vmm::{BackendChoice, BackendConfig};
+//!
+//! let config = CacheConfig::for_model("llama-3-8b", 4, 1024, 64 << 20)?
+//!     .with_layers(2) // keep the example small
+//!     .with_backend(BackendConfig { choice: BackendChoice::Host, host_granularity: 64 << 10, ..Default::default() });
+//! let cache = KvCache::new(config)?;
+//! let slot = cache.alloc_slot()?;
+//! cache.ensure(slot, 100)?;                 // prefill: pages for 100 tokens
+//! cache.step(&[(slot, 101)])?;              // one decode step
+//! let k0 = cache.layer_view(0, Kv::K)?;     // pointer, shape, strides, dtype, device
+//! assert_eq!(k0.shape[0], 4);
+//! # Ok::<(), kvvm::Error>(())
+//! ```
 //!
 //! See `ARCHITECTURE.md` in the repository for the whole picture.
 #![warn(missing_docs)]
 
-pub mod cache;
-pub mod error;
-pub mod ffi;
+mod cache;
+mod error;
+mod kind;
+// The page pool is internal; the `testing` feature opens it for the backend-contract tests.
+#[cfg(feature = "testing")]
 pub mod pool;
-pub mod replay;
-pub mod swap;
+#[cfg(not(feature = "testing"))]
+mod pool;
+mod swap;
+#[cfg(feature = "testing")]
 pub mod testing;
 pub mod vmm;
 
+pub use cache::{
+    ByteRange, CacheConfig, CacheStats, DType, Device, Geometry, Kv, KvCache, Layout, ModelShape,
+    SlotId, TensorView, MAX_SLOTS, MAX_VIRTUAL_BYTES, PRESETS,
+};
 pub use error::{Error, Result};
+pub use pool::PoolStats;
+pub use swap::{HostCopyId, SwapConfig, SwapEngine, SwapStats, SwapTicket};
 
 /// The Rust examples of `README.md`, compiled and run as doctests.
 #[cfg(doctest)]

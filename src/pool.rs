@@ -8,20 +8,8 @@
 //! [`PoolConfig::create_all`] every page of the budget is created up front, like vAttention's
 //! `reserve_physical_pages`.
 //!
-//! ```
-//! use std::sync::Arc;
-//! use kvvm::pool::{PagePool, PoolConfig};
-//! use kvvm::vmm::host::{HostBackend, HostConfig};
-//!
-//! let backend = Arc::new(HostBackend::new(HostConfig::default())?);
-//! let pool = PagePool::new(backend, PoolConfig::with_budget(2 << 20, 8 << 20))?;
-//! let pages = pool.acquire(3)?;
-//! assert_eq!(pool.stats().in_use, 3);
-//! assert!(pool.acquire(2).is_err()); // only 4 pages fit the budget
-//! pool.give_back(pages);
-//! assert_eq!(pool.stats().in_use, 0);
-//! # Ok::<(), kvvm::Error>(())
-//! ```
+//! The pool is internal to the cache; the `testing` feature makes this module public for the
+//! backend-contract tests.
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -63,7 +51,8 @@ impl PoolConfig {
 }
 
 /// Counters of a [`PagePool`].
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct PoolStats {
     /// Page size in bytes.
     pub page_size: usize,
@@ -257,33 +246,13 @@ impl PagePool {
             let handle = std::thread::Builder::new()
                 .name("kvvm-pool".into())
                 .spawn(move || {
-                    crate::cache::stats::mark_background_thread();
+                    crate::vmm::mark_background_thread();
                     inner.background()
                 })
                 .map_err(|e| Error::InvalidConfig(format!("cannot start the pool thread: {e}")))?;
             pool.worker = Some(handle);
         }
         Ok(pool)
-    }
-
-    /// The backend the pages come from.
-    pub fn backend(&self) -> &Arc<dyn Backend> {
-        &self.inner.backend
-    }
-
-    /// The page size in bytes.
-    pub fn page_size(&self) -> usize {
-        self.inner.config.page_size
-    }
-
-    /// The configuration.
-    pub fn config(&self) -> &PoolConfig {
-        &self.inner.config
-    }
-
-    /// How many pages the budget allows.
-    pub fn budget_pages(&self) -> usize {
-        self.inner.budget_pages
     }
 
     /// Pages [`PagePool::acquire`] could hand out now: free ones plus those the budget still
@@ -474,5 +443,23 @@ impl Drop for PagePool {
             let _ = w.join();
         }
         let _ = self.trim(0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vmm::host::{HostBackend, HostConfig};
+
+    #[test]
+    fn budget_bounds_acquire_and_pages_are_reused() -> Result<()> {
+        let backend = Arc::new(HostBackend::new(HostConfig::default())?);
+        let pool = PagePool::new(backend, PoolConfig::with_budget(2 << 20, 8 << 20))?;
+        let pages = pool.acquire(3)?;
+        assert_eq!(pool.stats().in_use, 3);
+        assert!(pool.acquire(2).is_err(), "only 4 pages fit the budget");
+        pool.give_back(pages);
+        assert_eq!(pool.stats().in_use, 0);
+        Ok(())
     }
 }

@@ -10,11 +10,11 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
 
-use kvvm::cache::{CacheConfig, DType, Kv, KvCache, Layout, SlotId};
 use kvvm::testing::{stamp_tokens, verify_tokens};
 use kvvm::vmm::host::{os_page_size, HostBackend, HostConfig};
 use kvvm::vmm::{Backend, BackendConfig};
 use kvvm::Error;
+use kvvm::{CacheConfig, DType, Kv, KvCache, Layout, SlotId};
 
 const MAX_SLOTS: usize = 24;
 const MAX_TOKENS: usize = 384;
@@ -285,7 +285,7 @@ fn worker<'a>(
 
 /// Samples what may be read at any time and checks what holds at any time.
 fn reader(cache: &KvCache, stop: &AtomicBool, samples: &AtomicU64) -> Result<(), String> {
-    let budget = cache.pool().stats().budget_pages;
+    let budget = cache.stats().pool.budget_pages;
     while !stop.load(Ordering::Acquire) {
         let s = cache.stats();
         if s.pool.live > budget {
@@ -303,7 +303,7 @@ fn reader(cache: &KvCache, stop: &AtomicBool, samples: &AtomicU64) -> Result<(),
         if v.shape != [MAX_SLOTS, MAX_TOKENS, 2, 8] {
             return Err(format!("view shape {:?}", v.shape));
         }
-        for slot in 0..MAX_SLOTS as SlotId {
+        for slot in (0..MAX_SLOTS as u32).map(SlotId::new) {
             cache.capacity(slot).map_err(|e| e.to_string())?;
         }
         samples.fetch_add(1, Ordering::Relaxed);
@@ -322,37 +322,24 @@ fn stress(layout: Layout, tight: bool) {
         })
         .expect("host backend"),
     );
-    let config = CacheConfig {
-        layers: 2,
-        kv_heads: 2,
-        head_dim: 8,
-        dtype: DType::F32,
-        max_slots: MAX_SLOTS,
-        max_tokens: MAX_TOKENS,
-        layout,
-        page_size: None,
-        budget_bytes: 0,
-        backend: BackendConfig::default(),
-        lookahead_steps: 8,
-        create_all_pages: false,
-    };
-    let probe = kvvm::cache::Geometry::new(
-        &CacheConfig {
-            budget_bytes: u64::MAX,
-            ..config.clone()
-        },
-        page,
-    )
-    .expect("geometry");
+    let config = CacheConfig::new(2, 2, 8)
+        .with_dtype(DType::F32)
+        .with_max_slots(MAX_SLOTS)
+        .with_max_tokens(MAX_TOKENS)
+        .with_layout(layout)
+        .with_page_size(None)
+        .with_budget_bytes(0)
+        .with_backend(BackendConfig::default())
+        .with_lookahead_steps(8)
+        .with_create_all_pages(false);
+    let probe =
+        kvvm::Geometry::new(&config.clone().with_budget_bytes(u64::MAX), page).expect("geometry");
     let full = probe.pages_per_slot * probe.buffers * MAX_SLOTS;
     // Tight: about 40% of what every slot at full length would need, so the batch regularly
     // runs short and pages are reclaimed from free slots and from slots' mapped-ahead tails.
     let budget_pages = if tight { full * 2 / 5 } else { full };
     let cache = KvCache::with_backend(
-        CacheConfig {
-            budget_bytes: (budget_pages * page) as u64,
-            ..config
-        },
+        config.with_budget_bytes((budget_pages * page) as u64),
         host.clone() as Arc<dyn Backend>,
     )
     .expect("cache");

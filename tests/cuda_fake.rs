@@ -26,8 +26,6 @@ mod fakecuda_build;
 use proptest::prelude::*;
 use proptest::test_runner::Config;
 
-use kvvm::cache::{CacheConfig, DType, KvCache, Layout, SlotId};
-use kvvm::swap::{SwapConfig, SwapEngine};
 use kvvm::testing::{Harness, HarnessConfig, Op};
 use kvvm::vmm::cuda::{CudaBackend, COPY_STREAMS};
 use kvvm::vmm::{
@@ -35,6 +33,8 @@ use kvvm::vmm::{
     HostBuffer, PageHandle, VaRange,
 };
 use kvvm::Error;
+use kvvm::{CacheConfig, DType, KvCache, Layout, SlotId};
+use kvvm::{SwapConfig, SwapEngine};
 use kvvm_sys::result;
 use kvvm_sys::{
     CUevent, CUfunction, CUstream, CUDA_ERROR_ILLEGAL_ADDRESS, CUDA_ERROR_INVALID_VALUE,
@@ -1129,20 +1129,16 @@ fn cache_config(
     budget_pages: usize,
     lookahead_steps: usize,
 ) -> CacheConfig {
-    CacheConfig {
-        layers: 2,
-        kv_heads: 2,
-        head_dim: 64,
-        dtype: DType::F16,
-        max_slots,
-        max_tokens: 512,
-        layout,
-        page_size: None,
-        budget_bytes: (budget_pages * G) as u64,
-        backend: BackendConfig::default(),
-        lookahead_steps,
-        create_all_pages: false,
-    }
+    CacheConfig::new(2, 2, 64)
+        .with_dtype(DType::F16)
+        .with_max_slots(max_slots)
+        .with_max_tokens(512)
+        .with_layout(layout)
+        .with_page_size(None)
+        .with_budget_bytes((budget_pages * G) as u64)
+        .with_backend(BackendConfig::default())
+        .with_lookahead_steps(lookahead_steps)
+        .with_create_all_pages(false)
 }
 
 fn swap_round_trip(s: &Session, layout: Layout) {
@@ -1314,11 +1310,11 @@ fn background_mapper_grows_slots_on_the_fake() {
             let before: Vec<usize> = slots.iter().map(|&x| cache.tokens(x).unwrap()).collect();
             cache.step(&batch).unwrap();
             for (&(slot, tokens), from) in batch.iter().zip(before) {
-                stamp(&cache, slot, slot + 1, from, tokens);
+                stamp(&cache, slot, slot.index() + 1, from, tokens);
             }
         }
         for (i, &slot) in slots.iter().enumerate() {
-            verify(&cache, slot, slot + 1, 300 * (i + 1) / 3 + 1);
+            verify(&cache, slot, slot.index() + 1, 300 * (i + 1) / 3 + 1);
         }
         cache.quiesce();
         drop(cache);

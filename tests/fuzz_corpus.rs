@@ -8,8 +8,8 @@
 
 use std::path::PathBuf;
 
-use kvvm::cache::Layout;
 use kvvm::testing::{fuzz_cache_ops, FuzzInput, HarnessConfig, Op};
+use kvvm::Layout;
 
 fn corpus_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/cache_ops")

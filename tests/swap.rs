@@ -8,8 +8,8 @@ use std::sync::Arc;
 use proptest::prelude::*;
 use proptest::test_runner::Config;
 
-use kvvm::cache::{CacheConfig, DType, KvCache, Layout, SlotId};
-use kvvm::swap::{HostCopyId, SwapConfig, SwapEngine, SwapTicket};
+use kvvm::{CacheConfig, DType, KvCache, Layout, SlotId};
+use kvvm::{HostCopyId, SwapConfig, SwapEngine, SwapTicket};
 
 /// Stamps tokens `from..to` of `slot` with the pattern of `generation`.
 fn write_pattern(
@@ -76,20 +76,16 @@ impl Rig {
         let faulty = Arc::new(FaultyBackend::new(host.clone()));
         let cache = Arc::new(
             KvCache::with_backend(
-                CacheConfig {
-                    layers: 2,
-                    kv_heads: 2,
-                    head_dim: 8,
-                    dtype: DType::F32,
-                    max_slots: slots,
-                    max_tokens: MAX_TOKENS,
-                    layout,
-                    page_size: None,
-                    budget_bytes: (budget_pages * page) as u64,
-                    backend: BackendConfig::default(),
-                    lookahead_steps: lookahead,
-                    create_all_pages: false,
-                },
+                CacheConfig::new(2, 2, 8)
+                    .with_dtype(DType::F32)
+                    .with_max_slots(slots)
+                    .with_max_tokens(MAX_TOKENS)
+                    .with_layout(layout)
+                    .with_page_size(None)
+                    .with_budget_bytes((budget_pages * page) as u64)
+                    .with_backend(BackendConfig::default())
+                    .with_lookahead_steps(lookahead)
+                    .with_create_all_pages(false),
                 faulty.clone() as Arc<dyn Backend>,
             )
             .unwrap(),
@@ -1138,20 +1134,16 @@ fn pages_stay_until_the_copy_completes_and_other_slots_step_meanwhile() {
         });
         let cache = Arc::new(
             KvCache::with_backend(
-                CacheConfig {
-                    layers: 2,
-                    kv_heads: 2,
-                    head_dim: 8,
-                    dtype: DType::F32,
-                    max_slots: 3,
-                    max_tokens: MAX_TOKENS,
-                    layout,
-                    page_size: None,
-                    budget_bytes: (64 * os_page_size()) as u64,
-                    backend: BackendConfig::default(),
-                    lookahead_steps: 0,
-                    create_all_pages: false,
-                },
+                CacheConfig::new(2, 2, 8)
+                    .with_dtype(DType::F32)
+                    .with_max_slots(3)
+                    .with_max_tokens(MAX_TOKENS)
+                    .with_layout(layout)
+                    .with_page_size(None)
+                    .with_budget_bytes((64 * os_page_size()) as u64)
+                    .with_backend(BackendConfig::default())
+                    .with_lookahead_steps(0)
+                    .with_create_all_pages(false),
                 backend,
             )
             .unwrap(),

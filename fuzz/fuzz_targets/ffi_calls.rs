@@ -1,10 +1,10 @@
 //! Calls kvvm's C ABI with arbitrary arguments: live, destroyed, null and made-up handles,
 //! arbitrary integers, null pointers, versioned structs of the wrong size. Every call must return
-//! a documented status, never crash or leak; see `kvvm::ffi::fuzz::run_calls`.
+//! a documented status, never crash or leak; see `kvvm_capi::fuzz::run_calls`.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    kvvm::ffi::fuzz::run_calls(data);
+    kvvm_capi::fuzz::run_calls(data);
 });

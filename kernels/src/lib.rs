@@ -13,20 +13,25 @@
 //!
 //! Element types are `f32`, [`half::f16`] and [`half::bf16`]; arithmetic is in `f32`.
 
+#[cfg(feature = "bench")]
 pub mod bench;
 pub mod cpu;
 pub mod cuda;
+#[cfg(feature = "bench")]
 pub mod data;
 mod element;
 mod error;
 pub mod gpu;
+#[cfg(feature = "bench")]
 pub mod reference;
 pub mod view;
 
+#[cfg(feature = "bench")]
 pub use bench::{bench_attention, bench_inputs, BenchConfig, BenchInputs, BenchReport};
 pub use cpu::{decode_attention_paged, decode_attention_strided, DecodeParams};
 pub use element::{DType, KvElement};
 pub use error::KernelError;
 pub use half::{bf16, f16};
+#[cfg(feature = "bench")]
 pub use reference::reference_decode_attention;
 pub use view::{BlockTable, KvView, PagedPool};

@@ -7,10 +7,9 @@ use crate::error::{Error, Result};
 use crate::vmm::BackendConfig;
 
 /// Element type of the KV cache.
-#[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
-)]
-#[serde(rename_all = "lowercase")]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "lowercase"))]
 pub enum DType {
     /// IEEE half precision.
     #[default]
@@ -71,10 +70,9 @@ impl FromStr for DType {
 }
 
 /// How the KV of all layers is laid out in virtual memory.
-#[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
-)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "kebab-case"))]
 pub enum Layout {
     /// `2 × layers` buffers, each `[max_slots, max_tokens, kv_heads, head_dim]` (vAttention's
     /// default). A page holds many tokens of one layer.
@@ -116,7 +114,8 @@ impl FromStr for Layout {
 }
 
 /// Attention shapes of a model, per tensor-parallel rank.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct ModelShape {
     /// Preset name.
     pub name: &'static str,
@@ -240,8 +239,24 @@ impl ModelShape {
 /// Most virtual address space one cache may reserve (32 TiB).
 pub const MAX_VIRTUAL_BYTES: u64 = 1 << 45;
 
-/// Configuration of a [`crate::cache::KvCache`].
+/// Configuration of a [`crate::KvCache`].
+///
+/// Made with [`CacheConfig::for_model`] (a preset) or [`CacheConfig::new`] (any shape), then
+/// adjusted with the `with_*` setters or by assigning fields. The struct is `#[non_exhaustive]`:
+/// new options get a default and a setter, so adding one breaks no caller.
+///
+/// ```
+/// use kvvm::{CacheConfig, DType, Layout};
+/// let c = CacheConfig::new(32, 8, 128)
+///     .with_dtype(DType::Bf16)
+///     .with_max_slots(64)
+///     .with_max_tokens(8192)
+///     .with_layout(Layout::PerLayer)
+///     .with_budget_bytes(16 << 30);
+/// assert_eq!(c.max_slots, 64);
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub struct CacheConfig {
     /// Transformer layers.
     pub layers: usize,
@@ -283,28 +298,82 @@ impl CacheConfig {
         budget_bytes: u64,
     ) -> Result<Self> {
         let m = ModelShape::preset(preset)?;
-        Ok(CacheConfig {
-            layers: m.layers,
-            kv_heads: m.kv_heads,
-            head_dim: m.head_dim,
+        Ok(CacheConfig::new(m.layers, m.kv_heads, m.head_dim)
+            .with_max_slots(max_slots)
+            .with_max_tokens(max_tokens)
+            .with_budget_bytes(budget_bytes))
+    }
+
+    /// A configuration for `layers` layers of `kv_heads` KV heads of `head_dim` elements, with
+    /// the defaults: f16, 1 slot of 4096 tokens, the interleaved layout, the backend's page size,
+    /// a budget of 1 GiB, the automatically chosen backend, a look-ahead of 8 steps, pages
+    /// created on demand. The shape is checked when the cache is made.
+    pub fn new(layers: usize, kv_heads: usize, head_dim: usize) -> Self {
+        CacheConfig {
+            layers,
+            kv_heads,
+            head_dim,
             dtype: DType::F16,
-            max_slots,
-            max_tokens,
+            max_slots: 1,
+            max_tokens: 4096,
             layout: Layout::Interleaved,
             page_size: None,
-            budget_bytes,
+            budget_bytes: 1 << 30,
             backend: BackendConfig::default(),
             lookahead_steps: 8,
             create_all_pages: false,
-        })
+        }
     }
+}
+
+macro_rules! setters {
+    ($($(#[$doc:meta])* $name:ident: $field:ident: $ty:ty;)*) => {
+        impl CacheConfig {
+            $(
+                $(#[$doc])*
+                #[must_use]
+                pub fn $name(mut self, $field: $ty) -> Self {
+                    self.$field = $field;
+                    self
+                }
+            )*
+        }
+    };
+}
+
+setters! {
+    /// Sets [`CacheConfig::layers`].
+    with_layers: layers: usize;
+    /// Sets [`CacheConfig::kv_heads`].
+    with_kv_heads: kv_heads: usize;
+    /// Sets [`CacheConfig::head_dim`].
+    with_head_dim: head_dim: usize;
+    /// Sets [`CacheConfig::dtype`].
+    with_dtype: dtype: DType;
+    /// Sets [`CacheConfig::max_slots`].
+    with_max_slots: max_slots: usize;
+    /// Sets [`CacheConfig::max_tokens`].
+    with_max_tokens: max_tokens: usize;
+    /// Sets [`CacheConfig::layout`].
+    with_layout: layout: Layout;
+    /// Sets [`CacheConfig::page_size`] (`None`: the backend's granularity).
+    with_page_size: page_size: Option<usize>;
+    /// Sets [`CacheConfig::budget_bytes`].
+    with_budget_bytes: budget_bytes: u64;
+    /// Sets [`CacheConfig::backend`].
+    with_backend: backend: BackendConfig;
+    /// Sets [`CacheConfig::lookahead_steps`] (0: no background mapper).
+    with_lookahead_steps: lookahead_steps: usize;
+    /// Sets [`CacheConfig::create_all_pages`].
+    with_create_all_pages: create_all_pages: bool;
 }
 
 /// The most slots a cache may have (a bound on up-front bookkeeping, far above any batch).
 pub const MAX_SLOTS: usize = 1 << 20;
 
 /// Sizes derived from a [`CacheConfig`] and the page size.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct Geometry {
     /// Layout.
     pub layout: Layout,

@@ -26,7 +26,7 @@ impl KvCache {
     /// where reclamation finds it later; nothing leaks.
     pub(crate) fn swap_out_commit(&self, slot: SlotId) {
         let sh = &*self.shared;
-        let i = slot as usize;
+        let i = slot.as_usize();
         let tails = sh.lock().slots[i].tails(0);
         if let Err(e) = sh.unmap_tails(i, 0, &tails) {
             tracing::warn!("slot {slot}: unmapping after swap-out failed, pages stay mapped: {e}");
@@ -44,7 +44,7 @@ impl KvCache {
 
     /// Ends a failed transfer: the busy `slot` becomes usable again, as it was.
     pub(crate) fn swap_abort(&self, slot: SlotId) {
-        self.shared.finish(&[slot as usize]);
+        self.shared.finish(&[slot.as_usize()]);
     }
 
     /// Starts a swap-in: `slot` must be allocated and empty; marks it busy and maps the pages
@@ -108,7 +108,7 @@ impl KvCache {
     /// Ends a successful swap-in: the busy `slot` holds `tokens` tokens and is usable again.
     pub(crate) fn swap_in_commit(&self, slot: SlotId, tokens: usize) {
         let sh = &*self.shared;
-        let i = slot as usize;
+        let i = slot.as_usize();
         let mut st = sh.lock();
         st.slots[i].busy = false;
         // Not a decode step: it must not shorten the step cadence the mapper measures.

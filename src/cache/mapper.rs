@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{attach, Shared, State};
-use crate::cache::stats::mark_background_thread;
+use crate::vmm::mark_background_thread;
 
 pub(super) fn run(sh: Arc<Shared>) {
     mark_background_thread();

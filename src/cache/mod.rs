@@ -7,7 +7,7 @@
 //! # A decode loop
 //!
 //! ```
-//! use kvvm::cache::{CacheConfig, KvCache, Kv, Layout};
+//! use kvvm::{CacheConfig, KvCache, Kv, Layout};
 //! use kvvm::vmm::{BackendChoice, BackendConfig};
 //!
 //! let mut config = CacheConfig::for_model("llama-3-8b", 4, 1024, 64 << 20)?;
@@ -29,7 +29,7 @@
 //!     lb += 1;
 //!     cache.step(&[(a, la), (b, lb)])?;
 //!     let k0 = cache.layer_view(0, Kv::K)?;
-//!     let _row = k0.row_addr(a as usize, la - 1, 0); // where the new token's K goes
+//!     let _row = k0.row_addr(a.as_usize(), la - 1, 0); // where the new token's K goes
 //! }
 //! assert_eq!(cache.tokens(a)?, 150);
 //! cache.free_slot(b)?; // its pages stay mapped for the next request (deferred reclamation)
@@ -45,25 +45,76 @@
 //! mappings (`ensure`, `step`, `shrink`, `free_slot`, and the background mapper) are serialized
 //! per slot. Views and statistics may be read at any time.
 
-pub mod config;
+mod config;
 mod hooks;
 mod mapper;
-pub mod stats;
-pub mod view;
+mod stats;
+mod view;
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
-pub use config::{CacheConfig, DType, Geometry, Layout, ModelShape, PRESETS};
-pub use stats::{CacheStats, MeteredBackend, OpStats};
+pub use config::{
+    CacheConfig, DType, Geometry, Layout, ModelShape, MAX_SLOTS, MAX_VIRTUAL_BYTES, PRESETS,
+};
+pub use stats::CacheStats;
 pub use view::{ByteRange, Device, Kv, TensorView};
 
 use crate::error::{Error, Result};
 use crate::pool::{PagePool, PoolConfig};
-use crate::vmm::{Backend, BackendOp, PageHandle, VaRange};
+use crate::vmm::{Backend, BackendOp, MeteredBackend, PageHandle, VaRange};
 
-/// Index of a slot, `0..max_slots`.
-pub type SlotId = u32;
+/// A slot of a [`KvCache`]: one request's contiguous region in every buffer, `0..max_slots`.
+///
+/// The index is the slot's position in the batch dimension of the views
+/// ([`KvCache::layer_view`]), so an engine may use it as the row of its batch tensors.
+///
+/// ```
+/// use kvvm::SlotId;
+/// let s = SlotId::new(3);
+/// assert_eq!(s.index(), 3);
+/// assert_eq!(u32::from(s), 3);
+/// assert_eq!(s.to_string(), "3");
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(transparent))]
+pub struct SlotId(u32);
+
+impl SlotId {
+    /// The slot with index `index` (whether it exists is checked by the cache's calls).
+    pub const fn new(index: u32) -> Self {
+        SlotId(index)
+    }
+
+    /// The slot's index.
+    pub const fn index(self) -> u32 {
+        self.0
+    }
+
+    /// The slot's index as a `usize` (for indexing batch tensors).
+    pub const fn as_usize(self) -> usize {
+        self.0 as usize
+    }
+}
+
+impl From<u32> for SlotId {
+    fn from(index: u32) -> Self {
+        SlotId(index)
+    }
+}
+
+impl From<SlotId> for u32 {
+    fn from(slot: SlotId) -> Self {
+        slot.0
+    }
+}
+
+impl std::fmt::Display for SlotId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
 
 #[derive(Debug, Default)]
 struct Slot {
@@ -279,8 +330,9 @@ impl KvCache {
                 std::thread::Builder::new()
                     .name("kvvm-mapper".into())
                     .spawn(move || mapper::run(s))
-                    .map_err(|e| {
-                        Error::InvalidConfig(format!("cannot start the mapper thread: {e}"))
+                    .map_err(|e| Error::ThreadSpawn {
+                        thread: "kvvm-mapper",
+                        message: e.to_string(),
                     })?,
             )
         } else {
@@ -294,18 +346,19 @@ impl KvCache {
         &self.shared.geometry
     }
 
-    /// The backend (metered: its counters are part of [`KvCache::stats`]).
+    /// The backend the cache maps its pages through, wrapped in the meter whose counters are
+    /// part of [`KvCache::stats`].
+    ///
+    /// Use it to allocate host buffers ([`Backend::alloc_host`]) and copy between them and the
+    /// cache's rows ([`Backend::copy_async`]) on the cache's own device, as a stamping or
+    /// prefetching tool does. Mapping or unmapping through it behind the cache's back breaks the
+    /// cache's invariants.
     pub fn backend(&self) -> &Arc<MeteredBackend> {
         &self.shared.backend
     }
 
-    /// The page pool.
-    pub fn pool(&self) -> &PagePool {
-        &self.shared.pool
-    }
-
     /// The reserved range of every buffer.
-    pub fn buffers(&self) -> &[VaRange] {
+    pub(crate) fn buffers(&self) -> &[VaRange] {
         &self.shared.buffers
     }
 
@@ -347,7 +400,7 @@ impl KvCache {
         s.tokens = 0;
         s.ahead = 0;
         s.epoch += 1;
-        Ok(i as SlotId)
+        Ok(SlotId(i as u32))
     }
 
     /// Frees a slot. Its pages stay mapped (deferred reclamation): a later request can reuse them,
@@ -441,17 +494,17 @@ impl KvCache {
     /// [`Error::InvalidArgument`] for a slot out of range.
     pub fn capacity(&self, slot: SlotId) -> Result<usize> {
         let st = self.shared.lock();
-        let s = st
-            .slots
-            .get(slot as usize)
-            .ok_or_else(|| Error::InvalidArgument(format!("slot {slot} out of range")))?;
+        let s = st.slots.get(slot.as_usize()).ok_or(Error::SlotOutOfRange {
+            slot,
+            max_slots: self.shared.geometry.max_slots,
+        })?;
         Ok(self.shared.geometry.tokens_in(s.mapped()))
     }
 
     /// Whether a slot is allocated.
     pub fn is_allocated(&self, slot: SlotId) -> bool {
         let st = self.shared.lock();
-        st.slots.get(slot as usize).is_some_and(|s| s.allocated)
+        st.slots.get(slot.as_usize()).is_some_and(|s| s.allocated)
     }
 
     /// The view of layer `layer`'s K or V for the whole batch.
@@ -484,9 +537,16 @@ impl KvCache {
     /// [`Error::InvalidArgument`] for a slot out of range or `tokens > max_tokens`.
     pub fn slot_ranges(&self, slot: SlotId, tokens: usize) -> Result<Vec<ByteRange>> {
         let g = &self.shared.geometry;
-        if slot as usize >= g.max_slots || tokens > g.max_tokens {
+        if slot.as_usize() >= g.max_slots {
+            return Err(Error::SlotOutOfRange {
+                slot,
+                max_slots: g.max_slots,
+            });
+        }
+        if tokens > g.max_tokens {
             return Err(Error::InvalidArgument(format!(
-                "slot {slot} / {tokens} tokens out of range"
+                "{tokens} tokens exceed max_tokens {}",
+                g.max_tokens
             )));
         }
         Ok(self
@@ -494,7 +554,7 @@ impl KvCache {
             .buffers
             .iter()
             .map(|b| ByteRange {
-                addr: b.addr + (slot as usize * g.slot_bytes) as u64,
+                addr: b.addr + (slot.as_usize() * g.slot_bytes) as u64,
                 len: tokens * g.token_bytes,
             })
             .collect())
@@ -510,13 +570,11 @@ impl KvCache {
     pub fn row(&self, slot: SlotId, token: usize, layer: usize, kv: Kv) -> Result<ByteRange> {
         let live = self.tokens(slot)?;
         if token >= live {
-            return Err(Error::InvalidArgument(format!(
-                "token {token} of slot {slot} is not a live token (the slot holds {live})"
-            )));
+            return Err(Error::TokenNotLive { slot, token, live });
         }
         let v = self.layer_view(layer, kv)?;
         Ok(ByteRange {
-            addr: v.row_addr(slot as usize, token, 0),
+            addr: v.row_addr(slot.as_usize(), token, 0),
             len: self.shared.geometry.row_bytes(),
         })
     }
@@ -600,15 +658,13 @@ impl Shared {
     }
 
     fn check_slot(&self, st: &State, slot: SlotId) -> Result<usize> {
-        match st.slots.get(slot as usize) {
-            Some(s) if s.allocated => Ok(slot as usize),
-            Some(_) => Err(Error::InvalidArgument(format!(
-                "slot {slot} is not allocated"
-            ))),
-            None => Err(Error::InvalidArgument(format!(
-                "slot {slot} out of range (max_slots {})",
-                st.slots.len()
-            ))),
+        match st.slots.get(slot.as_usize()) {
+            Some(s) if s.allocated => Ok(slot.as_usize()),
+            Some(_) => Err(Error::SlotNotAllocated { slot }),
+            None => Err(Error::SlotOutOfRange {
+                slot,
+                max_slots: st.slots.len(),
+            }),
         }
     }
 
@@ -681,7 +737,7 @@ impl Shared {
             st = self.changed.wait(st).unwrap_or_else(|p| p.into_inner());
             // Slots may have been freed meanwhile.
             for &(i, _) in &targets {
-                self.check_slot(&st, i as SlotId)?;
+                self.check_slot(&st, SlotId(i as u32))?;
             }
         };
         if work.is_empty() {
@@ -730,7 +786,7 @@ impl Shared {
                 self.finish(&busy);
                 let (slot, missing) = blame(&work, &e);
                 return Err(Error::Grow {
-                    slot: slot as SlotId,
+                    slot: SlotId(slot as u32),
                     missing_pages: missing,
                     source: Box::new(e),
                 });
@@ -762,7 +818,7 @@ impl Shared {
                 self.changed.notify_all();
                 let missing = work.iter().find(|w| w.0 == failed_slot).map_or(0, |w| w.2);
                 Err(Error::Grow {
-                    slot: failed_slot as SlotId,
+                    slot: SlotId(failed_slot as u32),
                     missing_pages: missing,
                     source: Box::new(e),
                 })

@@ -4,8 +4,9 @@ use super::config::DType;
 use crate::vmm::BackendKind;
 
 /// Key or value.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "lowercase"))]
 pub enum Kv {
     /// Keys.
     K,
@@ -21,7 +22,8 @@ impl Kv {
 }
 
 /// Where a tensor lives.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct Device {
     /// Host memory or a CUDA device.
     pub kind: BackendKind,
@@ -33,7 +35,8 @@ pub struct Device {
 ///
 /// Strides are in elements. Only the tokens a slot has mapped may be read or written; the rest
 /// of the range is reserved address space without memory behind it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct TensorView {
     /// Address of element `[0, 0, 0, 0]`.
     pub addr: u64,
@@ -57,7 +60,8 @@ impl TensorView {
 }
 
 /// A contiguous range of bytes in the cache's address space.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct ByteRange {
     /// First byte.
     pub addr: u64,

@@ -6,8 +6,8 @@
 //!
 //! ```
 //! use std::sync::Arc;
-//! use kvvm::cache::{CacheConfig, KvCache, Layout};
-//! use kvvm::swap::{SwapConfig, SwapEngine};
+//! use kvvm::{CacheConfig, KvCache, Layout};
+//! use kvvm::{SwapConfig, SwapEngine};
 //! use kvvm::vmm::{BackendChoice, BackendConfig};
 //!
 //! let mut config = CacheConfig::for_model("llama-3-8b", 4, 1024, 64 << 20)?;
@@ -153,7 +153,8 @@ impl HostCopyId {
 }
 
 /// Counters of a [`SwapEngine`].
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct SwapStats {
     /// Bytes copied device to host by completed swap-outs.
     pub bytes_out: u64,
@@ -964,7 +965,7 @@ impl SwapEngine {
         if let Some(base) = dst_base {
             let buffers = inner.cache.buffers();
             for (b, r) in buffers.iter().enumerate() {
-                let src = r.addr + (slot as usize * g.slot_bytes + from * tb) as u64;
+                let src = r.addr + (slot.as_usize() * g.slot_bytes + from * tb) as u64;
                 let dst = base + (b * dst_cap * tb + from * tb) as u64;
                 push_chunked(
                     &mut regions,
@@ -1058,7 +1059,7 @@ impl SwapEngine {
             for (b, r) in inner.cache.buffers().iter().enumerate() {
                 push_chunked(
                     &mut regions,
-                    r.addr + (slot as usize * g.slot_bytes) as u64,
+                    r.addr + (slot.as_usize() * g.slot_bytes) as u64,
                     base + (b * cap * tb) as u64,
                     tokens * tb,
                     inner.config.chunk_bytes,

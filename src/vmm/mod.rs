@@ -27,97 +27,19 @@
 //! [`faulty::FaultyBackend`] wraps any backend and makes chosen calls fail, for tests.
 
 pub mod cuda;
+#[cfg(feature = "testing")]
 pub mod faulty;
 pub mod host;
+mod metered;
+
+pub use crate::kind::{BackendKind, BackendOp};
+pub(crate) use metered::mark_background_thread;
+pub use metered::{MeteredBackend, OpStats};
 
 use std::fmt;
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
-
-/// Which implementation a backend is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum BackendKind {
-    /// Linux memfd pages mapped into anonymous reservations.
-    Host,
-    /// CUDA driver virtual-memory management.
-    Cuda,
-}
-
-impl fmt::Display for BackendKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            BackendKind::Host => "host",
-            BackendKind::Cuda => "cuda",
-        })
-    }
-}
-
-/// The kinds of backend call, for statistics and fault injection.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-#[repr(u8)]
-pub enum BackendOp {
-    /// [`Backend::reserve`]
-    Reserve = 0,
-    /// [`Backend::free_reservation`]
-    FreeReservation = 1,
-    /// [`Backend::create_page`]
-    CreatePage = 2,
-    /// [`Backend::release_page`]
-    ReleasePage = 3,
-    /// [`Backend::map`]
-    Map = 4,
-    /// [`Backend::unmap`]
-    Unmap = 5,
-    /// [`Backend::alloc_host`]
-    AllocHost = 6,
-    /// [`Backend::free_host`]
-    FreeHost = 7,
-    /// [`Backend::copy_async`] (submission and completion)
-    Copy = 8,
-    /// [`Backend::synchronize`]
-    Synchronize = 9,
-}
-
-impl BackendOp {
-    /// Number of kinds.
-    pub const COUNT: usize = 10;
-    /// All kinds, in numeric order.
-    pub const ALL: [BackendOp; Self::COUNT] = [
-        BackendOp::Reserve,
-        BackendOp::FreeReservation,
-        BackendOp::CreatePage,
-        BackendOp::ReleasePage,
-        BackendOp::Map,
-        BackendOp::Unmap,
-        BackendOp::AllocHost,
-        BackendOp::FreeHost,
-        BackendOp::Copy,
-        BackendOp::Synchronize,
-    ];
-    /// The snake_case name used in statistics and JSON.
-    pub fn name(self) -> &'static str {
-        match self {
-            BackendOp::Reserve => "reserve",
-            BackendOp::FreeReservation => "free_reservation",
-            BackendOp::CreatePage => "create_page",
-            BackendOp::ReleasePage => "release_page",
-            BackendOp::Map => "map",
-            BackendOp::Unmap => "unmap",
-            BackendOp::AllocHost => "alloc_host",
-            BackendOp::FreeHost => "free_host",
-            BackendOp::Copy => "copy",
-            BackendOp::Synchronize => "synchronize",
-        }
-    }
-}
-
-impl fmt::Display for BackendOp {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
 
 /// A range of virtual addresses returned by [`Backend::reserve`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -232,7 +154,8 @@ pub trait Completion: Send + Sync + fmt::Debug {
 }
 
 /// Facts about a backend, for `kvvm info` and statistics.
-#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct BackendInfo {
     /// Which backend.
     pub kind: BackendKind,
@@ -356,10 +279,9 @@ pub trait Backend: Send + Sync + fmt::Debug {
 }
 
 /// Which backend to open.
-#[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
-)]
-#[serde(rename_all = "lowercase")]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "lowercase"))]
 pub enum BackendChoice {
     /// CUDA when the driver loads and a device with virtual-memory management exists, else host.
     /// The environment variable `KVVM_BACKEND=host|cuda` overrides `Auto`.

@@ -262,20 +262,16 @@ impl Harness {
             None => backend,
         };
         let cache = KvCache::with_backend(
-            CacheConfig {
-                layers: 2,
-                kv_heads: 2,
-                head_dim: 8,
-                dtype: DType::F32,
-                max_slots: config.max_slots,
-                max_tokens: config.max_tokens,
-                layout: config.layout,
-                page_size: None,
-                budget_bytes: (config.budget_pages * page) as u64,
-                backend: BackendConfig::default(),
-                lookahead_steps: config.lookahead,
-                create_all_pages: false,
-            },
+            CacheConfig::new(2, 2, 8)
+                .with_dtype(DType::F32)
+                .with_max_slots(config.max_slots)
+                .with_max_tokens(config.max_tokens)
+                .with_layout(config.layout)
+                .with_page_size(None)
+                .with_budget_bytes((config.budget_pages * page) as u64)
+                .with_backend(BackendConfig::default())
+                .with_lookahead_steps(config.lookahead)
+                .with_create_all_pages(false),
             backend,
         )?;
         Ok(Harness {

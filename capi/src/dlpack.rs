@@ -17,7 +17,7 @@ use super::{
     cache_of, device_code, guard, kv_from, kvvm_cache, kvvm_status, out, to_usize, FfiError,
     FfiResult, KVVM_ALL_SLOTS,
 };
-use crate::cache::{DType, KvCache};
+use kvvm::{DType, KvCache};
 
 /// DLPack major version of the exported tensors.
 pub const KVVM_DLPACK_MAJOR: u32 = 1;
@@ -166,7 +166,7 @@ fn describe(c: &KvCache, layer: u32, kv: u32, slot: u32, tokens: u64) -> FfiResu
     let tokens = to_usize(tokens, "tokens")?;
     // Only live tokens: pages beyond them may be reclaimed by any other call at any time.
     // (`tokens` checks that the slot is in range and allocated.)
-    let live = c.tokens(slot)?;
+    let live = c.tokens(kvvm::SlotId::new(slot))?;
     if tokens > live {
         return Err(FfiError::arg(format!(
             "slot {slot} holds {live} tokens, cannot export {tokens}"

@@ -12,10 +12,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use clap::Args;
-use kvvm::cache::{ByteRange, CacheConfig, Kv, KvCache, Layout, SlotId};
-use kvvm::swap::{SwapConfig, SwapEngine, SwapTicket};
 use kvvm::vmm::{Backend, BackendKind, Completion, CopyKind, CopyRegion, HostBuffer};
+use kvvm::{ByteRange, CacheConfig, Kv, KvCache, Layout, SlotId};
 use kvvm::{Error, Result};
+use kvvm::{SwapConfig, SwapEngine, SwapTicket};
 
 use crate::BackendArgs;
 
@@ -279,7 +279,7 @@ pub fn run(args: SwapArgs) -> Result<()> {
     let mut config = CacheConfig::for_model(&args.model, args.requests, args.tokens, 1 << 40)?;
     config.layout = args.layout;
     config.lookahead_steps = 0;
-    let g = kvvm::cache::Geometry::new(&config, backend.granularity())?;
+    let g = kvvm::Geometry::new(&config, backend.granularity())?;
     config.budget_bytes = (g.pages_for(args.tokens) * g.buffers * g.page_size * args.requests)
         as u64
         + (g.buffers * g.page_size) as u64;

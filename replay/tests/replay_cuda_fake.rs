@@ -8,15 +8,15 @@ use std::ffi::{c_char, c_longlong, CString};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use kvvm::cache::{DType, Layout, ModelShape};
-use kvvm::replay::{self, read_trace, AllocatorKind, ReplayConfig, SchedConfig};
 use kvvm::vmm::{BackendChoice, BackendConfig};
+use kvvm::{DType, Layout, ModelShape};
+use kvvm_replay::{self, read_trace, AllocatorKind, ReplayConfig, SchedConfig};
 use libloading::Library;
 
 /// Builds the fake into `CARGO_TARGET_TMPDIR` under a name of its own. `None` without a C
 /// compiler.
 fn build_fake() -> Option<PathBuf> {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fakecuda.c");
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/fakecuda.c");
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("fakecuda-replay");
     std::fs::create_dir_all(&dir).unwrap();
     let out = dir.join(format!("libfakecuda-{}.so", std::process::id()));
@@ -63,7 +63,7 @@ fn replay_on_the_fake_cuda_driver_keeps_every_token() {
     };
 
     let trace = read_trace(
-        &Path::new(env!("CARGO_MANIFEST_DIR")).join("traces/AzureLLMInferenceTrace_conv.csv"),
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("../traces/AzureLLMInferenceTrace_conv.csv"),
         Some(24),
     )
     .unwrap();
@@ -99,7 +99,7 @@ fn replay_on_the_fake_cuda_driver_keeps_every_token() {
             AllocatorKind::Kvvm(Layout::PerLayer),
         ],
     };
-    let report = replay::replay(&trace, &config, &mut |_, _| {}).unwrap();
+    let report = kvvm_replay::replay(&trace, &config, &mut |_, _| {}).unwrap();
     assert_eq!(report.backend, "cuda");
     for r in &report.results {
         assert_eq!(r.finished, 24, "{}", r.allocator);

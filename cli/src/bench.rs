@@ -7,9 +7,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::{Args, Subcommand};
-use kvvm::cache::{CacheConfig, KvCache, Layout, SlotId};
 use kvvm::vmm::host::{HostBackend, HostConfig};
 use kvvm::vmm::{self, Backend, BackendKind, BackendOp};
+use kvvm::{CacheConfig, KvCache, Layout, SlotId};
 use kvvm::{Error, Result};
 use nix::sys::mman::{mmap, mmap_anonymous, munmap, MapFlags, ProtFlags};
 
@@ -406,7 +406,7 @@ fn step_run(a: &StepArgs, layout: Layout, lookahead: usize) -> Result<StepRun> {
     let mut cfg = CacheConfig::for_model(&a.model, a.slots, a.max_tokens, u64::MAX / 4)?;
     cfg.layout = layout;
     cfg.lookahead_steps = lookahead;
-    let g = kvvm::cache::Geometry::new(&cfg, backend.granularity())?;
+    let g = kvvm::Geometry::new(&cfg, backend.granularity())?;
     cfg.budget_bytes = (g.pages_per_slot * g.buffers * a.slots * g.page_size) as u64;
     let cache = KvCache::with_backend(cfg, backend)?;
     let per_page = g.tokens_in(1).max(1);

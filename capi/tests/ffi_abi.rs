@@ -5,9 +5,9 @@ use std::ffi::CStr;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 
-use kvvm::ffi::dlpack::*;
-use kvvm::ffi::swap::*;
-use kvvm::ffi::*;
+use kvvm_capi::dlpack::*;
+use kvvm_capi::swap::*;
+use kvvm_capi::*;
 
 fn small_config() -> kvvm_config {
     let mut c = kvvm_config::default();
@@ -75,13 +75,13 @@ fn fuzz_driver_fixed_inputs() {
     ];
     let per: Vec<usize> = inputs
         .iter()
-        .map(|i| kvvm::ffi::fuzz::run_calls(i))
+        .map(|i| kvvm_capi::fuzz::run_calls(i))
         .collect();
     eprintln!("successful calls per fixed input: {per:?}");
     let fixed: usize = per.iter().sum();
     assert!(fixed >= 5, "only {fixed} calls succeeded");
     let random: Vec<usize> = (1..=12)
-        .map(|seed| kvvm::ffi::fuzz::run_calls(&bytes(seed, 3000)))
+        .map(|seed| kvvm_capi::fuzz::run_calls(&bytes(seed, 3000)))
         .collect();
     eprintln!("successful calls per random input: {random:?}");
     // The inputs reach past argument checking (created caches, allocated slots...).

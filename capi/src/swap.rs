@@ -6,7 +6,7 @@ use static_assertions::{assert_eq_align, assert_eq_size};
 
 use super::registry::{self, Object};
 use super::{cache_of, guard, kvvm_cache, kvvm_status, kvvm_swap, kvvm_ticket, out, FfiError};
-use crate::swap::{HostCopyId, SwapConfig, SwapEngine};
+use kvvm::{HostCopyId, SwapConfig, SwapEngine};
 
 /// Options of a swap engine. Fill with `kvvm_swap_config_init`, then change fields.
 /// `struct_size` follows the rules of `kvvm_config`.
@@ -160,7 +160,7 @@ pub extern "C" fn kvvm_swap_destroy(swap: kvvm_swap) -> kvvm_status {
     guard(|| registry::remove_swap(swap.id))
 }
 
-fn register_ticket(t: crate::swap::SwapTicket, o: &mut kvvm_ticket) {
+fn register_ticket(t: kvvm::SwapTicket, o: &mut kvvm_ticket) {
     o.id = registry::insert(Object::Ticket(Arc::new(t)));
 }
 
@@ -187,7 +187,7 @@ pub unsafe extern "C" fn kvvm_swap_out(
         let s = swap_of(swap)?;
         // SAFETY: per this function's contract.
         let o = unsafe { out(out_ticket, "out_ticket") }?;
-        register_ticket(s.swap_out(slot)?, o);
+        register_ticket(s.swap_out(kvvm::SlotId::new(slot))?, o);
         Ok(())
     })
 }
@@ -217,7 +217,10 @@ pub unsafe extern "C" fn kvvm_swap_in(
         let s = swap_of(swap)?;
         // SAFETY: per this function's contract.
         let o = unsafe { out(out_ticket, "out_ticket") }?;
-        register_ticket(s.swap_in(HostCopyId::from_raw(copy), slot)?, o);
+        register_ticket(
+            s.swap_in(HostCopyId::from_raw(copy), kvvm::SlotId::new(slot))?,
+            o,
+        );
         Ok(())
     })
 }

@@ -4,9 +4,9 @@
 //! ([`sched::simulate`]) on a simulated clock, once per allocator, all behind the
 //! [`alloc::KvAllocator`] trait:
 //!
-//! - `kvvm-interleaved` and `kvvm-per-layer`: a real [`crate::cache::KvCache`] (host
+//! - `kvvm-interleaved` and `kvvm-per-layer`: a real [`kvvm::KvCache`] (host
 //!   backend unless told otherwise) with real pages mapped; preemption swaps whole requests to
-//!   host buffers in coarse copies and reuses host copies ([`kvvm::KvvmAllocator`]); every
+//!   host buffers in coarse copies and reuses host copies ([`adapter::KvvmAllocator`]); every
 //!   token's KV carries a stamp checked when its request resumes and when it finishes;
 //! - `paged-16`: vLLM-style 16-token blocks, a bookkeeping model with the same byte budget,
 //!   preempting by swap with one copy per block per layer ([`alloc::PagedModel`]);
@@ -15,8 +15,9 @@
 //! [`replay`] runs them all and returns a [`Report`]; `docs/replay.md` in the repository
 //! describes the model and every column.
 
+pub mod adapter;
 pub mod alloc;
-pub mod kvvm;
+mod error;
 pub mod sched;
 pub mod trace;
 
@@ -24,12 +25,12 @@ use std::fmt::Write as _;
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::cache::{CacheConfig, DType, KvCache, Layout, ModelShape};
-use crate::error::{Error, Result};
-use crate::vmm::BackendConfig;
+use kvvm::vmm::BackendConfig;
+use kvvm::{CacheConfig, DType, KvCache, Layout, ModelShape};
 
+pub use adapter::KvvmAllocator;
 pub use alloc::{Counters, KvAllocator, PagedModel, Preempted, StaticModel, Usage};
-pub use kvvm::KvvmAllocator;
+pub use error::{Error, Result};
 pub use sched::{simulate, Job, RunResult, Sample, SchedConfig, StepModel};
 pub use trace::{read_trace, Request, Trace, TraceFormat};
 
@@ -128,20 +129,18 @@ pub fn make_allocator(kind: AllocatorKind, config: &ReplayConfig) -> Result<Box<
     let token_bytes = m.token_bytes(config.dtype) as u64;
     Ok(match kind {
         AllocatorKind::Kvvm(layout) => {
-            let cache = KvCache::new(CacheConfig {
-                layers: m.layers,
-                kv_heads: m.kv_heads,
-                head_dim: m.head_dim,
-                dtype: config.dtype,
-                max_slots: config.sched.max_slots,
-                max_tokens: config.sched.max_tokens,
-                layout,
-                page_size: config.page_size,
-                budget_bytes: config.budget_bytes,
-                backend: config.backend.clone(),
-                lookahead_steps: config.lookahead_steps,
-                create_all_pages: false,
-            })?;
+            let cache = KvCache::new(
+                CacheConfig::new(m.layers, m.kv_heads, m.head_dim)
+                    .with_dtype(config.dtype)
+                    .with_max_slots(config.sched.max_slots)
+                    .with_max_tokens(config.sched.max_tokens)
+                    .with_layout(layout)
+                    .with_page_size(config.page_size)
+                    .with_budget_bytes(config.budget_bytes)
+                    .with_backend(config.backend.clone())
+                    .with_lookahead_steps(config.lookahead_steps)
+                    .with_create_all_pages(false),
+            )?;
             Box::new(KvvmAllocator::new(
                 Arc::new(cache),
                 config.host_budget_bytes,

@@ -4,14 +4,14 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use kvvm::cache::{CacheConfig, DType, KvCache, Layout, ModelShape};
-use kvvm::replay::{
+use kvvm::vmm::host::os_page_size;
+use kvvm::vmm::{BackendChoice, BackendConfig};
+use kvvm::{CacheConfig, DType, KvCache, Layout, ModelShape};
+use kvvm_replay::Error;
+use kvvm_replay::{
     self, read_trace, trace::read_trace_from, AllocatorKind, KvAllocator, KvvmAllocator, Preempted,
     ReplayConfig, Report, SchedConfig, TraceFormat,
 };
-use kvvm::vmm::host::os_page_size;
-use kvvm::vmm::{BackendChoice, BackendConfig};
-use kvvm::Error;
 
 /// A small model: 2 layers, 2 KV heads of 16 f16 elements (256 bytes per token interleaved).
 const TINY: ModelShape = ModelShape {
@@ -24,6 +24,7 @@ const TINY: ModelShape = ModelShape {
 
 fn trace_path(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
         .join("traces")
         .join(name)
 }
@@ -127,7 +128,7 @@ fn azure_slice_replays_with_preemption_and_intact_kv() {
     assert_eq!(trace.requests.len(), 40);
     // 1 MiB holds 4096 tokens of this model: far less than 40 conversations arriving at 50x.
     let config = tiny_config(1 << 20, 50.0);
-    let report = replay::replay(&trace, &config, &mut |_, _| {}).unwrap();
+    let report = kvvm_replay::replay(&trace, &config, &mut |_, _| {}).unwrap();
     check_report(&report, &config);
     for name in ["kvvm-interleaved", "kvvm-per-layer", "paged-16"] {
         let r = report.results.iter().find(|r| r.allocator == name).unwrap();
@@ -165,33 +166,31 @@ fn mooncake_slice_replays_with_intact_kv() {
     assert_eq!(trace.requests.len(), 24);
     assert!(trace.requests.iter().all(|r| !r.hash_ids.is_empty()));
     let config = tiny_config(1 << 20, 20.0);
-    let report = replay::replay(&trace, &config, &mut |_, _| {}).unwrap();
+    let report = kvvm_replay::replay(&trace, &config, &mut |_, _| {}).unwrap();
     check_report(&report, &config);
     // Mooncake prompts are far longer than 2048 tokens: they are cut, and say so.
     assert!(report.truncated > 0);
     // Shared prefixes are counted from the hash ids, never more than the prompts hold.
     assert!(report.shared_prefix_tokens <= report.prompt_tokens);
-    let expect = replay::shared_prefix_tokens(&trace.requests);
+    let expect = kvvm_replay::shared_prefix_tokens(&trace.requests);
     assert_eq!(report.shared_prefix_tokens, expect);
 }
 
 #[test]
 fn kvvm_swap_reuses_the_host_copy_and_keeps_every_token() {
     for layout in [Layout::Interleaved, Layout::PerLayer] {
-        let cache = KvCache::new(CacheConfig {
-            layers: TINY.layers,
-            kv_heads: TINY.kv_heads,
-            head_dim: TINY.head_dim,
-            dtype: DType::F16,
-            max_slots: 4,
-            max_tokens: 512,
-            layout,
-            page_size: None,
-            budget_bytes: 256 << 10,
-            backend: host(),
-            lookahead_steps: 0,
-            create_all_pages: false,
-        })
+        let cache = KvCache::new(
+            CacheConfig::new(TINY.layers, TINY.kv_heads, TINY.head_dim)
+                .with_dtype(DType::F16)
+                .with_max_slots(4)
+                .with_max_tokens(512)
+                .with_layout(layout)
+                .with_page_size(None)
+                .with_budget_bytes(256 << 10)
+                .with_backend(host())
+                .with_lookahead_steps(0)
+                .with_create_all_pages(false),
+        )
         .unwrap();
         let bpt = cache.geometry().bytes_per_token() as u64;
         let mut a = KvvmAllocator::new(Arc::new(cache), 16 << 20).unwrap();
@@ -230,27 +229,25 @@ fn kvvm_swap_reuses_the_host_copy_and_keeps_every_token() {
 #[test]
 fn kvvm_stamps_detect_corruption() {
     let cache = Arc::new(
-        KvCache::new(CacheConfig {
-            layers: TINY.layers,
-            kv_heads: TINY.kv_heads,
-            head_dim: TINY.head_dim,
-            dtype: DType::F16,
-            max_slots: 2,
-            max_tokens: 256,
-            layout: Layout::Interleaved,
-            page_size: None,
-            budget_bytes: 128 << 10,
-            backend: host(),
-            lookahead_steps: 0,
-            create_all_pages: false,
-        })
+        KvCache::new(
+            CacheConfig::new(TINY.layers, TINY.kv_heads, TINY.head_dim)
+                .with_dtype(DType::F16)
+                .with_max_slots(2)
+                .with_max_tokens(256)
+                .with_layout(Layout::Interleaved)
+                .with_page_size(None)
+                .with_budget_bytes(128 << 10)
+                .with_backend(host())
+                .with_lookahead_steps(0)
+                .with_create_all_pages(false),
+        )
         .unwrap(),
     );
     let mut a = KvvmAllocator::new(cache.clone(), 1 << 20).unwrap();
     assert!(a.admit(1, 50).unwrap());
     // Overwrite token 10's K row of layer 0 behind the allocator's back.
     let slot = a.slot_of(1).unwrap();
-    let row = cache.row(slot, 10, 0, kvvm::cache::Kv::K).unwrap();
+    let row = cache.row(slot, 10, 0, kvvm::Kv::K).unwrap();
     // SAFETY: the row belongs to a mapped token of the only allocated slot, which no
     // other thread touches; it holds at least 8 bytes.
     unsafe { (row.addr as usize as *mut u64).write_unaligned(0xdead_beef) };
@@ -323,7 +320,7 @@ fn shared_prefixes_count_leading_known_blocks() {
     ]
     .join("\n");
     let t = read_trace_from(Path::new("p.jsonl"), text.as_bytes(), None).unwrap();
-    assert_eq!(replay::shared_prefix_tokens(&t.requests), 1024 + 300);
+    assert_eq!(kvvm_replay::shared_prefix_tokens(&t.requests), 1024 + 300);
 }
 
 #[test]
@@ -343,52 +340,6 @@ fn format_is_detected_by_extension_then_content() {
 }
 
 #[test]
-fn cli_prints_one_json_object() {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kvvm"))
-        .args(["replay", "--trace"])
-        .arg(trace_path("AzureLLMInferenceTrace_code.csv"))
-        .args([
-            "--limit",
-            "6",
-            "--max-tokens",
-            "2048",
-            "--budget",
-            "536870912",
-            "--max-slots",
-            "8",
-            "--backend",
-            "host",
-            "--json",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8(out.stdout).unwrap();
-    assert_eq!(text.trim().lines().count(), 1, "{text}");
-    let v: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
-    assert_eq!(v["requests"], 6);
-    assert_eq!(v["model"], "llama-3-8b");
-    assert_eq!(v["budget_bytes"], 536_870_912u64);
-    let names: Vec<&str> = v["results"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["allocator"].as_str().unwrap())
-        .collect();
-    assert_eq!(
-        names,
-        ["kvvm-interleaved", "kvvm-per-layer", "paged-16", "static"]
-    );
-    for r in v["results"].as_array().unwrap() {
-        assert_eq!(r["integrity_errors"], 0);
-    }
-}
-
-#[test]
 fn kvvm_adapter_failures_change_nothing_and_lose_no_token() {
     use kvvm::vmm::faulty::{CopyFault, FaultyBackend};
     use kvvm::vmm::host::{HostBackend, HostConfig};
@@ -404,20 +355,16 @@ fn kvvm_adapter_failures_change_nothing_and_lose_no_token() {
     );
     let faulty = Arc::new(FaultyBackend::new(host.clone()));
     let cache = KvCache::with_backend(
-        CacheConfig {
-            layers: TINY.layers,
-            kv_heads: TINY.kv_heads,
-            head_dim: TINY.head_dim,
-            dtype: DType::F16,
-            max_slots: 4,
-            max_tokens: 512,
-            layout: Layout::PerLayer,
-            page_size: None,
-            budget_bytes: 256 << 10,
-            backend: BackendConfig::default(),
-            lookahead_steps: 0,
-            create_all_pages: false,
-        },
+        CacheConfig::new(TINY.layers, TINY.kv_heads, TINY.head_dim)
+            .with_dtype(DType::F16)
+            .with_max_slots(4)
+            .with_max_tokens(512)
+            .with_layout(Layout::PerLayer)
+            .with_page_size(None)
+            .with_budget_bytes(256 << 10)
+            .with_backend(BackendConfig::default())
+            .with_lookahead_steps(0)
+            .with_create_all_pages(false),
         faulty.clone(),
     )
     .unwrap();

@@ -5,20 +5,22 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use super::alloc::{Cost, Counters, KvAllocator, Preempted, Usage};
-use crate::cache::{Kv, KvCache, SlotId, TensorView};
+use crate::alloc::{Cost, Counters, KvAllocator, Preempted, Usage};
 use crate::error::{Error, Result};
-use crate::swap::{HostCopyId, SwapConfig, SwapEngine};
-use crate::vmm::{Backend, CopyKind, CopyRegion, HostBuffer};
+use kvvm::vmm::{Backend, CopyKind, CopyRegion, HostBuffer};
+use kvvm::{HostCopyId, SwapConfig, SwapEngine};
+use kvvm::{Kv, KvCache, SlotId, TensorView};
 
-/// The stamp of token `token` of request `id` in stamped row `row`: two words of the test
-/// pattern of [`crate::testing::stamp`] (the request plays the allocation generation).
+/// The stamp of token `token` of request `id` in stamped row `row`: a 64-bit mix
+/// (splitmix64's finalizer) of the three, never constant across tokens, requests or rows.
 pub fn stamp(id: u64, token: usize, row: usize) -> u64 {
-    let generation = (id as u32).wrapping_add(1);
-    let kv = if row % 2 == 0 { Kv::K } else { Kv::V };
-    let lo = crate::testing::stamp(generation, token, row, kv, 0);
-    let hi = crate::testing::stamp(generation ^ (id >> 32) as u32, token, row, kv, 1);
-    u64::from(lo) | (u64::from(hi) << 32)
+    let mut x = id.wrapping_mul(0xD1B5_4A32_D192_ED03)
+        ^ ((token as u64) << 16)
+        ^ (row as u64).wrapping_mul(0x8CB9_2BA7_2F3D_8DD7);
+    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
 }
 
 /// Moves stamps between the cache and a host staging buffer through the backend's copies, so
@@ -75,7 +77,7 @@ impl Stamper {
                     // buffer, which this stamper owns and no copy is using now.
                     unsafe { (src as usize as *mut u64).write_unaligned(stamp(id, token, r)) };
                     regions.push(CopyRegion {
-                        dst: v.row_addr(slot as usize, token, 0),
+                        dst: v.row_addr(slot.as_usize(), token, 0),
                         src,
                         len: 8,
                     });
@@ -103,7 +105,7 @@ impl Stamper {
                 for (r, v) in self.views.iter().enumerate() {
                     regions.push(CopyRegion {
                         dst: base + (((t - start) * rows + r) * 8) as u64,
-                        src: v.row_addr(slot as usize, t, 0),
+                        src: v.row_addr(slot.as_usize(), t, 0),
                         len: 8,
                     });
                 }
@@ -137,8 +139,8 @@ impl Drop for Stamper {
     }
 }
 
-fn exhausted(e: &Error) -> bool {
-    e.is_exhaustion() || matches!(e, Error::SlotsExhausted { .. })
+fn exhausted(e: &kvvm::Error) -> bool {
+    e.is_exhaustion() || matches!(e, kvvm::Error::SlotsExhausted { .. })
 }
 
 /// kvvm as a replay allocator. See the [module documentation](self).
@@ -172,7 +174,7 @@ impl KvvmAllocator {
                 ..SwapConfig::default()
             },
         )?;
-        let budget = cache.pool().stats().budget_pages as u64 * cache.geometry().page_size as u64;
+        let budget = cache.stats().pool.budget_pages as u64 * cache.geometry().page_size as u64;
         Ok(KvvmAllocator {
             cache,
             stamper,
@@ -207,7 +209,7 @@ impl KvvmAllocator {
         let g = self.cache.geometry();
         self.running
             .values()
-            .map(|&(s, _)| stats.pages_per_slot.get(s as usize).copied().unwrap_or(0) as u64)
+            .map(|&(s, _)| stats.pages_per_slot.get(s.as_usize()).copied().unwrap_or(0) as u64)
             .sum::<u64>()
             * (g.page_size * g.buffers) as u64
     }
@@ -216,15 +218,15 @@ impl KvvmAllocator {
     fn release_slot(&self, slot: SlotId) -> Result<()> {
         let r = self.cache.shrink(slot, 0);
         self.cache.free_slot(slot)?;
-        r
+        Ok(r?)
     }
 
     /// Drops the host copy of request `id`, if any. A copy the engine evicted is already gone.
     fn drop_copy(&mut self, id: u64) -> Result<()> {
         match self.copies.remove(&id) {
             Some(c) => match self.swap.release(c) {
-                Ok(()) | Err(Error::InvalidArgument(_)) => Ok(()),
-                Err(e) => Err(e),
+                Ok(()) | Err(kvvm::Error::InvalidArgument(_)) => Ok(()),
+                Err(e) => Err(e.into()),
             },
             None => Ok(()),
         }
@@ -238,7 +240,7 @@ impl KvvmAllocator {
     }
 
     /// Gives back pages a reused slot has mapped beyond what `tokens` tokens need.
-    fn trim(&self, slot: SlotId, tokens: usize) -> Result<()> {
+    fn trim(&self, slot: SlotId, tokens: usize) -> kvvm::Result<()> {
         let g = self.cache.geometry();
         if g.pages_for(self.cache.capacity(slot)?) > g.pages_for(tokens) + 1 {
             self.cache.shrink(slot, tokens)?;
@@ -251,7 +253,7 @@ impl KvvmAllocator {
         let slot = match self.cache.alloc_slot_for(tokens) {
             Ok(s) => s,
             Err(e) if exhausted(&e) => return Ok(None),
-            Err(e) => return Err(e),
+            Err(e) => return Err(e.into()),
         };
         match self.cache.ensure(slot, tokens) {
             Ok(()) => {
@@ -265,7 +267,7 @@ impl KvvmAllocator {
                 if exhausted(&e) {
                     Ok(None)
                 } else {
-                    Err(e)
+                    Err(e.into())
                 }
             }
         }
@@ -328,7 +330,7 @@ impl KvAllocator for KvvmAllocator {
         match self.cache.step(&targets) {
             Ok(()) => {}
             Err(e) if exhausted(&e) => return Ok(false),
-            Err(e) => return Err(e),
+            Err(e) => return Err(e.into()),
         }
         self.check_mapped(batch)?;
         let mut items = Vec::new();
@@ -353,7 +355,7 @@ impl KvAllocator for KvvmAllocator {
                 self.dropped.insert(id);
                 return Ok((Preempted::Dropped, Cost::default()));
             }
-            Err(e) => return Err(e),
+            Err(e) => return Err(e.into()),
         };
         ticket.wait()?;
         self.running.remove(&id);
@@ -392,7 +394,7 @@ impl KvAllocator for KvvmAllocator {
         let slot = match self.cache.alloc_slot_for(tokens) {
             Ok(s) => s,
             Err(e) if exhausted(&e) => return Ok(None),
-            Err(e) => return Err(e),
+            Err(e) => return Err(e.into()),
         };
         let started = self
             .trim(slot, tokens)
@@ -401,14 +403,18 @@ impl KvAllocator for KvvmAllocator {
             Ok(t) => t,
             Err(e) => {
                 self.cache.free_slot(slot)?;
-                return if exhausted(&e) { Ok(None) } else { Err(e) };
+                return if exhausted(&e) {
+                    Ok(None)
+                } else {
+                    Err(e.into())
+                };
             }
         };
         if let Err(e) = ticket.wait() {
             if self.cache.is_allocated(slot) {
                 self.cache.free_slot(slot)?;
             }
-            return Err(e);
+            return Err(e.into());
         }
         self.running.insert(id, (slot, tokens));
         self.counters.integrity_errors += self.stamper.check(id, slot, tokens)?;
@@ -439,7 +445,7 @@ impl KvAllocator for KvvmAllocator {
             reuse_saved_bytes: sw.reuse_saved_bytes,
             // The swap engine copies through the cache's metered backend.
             backend_calls: stats.total_backend_calls(),
-            copy_calls: stats.calls(crate::vmm::BackendOp::Copy).calls,
+            copy_calls: stats.calls(kvvm::vmm::BackendOp::Copy).calls,
             integrity_errors: self.counters.integrity_errors,
         }
     }

@@ -18,6 +18,7 @@
 #![allow(non_camel_case_types)]
 
 pub mod dlpack;
+#[cfg(feature = "testing")]
 pub mod fuzz;
 mod registry;
 pub mod swap;
@@ -29,9 +30,9 @@ use std::sync::Arc;
 
 use static_assertions::{assert_eq_align, assert_eq_size, const_assert_eq};
 
-use crate::cache::{CacheConfig, DType, Kv, KvCache, Layout, ModelShape, SlotId};
-use crate::error::Error;
-use crate::vmm::{BackendChoice, BackendConfig, BackendKind};
+use kvvm::vmm::{BackendChoice, BackendConfig, BackendKind};
+use kvvm::Error;
+use kvvm::{CacheConfig, DType, Kv, KvCache, Layout, ModelShape, SlotId};
 
 use registry::Object;
 
@@ -132,7 +133,9 @@ impl kvvm_status {
     pub fn from_error(e: &Error) -> Self {
         use kvvm_status::*;
         match e {
-            Error::Backend { .. } | Error::Injected { .. } => KVVM_BACKEND_ERROR,
+            Error::Backend { .. } => KVVM_BACKEND_ERROR,
+            #[cfg(feature = "testing")]
+            Error::Injected { .. } => KVVM_BACKEND_ERROR,
             Error::Driver(_) => KVVM_DRIVER_ERROR,
             Error::BudgetExhausted { .. } => KVVM_BUDGET_EXHAUSTED,
             Error::MapCountExhausted { .. } => KVVM_MAP_COUNT_EXHAUSTED,
@@ -140,7 +143,7 @@ impl kvvm_status {
             Error::Grow { source, .. } => Self::from_error(source),
             Error::SlotsExhausted { .. } => KVVM_SLOTS_EXHAUSTED,
             Error::InvalidConfig(_) => KVVM_INVALID_CONFIG,
-            Error::InvalidArgument(_) | Error::Input(_) => KVVM_INVALID_ARGUMENT,
+            Error::InvalidArgument(_) => KVVM_INVALID_ARGUMENT,
             Error::Unsupported(_) => KVVM_UNSUPPORTED,
             Error::Internal(_) => KVVM_INTERNAL,
             #[allow(unreachable_patterns)]
@@ -737,34 +740,32 @@ pub fn config_from_c(c: &kvvm_config) -> FfiResult<CacheConfig> {
         }
     };
     let defaults = BackendConfig::default();
-    Ok(CacheConfig {
-        layers: c.layers as usize,
-        kv_heads: c.kv_heads as usize,
-        head_dim: c.head_dim as usize,
-        dtype: dtype_from(c.dtype)?,
-        max_slots: c.max_slots as usize,
-        max_tokens: to_usize(c.max_tokens, "max_tokens")?,
-        layout,
-        page_size: match c.page_size {
-            0 => None,
-            p => Some(to_usize(p, "page_size")?),
-        },
-        budget_bytes: c.budget_bytes,
-        backend: BackendConfig {
-            choice,
-            host_granularity: match c.host_granularity {
-                0 => defaults.host_granularity,
-                g => to_usize(g, "host_granularity")?,
-            },
-            device: c.device,
-            copy_threads: match c.copy_threads {
-                0 => defaults.copy_threads,
-                t => t as usize,
-            },
-        },
-        lookahead_steps: c.lookahead_steps as usize,
-        create_all_pages: c.create_all_pages != 0,
-    })
+    Ok(
+        CacheConfig::new(c.layers as usize, c.kv_heads as usize, c.head_dim as usize)
+            .with_dtype(dtype_from(c.dtype)?)
+            .with_max_slots(c.max_slots as usize)
+            .with_max_tokens(to_usize(c.max_tokens, "max_tokens")?)
+            .with_layout(layout)
+            .with_page_size(match c.page_size {
+                0 => None,
+                p => Some(to_usize(p, "page_size")?),
+            })
+            .with_budget_bytes(c.budget_bytes)
+            .with_backend(BackendConfig {
+                choice,
+                host_granularity: match c.host_granularity {
+                    0 => defaults.host_granularity,
+                    g => to_usize(g, "host_granularity")?,
+                },
+                device: c.device,
+                copy_threads: match c.copy_threads {
+                    0 => defaults.copy_threads,
+                    t => t as usize,
+                },
+            })
+            .with_lookahead_steps(c.lookahead_steps as usize)
+            .with_create_all_pages(c.create_all_pages != 0),
+    )
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -824,7 +825,7 @@ pub unsafe extern "C" fn kvvm_cache_alloc_slot(cache: kvvm_cache, slot: *mut u32
         let c = cache_of(cache)?;
         // SAFETY: per this function's contract.
         let o = unsafe { out(slot, "slot") }?;
-        *o = c.alloc_slot()?;
+        *o = c.alloc_slot()?.index();
         Ok(())
     })
 }
@@ -849,7 +850,7 @@ pub unsafe extern "C" fn kvvm_cache_alloc_slot_for(
         let c = cache_of(cache)?;
         // SAFETY: per this function's contract.
         let o = unsafe { out(slot, "slot") }?;
-        *o = c.alloc_slot_for(to_usize(tokens, "tokens")?)?;
+        *o = c.alloc_slot_for(to_usize(tokens, "tokens")?)?.index();
         Ok(())
     })
 }
@@ -862,7 +863,7 @@ pub unsafe extern "C" fn kvvm_cache_alloc_slot_for(
 /// `KVVM_INVALID_HANDLE`; `KVVM_INVALID_ARGUMENT` for a slot out of range or not allocated.
 #[no_mangle]
 pub extern "C" fn kvvm_cache_free_slot(cache: kvvm_cache, slot: u32) -> kvvm_status {
-    guard(|| Ok(cache_of(cache)?.free_slot(slot)?))
+    guard(|| Ok(cache_of(cache)?.free_slot(SlotId::new(slot))?))
 }
 
 /// Makes `slot` hold `tokens` tokens, mapping missing pages; all or nothing: on failure the slot
@@ -877,7 +878,7 @@ pub extern "C" fn kvvm_cache_free_slot(cache: kvvm_cache, slot: u32) -> kvvm_sta
 pub extern "C" fn kvvm_cache_ensure(cache: kvvm_cache, slot: u32, tokens: u64) -> kvvm_status {
     guard(|| {
         let c = cache_of(cache)?;
-        Ok(c.ensure(slot, to_usize(tokens, "tokens")?)?)
+        Ok(c.ensure(SlotId::new(slot), to_usize(tokens, "tokens")?)?)
     })
 }
 
@@ -909,7 +910,7 @@ pub unsafe extern "C" fn kvvm_cache_step(
         };
         let v = entries
             .iter()
-            .map(|e| Ok((e.slot as SlotId, to_usize(e.tokens, "tokens")?)))
+            .map(|e| Ok((SlotId::new(e.slot), to_usize(e.tokens, "tokens")?)))
             .collect::<FfiResult<Vec<_>>>()?;
         Ok(c.step(&v)?)
     })
@@ -926,7 +927,7 @@ pub unsafe extern "C" fn kvvm_cache_step(
 pub extern "C" fn kvvm_cache_shrink(cache: kvvm_cache, slot: u32, tokens: u64) -> kvvm_status {
     guard(|| {
         let c = cache_of(cache)?;
-        Ok(c.shrink(slot, to_usize(tokens, "tokens")?)?)
+        Ok(c.shrink(SlotId::new(slot), to_usize(tokens, "tokens")?)?)
     })
 }
 
@@ -949,7 +950,7 @@ pub unsafe extern "C" fn kvvm_cache_tokens(
         let c = cache_of(cache)?;
         // SAFETY: per this function's contract.
         let o = unsafe { out(tokens, "tokens") }?;
-        *o = c.tokens(slot)? as u64;
+        *o = c.tokens(SlotId::new(slot))? as u64;
         Ok(())
     })
 }
@@ -973,7 +974,7 @@ pub unsafe extern "C" fn kvvm_cache_capacity(
         let c = cache_of(cache)?;
         // SAFETY: per this function's contract.
         let o = unsafe { out(capacity, "capacity") }?;
-        *o = c.capacity(slot)? as u64;
+        *o = c.capacity(SlotId::new(slot))? as u64;
         Ok(())
     })
 }
@@ -1056,7 +1057,7 @@ pub unsafe extern "C" fn kvvm_cache_slot_ranges(
         let c = cache_of(cache)?;
         // SAFETY: per this function's contract.
         let n = unsafe { out(count, "count") }?;
-        let r = c.slot_ranges(slot, to_usize(tokens, "tokens")?)?;
+        let r = c.slot_ranges(SlotId::new(slot), to_usize(tokens, "tokens")?)?;
         *n = r.len();
         if ranges.is_null() || capacity < r.len() {
             return Err(FfiError::new(
@@ -1102,7 +1103,7 @@ pub unsafe extern "C" fn kvvm_cache_row(
         // SAFETY: per this function's contract.
         let o = unsafe { out(row, "row") }?;
         let r = c.row(
-            slot,
+            SlotId::new(slot),
             to_usize(token, "token")?,
             layer as usize,
             kv_from(kv)?,
@@ -1125,7 +1126,7 @@ fn host_row(
     len: usize,
 ) -> FfiResult<(u64, usize)> {
     let r = c.row(
-        slot,
+        SlotId::new(slot),
         to_usize(token, "token")?,
         layer as usize,
         kv_from(kv)?,
@@ -1322,7 +1323,7 @@ mod tests {
     #[test]
     fn errors_map_to_their_status() {
         let grow = Error::Grow {
-            slot: 1,
+            slot: kvvm::SlotId::new(1),
             missing_pages: 2,
             source: Box::new(Error::BudgetExhausted {
                 needed: 2,

@@ -5,9 +5,10 @@ use std::path::PathBuf;
 
 use clap::Args;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use kvvm::cache::{DType, Layout, ModelShape};
-use kvvm::replay::{self, AllocatorKind, ReplayConfig, SchedConfig, StepModel};
-use kvvm::{Error, Result};
+use kvvm::{DType, Layout, ModelShape};
+use kvvm_replay::{
+    self as replay, AllocatorKind, Error, ReplayConfig, Result, SchedConfig, StepModel,
+};
 
 use crate::BackendArgs;
 

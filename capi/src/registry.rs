@@ -11,8 +11,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::{kvvm_status, FfiError, FfiResult};
-use crate::cache::KvCache;
-use crate::swap::{SwapEngine, SwapTicket};
+use kvvm::KvCache;
+use kvvm::{SwapEngine, SwapTicket};
 
 /// An object a handle refers to.
 #[derive(Debug, Clone)]

@@ -111,9 +111,9 @@ fn info(args: InfoArgs) -> kvvm::Result<()> {
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Info(a) => info(a),
-        Command::Replay(a) => replay::run(a),
-        Command::Bench(b) => bench::run(b),
+        Command::Info(a) => info(a).map_err(|e| e.to_string()),
+        Command::Replay(a) => replay::run(a).map_err(|e| e.to_string()),
+        Command::Bench(b) => bench::run(b).map_err(|e| e.to_string()),
     };
     if let Err(e) = result {
         eprintln!("kvvm: {e}");

@@ -1,0 +1,182 @@
+//! [`MeteredBackend`]: a backend wrapper that counts and times every call, by kind and by thread
+//! (kvvm's background threads or the caller's).
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::{
+    Backend, BackendInfo, BackendKind, BackendOp, Completion, CopyKind, CopyRegion, HostBuffer,
+    PageHandle, VaRange,
+};
+use crate::error::{Error, Result};
+
+thread_local! {
+    static BACKGROUND: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Marks the current thread as a kvvm background thread: its backend calls are counted as
+/// background calls.
+pub(crate) fn mark_background_thread() {
+    BACKGROUND.with(|b| b.set(true));
+}
+
+fn on_background_thread() -> bool {
+    BACKGROUND.with(|b| b.get())
+}
+
+#[derive(Debug, Default)]
+struct OpCounter {
+    calls: AtomicU64,
+    background: AtomicU64,
+    nanos: AtomicU64,
+    failures: AtomicU64,
+}
+
+/// Counts and times every call to the wrapped backend.
+#[derive(Debug)]
+pub struct MeteredBackend {
+    inner: Arc<dyn Backend>,
+    ops: [OpCounter; BackendOp::COUNT],
+}
+
+/// Calls of one kind.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+pub struct OpStats {
+    /// All calls.
+    pub calls: u64,
+    /// Calls made on kvvm's background threads (mapper, pool).
+    pub background_calls: u64,
+    /// Calls that returned an error.
+    pub failures: u64,
+    /// Time spent in the calls, in nanoseconds.
+    pub total_ns: u64,
+}
+
+impl MeteredBackend {
+    /// Wraps `inner`.
+    pub fn new(inner: Arc<dyn Backend>) -> Self {
+        MeteredBackend {
+            inner,
+            ops: Default::default(),
+        }
+    }
+
+    /// The wrapped backend.
+    pub fn inner(&self) -> &Arc<dyn Backend> {
+        &self.inner
+    }
+
+    /// Counters of one kind of call.
+    pub fn op(&self, op: BackendOp) -> OpStats {
+        let c = &self.ops[op as usize];
+        OpStats {
+            calls: c.calls.load(Ordering::Relaxed),
+            background_calls: c.background.load(Ordering::Relaxed),
+            failures: c.failures.load(Ordering::Relaxed),
+            total_ns: c.nanos.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Calls of every kind made on a caller's (not a background) thread.
+    pub fn foreground_calls(&self) -> u64 {
+        BackendOp::ALL
+            .iter()
+            .map(|&o| {
+                let s = self.op(o);
+                s.calls - s.background_calls
+            })
+            .sum()
+    }
+
+    /// All calls of every kind.
+    pub fn total_calls(&self) -> u64 {
+        BackendOp::ALL.iter().map(|&o| self.op(o).calls).sum()
+    }
+
+    fn timed<T>(&self, op: BackendOp, ok: impl FnOnce(&T) -> bool, f: impl FnOnce() -> T) -> T {
+        let start = Instant::now();
+        let r = f();
+        let c = &self.ops[op as usize];
+        c.calls.fetch_add(1, Ordering::Relaxed);
+        if on_background_thread() {
+            c.background.fetch_add(1, Ordering::Relaxed);
+        }
+        if !ok(&r) {
+            c.failures.fetch_add(1, Ordering::Relaxed);
+        }
+        c.nanos
+            .fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        r
+    }
+}
+
+impl Backend for MeteredBackend {
+    fn info(&self) -> BackendInfo {
+        self.inner.info()
+    }
+    fn kind(&self) -> BackendKind {
+        self.inner.kind()
+    }
+    fn granularity(&self) -> usize {
+        self.inner.granularity()
+    }
+    fn reserve(&self, len: usize) -> Result<VaRange> {
+        self.timed(BackendOp::Reserve, Result::is_ok, || {
+            self.inner.reserve(len)
+        })
+    }
+    fn free_reservation(&self, range: VaRange) -> Result<()> {
+        self.timed(BackendOp::FreeReservation, Result::is_ok, || {
+            self.inner.free_reservation(range)
+        })
+    }
+    fn create_page(&self, size: usize) -> Result<PageHandle> {
+        self.timed(BackendOp::CreatePage, Result::is_ok, || {
+            self.inner.create_page(size)
+        })
+    }
+    fn release_page(&self, page: PageHandle) -> std::result::Result<(), (PageHandle, Error)> {
+        self.timed(BackendOp::ReleasePage, std::result::Result::is_ok, || {
+            self.inner.release_page(page)
+        })
+    }
+    fn map(&self, va: u64, pages: &[&PageHandle]) -> Result<()> {
+        self.timed(BackendOp::Map, Result::is_ok, || self.inner.map(va, pages))
+    }
+    fn unmap(&self, va: u64, len: usize) -> Result<()> {
+        self.timed(BackendOp::Unmap, Result::is_ok, || {
+            self.inner.unmap(va, len)
+        })
+    }
+    fn alloc_host(&self, len: usize) -> Result<HostBuffer> {
+        self.timed(BackendOp::AllocHost, Result::is_ok, || {
+            self.inner.alloc_host(len)
+        })
+    }
+    fn free_host(&self, buf: HostBuffer) -> std::result::Result<(), (HostBuffer, Error)> {
+        self.timed(BackendOp::FreeHost, std::result::Result::is_ok, || {
+            self.inner.free_host(buf)
+        })
+    }
+    unsafe fn copy_async(
+        &self,
+        kind: CopyKind,
+        regions: &[CopyRegion],
+    ) -> Result<Box<dyn Completion>> {
+        self.timed(BackendOp::Copy, Result::is_ok, || {
+            // SAFETY: forwarded unchanged; the caller upholds `copy_async`'s contract.
+            unsafe { self.inner.copy_async(kind, regions) }
+        })
+    }
+    fn synchronize(&self) -> Result<()> {
+        self.timed(BackendOp::Synchronize, Result::is_ok, || {
+            self.inner.synchronize()
+        })
+    }
+    fn map_headroom(&self) -> Option<usize> {
+        self.inner.map_headroom()
+    }
+}
