@@ -62,7 +62,7 @@ pub use view::{ByteRange, Device, Kv, TensorView};
 
 use crate::error::{Error, Result};
 use crate::pool::{PagePool, PoolConfig};
-use crate::vmm::{Backend, BackendOp, MeteredBackend, PageHandle, VaRange};
+use crate::vmm::{Backend, BackendOp, Fence, MeteredBackend, PageHandle, VaRange};
 
 /// A slot of a [`KvCache`]: one request's contiguous region in every buffer, `0..max_slots`.
 ///
@@ -140,6 +140,9 @@ struct Slot {
     /// Bumped whenever the slot's tokens stop being a continuation of what they were
     /// (allocation, shrink): lets the swap engine tell whether a host copy still matches.
     epoch: u64,
+    /// The fence of the caller's work that may still read this slot's pages (recorded by
+    /// `free_slot` and `shrink`; `None` when nothing can).
+    fence: Option<Arc<dyn Fence>>,
 }
 
 impl Slot {
@@ -193,6 +196,37 @@ struct State {
     mapper_notified: u64,
     mapper_pages: u64,
     reclaimed_pages: u64,
+    deferred_unmaps: u64,
+    deferred_unmap_wait_ns: u64,
+    deferred_unmap_max_wait_ns: u64,
+    fence_waits: u64,
+}
+
+/// What happens to a slot once its deferred unmap is done.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum AfterUnmap {
+    /// The slot stops being busy (shrink).
+    Finish,
+    /// The slot is freed (swap-out commit).
+    Free,
+}
+
+/// An unmap waiting for the fence of the caller's work that may still read the pages.
+#[derive(Debug)]
+struct Deferred {
+    slot: usize,
+    keep: usize,
+    tails: Vec<(usize, usize)>,
+    fence: Arc<dyn Fence>,
+    then: AfterUnmap,
+    since: std::time::Instant,
+}
+
+/// The deferred-unmap queue, drained by the `kvvm-unmapper` thread.
+#[derive(Debug, Default)]
+struct UnmapQueue {
+    items: Vec<Deferred>,
+    shutdown: bool,
 }
 
 /// The cadence of growth calls, measured by `commit_tokens`.
@@ -247,6 +281,12 @@ pub(crate) struct Shared {
     changed: Condvar,
     /// Wakes the background mapper.
     mapper_cv: Condvar,
+    /// The caller's compute stream (see [`CacheConfig::compute_stream`]).
+    stream: Mutex<Option<u64>>,
+    /// Unmaps waiting for their fence.
+    unmaps: Mutex<UnmapQueue>,
+    /// Wakes the unmapper.
+    unmaps_cv: Condvar,
 }
 
 /// A KV cache of contiguous virtual tensors. See the [module documentation](self).
@@ -254,6 +294,7 @@ pub(crate) struct Shared {
 pub struct KvCache {
     shared: Arc<Shared>,
     mapper: Option<JoinHandle<()>>,
+    unmapper: Option<JoinHandle<()>>,
 }
 
 impl KvCache {
@@ -323,6 +364,9 @@ impl KvCache {
             }),
             changed: Condvar::new(),
             mapper_cv: Condvar::new(),
+            stream: Mutex::new(config.compute_stream),
+            unmaps: Mutex::new(UnmapQueue::default()),
+            unmaps_cv: Condvar::new(),
         });
         let mapper = if config.lookahead_steps > 0 {
             let s = shared.clone();
@@ -338,7 +382,61 @@ impl KvCache {
         } else {
             None
         };
-        Ok(KvCache { shared, mapper })
+        // Only backends with fences (CUDA) ever defer an unmap.
+        let unmapper = if info.kind == crate::vmm::BackendKind::Cuda {
+            let s = shared.clone();
+            match std::thread::Builder::new()
+                .name("kvvm-unmapper".into())
+                .spawn(move || run_unmapper(s))
+            {
+                Ok(h) => Some(h),
+                Err(e) => {
+                    let cache = KvCache {
+                        shared,
+                        mapper,
+                        unmapper: None,
+                    };
+                    drop(cache);
+                    return Err(Error::ThreadSpawn {
+                        thread: "kvvm-unmapper",
+                        message: e.to_string(),
+                    });
+                }
+            }
+        } else {
+            None
+        };
+        Ok(KvCache {
+            shared,
+            mapper,
+            unmapper,
+        })
+    }
+
+    /// Sets the caller's compute stream (a raw `CUstream`, e.g. torch's `stream.cuda_stream`;
+    /// 0 is the legacy default stream), after whose queued work kvvm orders its swap-out copies
+    /// and its unmaps; `None` falls back to the legacy default stream. See `docs/ordering.md`.
+    /// The host backend has no streams and ignores it.
+    pub fn set_compute_stream(&self, stream: Option<u64>) {
+        *self
+            .shared
+            .stream
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = stream;
+    }
+
+    /// The compute stream set by [`KvCache::set_compute_stream`] or the configuration.
+    pub fn compute_stream(&self) -> Option<u64> {
+        *self
+            .shared
+            .stream
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A fence after the work queued so far on the compute stream (`None` on the host backend).
+    pub(crate) fn fence_now(&self) -> Option<Arc<dyn Fence>> {
+        self.shared.fence_now()
     }
 
     /// The derived sizes.
@@ -410,11 +508,17 @@ impl KvCache {
     /// [`Error::InvalidArgument`] if the slot is out of range or not allocated.
     pub fn free_slot(&self, slot: SlotId) -> Result<()> {
         let sh = &*self.shared;
+        // The caller's kernels queued so far may still read the slot: its pages are reclaimed
+        // only after this fence.
+        let fence = sh.fence_now();
         let (mut st, i) = sh.wait_idle(sh.lock(), slot)?;
         let s = &mut st.slots[i];
         s.allocated = false;
         s.tokens = 0;
         s.ahead = 0;
+        if fence.is_some() {
+            s.fence = fence;
+        }
         Ok(())
     }
 
@@ -446,6 +550,9 @@ impl KvCache {
     /// mapped to it (nothing leaks).
     pub fn shrink(&self, slot: SlotId, tokens: usize) -> Result<()> {
         let sh = &*self.shared;
+        // Kernels queued so far may still read the pages beyond `tokens`: they are unmapped
+        // after this fence (by the unmapper, if it has not completed yet).
+        let fence = sh.fence_now();
         let (mut st, i) = sh.wait_idle(sh.lock(), slot)?;
         // Beyond max_tokens nothing is mapped anyway (and `pages_for` must not overflow).
         let tokens = tokens.min(sh.geometry.max_tokens);
@@ -462,7 +569,14 @@ impl KvCache {
         s.busy = true;
         s.shrinking = true;
         let tails = s.tails(keep);
+        if fence.is_some() {
+            s.fence.clone_from(&fence);
+        }
         drop(st);
+        if let Some(fence) = fence.filter(|f| !f.poll().unwrap_or(true)) {
+            sh.defer_unmap(i, keep, tails, fence, AfterUnmap::Finish);
+            return Ok(());
+        }
         let r = sh.unmap_tails(i, keep, &tails);
         sh.finish(&[i]);
         r
@@ -602,6 +716,10 @@ impl KvCache {
             mapper_notified: st.mapper_notified,
             mapper_pages: st.mapper_pages,
             reclaimed_pages: st.reclaimed_pages,
+            deferred_unmaps: st.deferred_unmaps,
+            deferred_unmap_wait_ns: st.deferred_unmap_wait_ns,
+            deferred_unmap_max_wait_ns: st.deferred_unmap_max_wait_ns,
+            fence_waits: st.fence_waits,
             ..CacheStats::default()
         };
         drop(st);
@@ -634,12 +752,137 @@ impl Drop for KvCache {
         if let Some(h) = self.mapper.take() {
             let _ = h.join();
         }
+        // The unmapper finishes every queued unmap (waiting for its fence) before it exits.
+        self.shared.unmap_queue().shutdown = true;
+        self.shared.unmaps_cv.notify_all();
+        if let Some(h) = self.unmapper.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// The `kvvm-unmapper` thread: unmaps queued ranges once their fences complete, polling them
+/// without blocking (`cuEventQuery`); at shutdown it waits for the rest.
+fn run_unmapper(sh: Arc<Shared>) {
+    crate::vmm::mark_background_thread();
+    sh.backend.prepare_thread();
+    loop {
+        let mut q = sh.unmap_queue();
+        while q.items.is_empty() && !q.shutdown {
+            q = sh.unmaps_cv.wait(q).unwrap_or_else(|p| p.into_inner());
+        }
+        if q.items.is_empty() {
+            return;
+        }
+        let shutdown = q.shutdown;
+        let mut ready = Vec::new();
+        let mut k = 0;
+        while k < q.items.len() {
+            let done = shutdown
+                || q.items[k].fence.poll().unwrap_or_else(|e| {
+                    // A failed fence (a faulted context) will never complete: nothing of the
+                    // caller's runs any more, so the pages can go.
+                    tracing::warn!("a deferred unmap's fence failed: {e}");
+                    true
+                });
+            if done {
+                ready.push(q.items.swap_remove(k));
+            } else {
+                k += 1;
+            }
+        }
+        if ready.is_empty() {
+            // Poll again shortly; a new entry wakes the thread at once.
+            let _ = sh
+                .unmaps_cv
+                .wait_timeout(q, std::time::Duration::from_micros(100));
+            continue;
+        }
+        drop(q);
+        for d in ready {
+            if shutdown {
+                if let Err(e) = d.fence.wait() {
+                    tracing::warn!("waiting for a deferred unmap's fence failed: {e}");
+                }
+            }
+            sh.complete_deferred(d);
+        }
     }
 }
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn unmap_queue(&self) -> MutexGuard<'_, UnmapQueue> {
+        self.unmaps.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A fence after the work queued so far on the caller's stream (the legacy default stream
+    /// when none is set); `None` where the backend needs none (host). If it cannot be recorded
+    /// (e.g. the stream was destroyed), everything the device was given is waited for instead,
+    /// on the host, and `None` is returned.
+    fn fence_now(&self) -> Option<Arc<dyn Fence>> {
+        let stream = (*self.stream.lock().unwrap_or_else(|p| p.into_inner())).unwrap_or(0);
+        match self.backend.record_fence(stream) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!(
+                    "recording a fence on stream {stream:#x} failed ({e}); synchronizing the device"
+                );
+                if let Err(e) = self.backend.synchronize() {
+                    tracing::error!("synchronizing the device failed: {e}");
+                }
+                None
+            }
+        }
+    }
+
+    /// Queues the unmap of slot `i`'s pages beyond `keep` until `fence` completes. The slot must
+    /// be busy (and shrinking); it stays so until the unmap is done.
+    fn defer_unmap(
+        &self,
+        i: usize,
+        keep: usize,
+        tails: Vec<(usize, usize)>,
+        fence: Arc<dyn Fence>,
+        then: AfterUnmap,
+    ) {
+        self.unmap_queue().items.push(Deferred {
+            slot: i,
+            keep,
+            tails,
+            fence,
+            then,
+            since: std::time::Instant::now(),
+        });
+        self.unmaps_cv.notify_all();
+    }
+
+    /// Performs a deferred unmap whose fence has completed.
+    fn complete_deferred(&self, d: Deferred) {
+        if let Err(e) = self.unmap_tails(d.slot, d.keep, &d.tails) {
+            tracing::warn!(
+                "slot {}: a deferred unmap failed, the pages stay mapped: {e}",
+                d.slot
+            );
+        }
+        let waited = u64::try_from(d.since.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        let mut st = self.lock();
+        st.deferred_unmaps += 1;
+        st.deferred_unmap_wait_ns = st.deferred_unmap_wait_ns.saturating_add(waited);
+        st.deferred_unmap_max_wait_ns = st.deferred_unmap_max_wait_ns.max(waited);
+        let s = &mut st.slots[d.slot];
+        if d.then == AfterUnmap::Free {
+            s.allocated = false;
+            s.tokens = 0;
+            s.ahead = 0;
+        }
+        s.busy = false;
+        s.shrinking = false;
+        drop(st);
+        self.changed.notify_all();
     }
 
     /// Waits until no one is changing `slot`'s mappings, re-checking after every wait that it
@@ -765,14 +1008,19 @@ impl Shared {
             work.iter()
                 .filter_map(|&(i, need, _)| {
                     let tails = st.slots[i].tails(need);
-                    (!tails.is_empty()).then_some((i, need, tails))
+                    (!tails.is_empty()).then(|| (i, need, tails, st.slots[i].fence.clone()))
                 })
                 .collect()
         } else {
             Vec::new()
         };
         drop(st);
-        for (i, need, tails) in surplus {
+        for (i, need, tails, fence) in surplus {
+            // As in `reclaim`: the pages may have been read by work queued before the slot's
+            // last shrink.
+            if let Some(Err(e)) = fence.map(|f| f.wait()) {
+                tracing::warn!("waiting for slot {i}'s fence failed: {e}");
+            }
             if let Err(e) = self.unmap_tails(i, need, &tails) {
                 tracing::debug!("could not return surplus pages of slot {i}: {e}");
             }
@@ -992,8 +1240,15 @@ impl Shared {
                 free.push((i, floor, excess));
             }
         }
-        free.sort_by_key(|&(i, _, n)| (std::cmp::Reverse(n), i));
-        ahead.sort_by_key(|&(i, _, n)| (std::cmp::Reverse(n), i));
+        // Slots whose fence has completed first: their pages can go without waiting.
+        let pending = |i: usize| {
+            st.slots[i]
+                .fence
+                .as_ref()
+                .is_some_and(|f| !f.poll().unwrap_or(true))
+        };
+        free.sort_by_cached_key(|&(i, _, n)| (pending(i), std::cmp::Reverse(n), i));
+        ahead.sort_by_cached_key(|&(i, _, n)| (pending(i), std::cmp::Reverse(n), i));
         free.extend(ahead);
         free
     }
@@ -1028,12 +1283,23 @@ impl Shared {
             if s.allocated {
                 s.ahead = 0;
             }
-            plan.push((i, keep, tails));
+            plan.push((i, keep, tails, s.fence.take()));
         }
         drop(st);
         let mut result = Ok(());
         let mut total = 0;
-        for (i, keep, tails) in &plan {
+        for (i, keep, tails, fence) in &plan {
+            // The caller's kernels queued before the slot was freed (or shrunk) may still read
+            // these pages: they cannot be reused before its fence. Slots whose fence completed
+            // come first (see `victims`), so this waits only when they did not suffice.
+            if let Some(f) = fence {
+                if !f.poll().unwrap_or(true) {
+                    self.lock().fence_waits += 1;
+                    if let Err(e) = f.wait() {
+                        tracing::warn!("waiting for slot {i}'s fence failed: {e}");
+                    }
+                }
+            }
             let before: usize = tails.iter().map(|&(_, l)| l - keep).sum();
             match self.unmap_tails(*i, *keep, tails) {
                 Ok(()) => total += before,
@@ -1072,8 +1338,9 @@ impl Shared {
     }
 }
 
-/// A planned shrink: (slot, pages to keep per buffer, (buffer, current length) of each tail).
-type Shrink = (usize, usize, Vec<(usize, usize)>);
+/// A planned shrink: (slot, pages to keep per buffer, (buffer, current length) of each tail,
+/// the fence of the caller's work that may still read the pages).
+type Shrink = (usize, usize, Vec<(usize, usize)>, Option<Arc<dyn Fence>>);
 
 /// Forgets the promises of a growth call that has finished: a slot's promise is cleared when no
 /// other call in flight still holds one (their largest promise stands until then).
@@ -1130,6 +1397,16 @@ impl Drop for Shared {
                 .unwrap_or_else(|p| p.into_inner())
                 .slots,
         );
+        // Nothing of the caller's queued before the drop may still read a page when it is
+        // unmapped: wait for every slot's fence and for one recorded now.
+        if slots.iter().any(|s| s.pages.iter().any(|p| !p.is_empty())) {
+            let now = self.fence_now();
+            for f in slots.iter().filter_map(|s| s.fence.as_ref()).chain(now.as_ref()) {
+                if let Err(e) = f.wait() {
+                    tracing::warn!("waiting for a fence at drop failed: {e}");
+                }
+            }
+        }
         for (i, s) in slots.into_iter().enumerate() {
             for (b, pages) in s.pages.into_iter().enumerate() {
                 if pages.is_empty() {

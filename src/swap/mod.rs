@@ -109,7 +109,7 @@ use arena::{aligned, Arena, Extent, MIN_BLOCK};
 
 use crate::cache::{KvCache, SlotId};
 use crate::error::{Error, Result};
-use crate::vmm::{Backend, BackendKind, Completion, CopyKind, CopyRegion};
+use crate::vmm::{Backend, BackendKind, Completion, CopyKind, CopyRegion, Fence};
 
 /// The smallest [`SwapConfig::chunk_bytes`] accepted.
 pub const MIN_CHUNK_BYTES: usize = 256;
@@ -224,6 +224,29 @@ impl SwapTicket {
     pub fn event(&self) -> Option<u64> {
         self.transfer.completions.last().and_then(|c| c.event())
     }
+    /// Makes the caller's `stream` (a raw `CUstream`, e.g. torch's `stream.cuda_stream`; 0 is
+    /// the legacy default stream) wait for this transfer's copies on the device
+    /// (`cuStreamWaitEvent`): work enqueued on it afterwards may use a swapped-in slot in
+    /// stream order, without the host waiting (see `docs/ordering.md`). Calls that change the
+    /// slot (`step`, `shrink`, ...) still wait on the host until the ticket is done. On the host
+    /// backend, which has no streams, this waits for the copies.
+    ///
+    /// # Errors
+    /// The driver's error (e.g. an invalid stream); on the host backend, the transfer's error.
+    pub fn stream_wait(&self, stream: u64) -> Result<()> {
+        let Some(inner) = self.inner.upgrade() else {
+            // The engine is gone, so every transfer has finished.
+            return self.wait();
+        };
+        let backend = inner.backend();
+        for c in &self.transfer.completions {
+            match c.event() {
+                Some(event) => backend.stream_wait_event(stream, event)?,
+                None => c.wait()?,
+            }
+        }
+        Ok(())
+    }
     /// The host copy this transfer reads or writes.
     pub fn copy(&self) -> HostCopyId {
         HostCopyId(self.transfer.copy)
@@ -314,6 +337,8 @@ struct Transfer {
     bytes: u64,
     /// The submitted copies (one per chunk on the host backend's swap-in, else one).
     completions: Vec<Box<dyn Completion>>,
+    /// Swap-out: the fence of the caller's work the copies waited for.
+    fence: Option<Arc<dyn Fence>>,
     phase: Mutex<Phase>,
     done: Condvar,
 }
@@ -427,6 +452,20 @@ fn prefault(addr: u64, len: usize) {
     }
 }
 
+/// Submits `regions` (`kind`) in one call (none if empty), after `after` on the device.
+fn submit_after(
+    backend: &dyn Backend,
+    kind: CopyKind,
+    regions: &[CopyRegion],
+    after: Option<&dyn Fence>,
+) -> Result<Vec<Box<dyn Completion>>> {
+    if regions.is_empty() {
+        return Ok(Vec::new());
+    }
+    // SAFETY: forwarded from the caller, who upholds `copy_async`'s contract for `regions`.
+    Ok(vec![unsafe { backend.copy_async_after(kind, regions, after) }?])
+}
+
 /// Submits `regions` (`kind`) in one call (none if empty).
 fn submit(
     backend: &dyn Backend,
@@ -504,6 +543,7 @@ struct StageJob {
 
 /// The staging thread: populates and submits each job's chunks in order.
 fn stage(backend: Arc<dyn Backend>, rx: crossbeam_channel::Receiver<StageJob>) {
+    backend.prepare_thread();
     for job in rx {
         let mut copies: Vec<Box<dyn Completion>> = Vec::with_capacity(job.regions.len());
         let mut error = None;
@@ -657,7 +697,7 @@ impl Inner {
     /// The bookkeeping after a transfer's copy completed (`copied` is its outcome).
     fn finish(&self, t: &Transfer, copied: Result<()>) -> Result<()> {
         match (t.dir, &copied) {
-            (Direction::Out, Ok(())) => self.cache.swap_out_commit(t.slot),
+            (Direction::Out, Ok(())) => self.cache.swap_out_commit(t.slot, t.fence.clone()),
             (Direction::In, Ok(())) => self.cache.swap_in_commit(t.slot, t.tokens),
             (_, Err(_)) => self.cache.swap_abort(t.slot),
         }
@@ -769,6 +809,7 @@ impl SwapEngine {
         let worker = std::thread::Builder::new()
             .name("kvvm-swap".into())
             .spawn(move || {
+                worker_inner.backend().prepare_thread();
                 let inner = Some(worker_inner);
                 for t in rx {
                     let _ = t.try_finish(&inner, true);
@@ -840,7 +881,30 @@ impl SwapEngine {
     /// be submitted. The slot and any host copy are then as they were. A copy that fails later
     /// is reported by the ticket, with the same guarantee.
     pub fn swap_out(&self, slot: SlotId) -> Result<SwapTicket> {
+        self.swap_out_fenced(slot, None)
+    }
+
+    /// [`SwapEngine::swap_out`] ordered after the caller's `event` (a raw `CUevent`, e.g.
+    /// torch's `event.cuda_event`, recorded after the kernels that write the slot's last
+    /// tokens) instead of after the compute stream: the copies start once the event, as
+    /// recorded at this call, has completed. The host backend ignores the event.
+    ///
+    /// # Errors
+    /// As [`SwapEngine::swap_out`]; the driver's error for an invalid event.
+    pub fn swap_out_after(&self, slot: SlotId, event: u64) -> Result<SwapTicket> {
+        let fence = self.inner.backend().fence_after_event(event)?;
+        self.swap_out_fenced(slot, Some(fence))
+    }
+
+    /// `fence`: `None` to record one on the cache's compute stream, else the fence to use.
+    fn swap_out_fenced(
+        &self,
+        slot: SlotId,
+        fence: Option<Option<Arc<dyn Fence>>>,
+    ) -> Result<SwapTicket> {
         let inner = &*self.inner;
+        // The copies wait for the caller's work queued before this call (see `docs/ordering.md`).
+        let fence = fence.unwrap_or_else(|| inner.cache.fence_now());
         inner.enter();
         let (tokens, epoch) = match inner.cache.swap_out_begin(slot) {
             Ok(v) => v,
@@ -849,7 +913,7 @@ impl SwapEngine {
                 return Err(e);
             }
         };
-        match self.submit_out(slot, tokens, epoch) {
+        match self.submit_out(slot, tokens, epoch, fence) {
             Ok(t) => Ok(self.launch(t)),
             Err(e) => {
                 inner.cache.swap_abort(slot);
@@ -861,7 +925,13 @@ impl SwapEngine {
 
     /// The part of [`SwapEngine::swap_out`] after the slot is busy. On error, everything the
     /// engine changed is undone (the caller releases the slot and the in-flight room).
-    fn submit_out(&self, slot: SlotId, tokens: usize, epoch: u64) -> Result<Transfer> {
+    fn submit_out(
+        &self,
+        slot: SlotId,
+        tokens: usize,
+        epoch: u64,
+        fence: Option<Arc<dyn Fence>>,
+    ) -> Result<Transfer> {
         let inner = &*self.inner;
         let g = *inner.cache.geometry();
         let mut st = inner.lock();
@@ -982,7 +1052,12 @@ impl SwapEngine {
         // transfer finishes; the destinations lie in copy `id`'s extent in the arena (host
         // buffers of this backend), which nothing else reads, writes or frees while the copy is
         // busy; destinations of distinct regions are disjoint.
-        let completions = match submit(inner.backend(), CopyKind::DeviceToHost, &regions) {
+        let completions = match submit_after(
+            inner.backend(),
+            CopyKind::DeviceToHost,
+            &regions,
+            fence.as_deref(),
+        ) {
             Ok(c) => c,
             Err(e) => {
                 undo(&mut inner.lock());
@@ -1000,6 +1075,7 @@ impl SwapEngine {
             epoch,
             bytes,
             completions,
+            fence,
             phase: Mutex::new(Phase::InFlight),
             done: Condvar::new(),
         })
@@ -1107,6 +1183,7 @@ impl SwapEngine {
             epoch,
             bytes,
             completions,
+            fence: None,
             phase: Mutex::new(Phase::InFlight),
             done: Condvar::new(),
         }))
