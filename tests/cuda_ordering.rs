@@ -266,8 +266,14 @@ fn a_swap_in_is_consumed_in_stream_order() {
         let out = swap.swap_out(slot).unwrap();
         out.wait().unwrap();
         for _ in 0..3 {
-            s.hold(true);
+            // The slot the copy lands in holds other bytes first (the pool's pages still hold
+            // the swapped-out ones).
             let back: SlotId = cache.alloc_slot_for(tokens).unwrap();
+            cache.ensure(back, tokens).unwrap();
+            set(&cache.slot_ranges(back, tokens).unwrap(), 0);
+            cache.free_slot(back).unwrap();
+            let back = cache.alloc_slot_for(tokens).unwrap();
+            s.hold(true);
             let t = swap.swap_in(out.copy(), back).unwrap();
             t.stream_wait(caller.expose_provenance() as u64).unwrap();
             let ranges = cache.slot_ranges(back, tokens).unwrap();
