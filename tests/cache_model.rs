@@ -60,7 +60,7 @@ fn op_strategy(faults: bool) -> BoxedStrategy<Op> {
 }
 
 macro_rules! model_test {
-    ($name:ident, $machine:ident, $layout:expr, $lookahead:expr, $faults:expr) => {
+    ($name:ident, $machine:ident, $layout:expr, $lookahead:expr, $faults:expr $(, zero_page: $zero:expr)?) => {
         struct $machine;
 
         impl ReferenceStateMachine for $machine {
@@ -74,6 +74,7 @@ macro_rules! model_test {
                         layout: $layout,
                         lookahead: $lookahead,
                         faults: $faults,
+                        $(zero_page: $zero,)?
                         ..HarnessConfig::default()
                     },
                 })
@@ -158,4 +159,22 @@ model_test!(
     Layout::Interleaved,
     3,
     true
+);
+
+// The same without the zero page behind unmapped ranges (`PROT_NONE`, as before it existed).
+model_test!(
+    interleaved_no_zero_page,
+    InterleavedNoZeroPage,
+    Layout::Interleaved,
+    2,
+    true,
+    zero_page: false
+);
+model_test!(
+    per_layer_no_zero_page,
+    PerLayerNoZeroPage,
+    Layout::PerLayer,
+    0,
+    true,
+    zero_page: false
 );

@@ -15,14 +15,15 @@
 //! (under cargo-nextest each runs in its own process anyway). Without a C compiler every test
 //! prints why it is skipped and passes.
 
-use std::ffi::{c_char, c_int, c_longlong, c_uint, CString};
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
-
-use libloading::Library;
+use std::sync::Arc;
 
 #[path = "support/fakecuda_build.rs"]
 mod fakecuda_build;
+#[macro_use]
+#[path = "support/fake.rs"]
+mod fake;
+use fake::*;
+
 use proptest::prelude::*;
 use proptest::test_runner::Config;
 
@@ -37,329 +38,14 @@ use kvvm::{CacheConfig, DType, KvCache, Layout, SlotId};
 use kvvm::{SwapConfig, SwapEngine};
 use kvvm_sys::result;
 use kvvm_sys::{
-    CUevent, CUfunction, CUstream, CUDA_ERROR_ILLEGAL_ADDRESS, CUDA_ERROR_INVALID_VALUE,
-    CUDA_ERROR_OUT_OF_MEMORY, CUDA_ERROR_UNKNOWN, CU_STREAM_NON_BLOCKING,
+    CUevent, CUDA_ERROR_ILLEGAL_ADDRESS, CUDA_ERROR_INVALID_VALUE, CUDA_ERROR_OUT_OF_MEMORY,
+    CUDA_ERROR_UNKNOWN, CU_STREAM_NON_BLOCKING,
 };
 
-/// The granularity the fake is set to: small pages keep the tests small.
-const G: usize = 64 << 10;
-/// The device memory the fake reports by default.
-const TOTAL_MEM: usize = 16 << 30;
-
-/// Live object kinds of the fake that must be back to zero after every test.
-const LIVE_KINDS: [&str; 10] = [
-    "handles",
-    "allocations",
-    "mappings",
-    "reservations",
-    "host",
-    "device",
-    "streams",
-    "events",
-    "contexts",
-    "pending",
-];
-
-type CountFn = unsafe extern "C" fn(*const c_char) -> c_longlong;
-
-/// The fake kernel's parameters (`struct fakecuda_kernel` in the fixture): at execution, after
-/// `delay_us`, `read_len` bytes at device address `read` go to host memory `read_out` (if not
-/// null), then `write_len` bytes at `write` are set from `write_in` (or to `write_byte`).
-#[repr(C)]
-#[derive(Clone, Copy, Debug)]
-struct FakeKernel {
-    read: u64,
-    read_len: u64,
-    read_out: *mut u8,
-    write: u64,
-    write_len: u64,
-    write_in: *const u8,
-    write_byte: c_int,
-    delay_us: c_uint,
-}
-const _: () = assert!(std::mem::size_of::<FakeKernel>() == 56);
-
-impl FakeKernel {
-    /// A kernel that reads `[addr, addr+len)` for `delay_us` (an attention kernel).
-    fn reads(addr: u64, len: usize, delay_us: u32) -> Self {
-        FakeKernel {
-            read: addr,
-            read_len: len as u64,
-            read_out: std::ptr::null_mut(),
-            write: 0,
-            write_len: 0,
-            write_in: std::ptr::null(),
-            write_byte: 0,
-            delay_us,
-        }
-    }
-
-    /// A kernel that sets `[addr, addr+len)` to `byte` after `delay_us` (a KV write).
-    fn writes(addr: u64, len: usize, byte: u8, delay_us: u32) -> Self {
-        FakeKernel {
-            write: addr,
-            write_len: len as u64,
-            write_byte: c_int::from(byte),
-            ..FakeKernel::reads(0, 0, delay_us)
-        }
-    }
-}
-type FailFn = unsafe extern "C" fn(*const c_char, c_int, c_uint) -> c_int;
-
-/// The fake driver library and its test controls.
-struct Fake {
-    path: PathBuf,
-    calls: CountFn,
-    live: CountFn,
-    fail_nth: FailFn,
-    fail_from: FailFn,
-    clear_faults: unsafe extern "C" fn(),
-    hold: unsafe extern "C" fn(c_int),
-    set_async: unsafe extern "C" fn(c_int) -> c_int,
-    set_granularity: unsafe extern "C" fn(usize) -> c_int,
-    set_total_mem: unsafe extern "C" fn(usize),
-    set_vmm_supported: unsafe extern "C" fn(c_int),
-    launch: unsafe extern "C" fn(CUstream, *const FakeKernel) -> c_uint,
-    kernel_function: unsafe extern "C" fn() -> CUfunction,
-    set_delays: unsafe extern "C" fn(c_uint, c_uint, c_uint),
-    _lib: Library,
-}
-
-fn cstr(s: &str) -> CString {
-    CString::new(s).expect("no NUL in a name")
-}
-
-impl Fake {
-    /// Calls of driver entry point `function` so far.
-    fn calls(&self, function: &str) -> i64 {
-        let name = cstr(function);
-        // SAFETY: `name` is a NUL-terminated string alive for the call; the function only reads it.
-        let n = unsafe { (self.calls)(name.as_ptr()) };
-        assert!(n >= 0, "the fake has no entry point {function}");
-        n
-    }
-
-    /// Live objects (or events since load) of kind `what`.
-    fn live(&self, what: &str) -> i64 {
-        let name = cstr(what);
-        // SAFETY: as in `calls`.
-        let n = unsafe { (self.live)(name.as_ptr()) };
-        assert!(n >= 0, "the fake counts no {what}");
-        n
-    }
-
-    /// The `n`-th next call of `function` fails with `code` (once).
-    fn fail_nth(&self, function: &str, n: i32, code: u32) {
-        let name = cstr(function);
-        // SAFETY: as in `calls`.
-        let rc = unsafe { (self.fail_nth)(name.as_ptr(), n, code) };
-        assert_eq!(rc, 0, "cannot arm a fault in {function}");
-    }
-
-    /// The `n`-th next call of `function` and every later one fail with `code`.
-    fn fail_from(&self, function: &str, n: i32, code: u32) {
-        let name = cstr(function);
-        // SAFETY: as in `calls`.
-        let rc = unsafe { (self.fail_from)(name.as_ptr(), n, code) };
-        assert_eq!(rc, 0, "cannot arm a fault in {function}");
-    }
-
-    fn clear_faults(&self) {
-        // SAFETY: takes no arguments; only touches the fake's own state.
-        unsafe { (self.clear_faults)() }
-    }
-
-    /// While held, asynchronous copies queue instead of running; releasing runs them.
-    fn hold(&self, on: bool) {
-        // SAFETY: takes a plain integer; only touches the fake's own state.
-        unsafe { (self.hold)(c_int::from(on)) }
-    }
-
-    /// With `on`, queued copies run on the fake's device thread at unpredictable times instead
-    /// of at submission.
-    fn set_async(&self, on: bool) {
-        // SAFETY: takes a plain integer; only touches the fake's own state.
-        let rc = unsafe { (self.set_async)(c_int::from(on)) };
-        assert_eq!(rc, 0, "the fake's device thread cannot start");
-    }
-
-    /// Sets the granularity; only possible while nothing is reserved or created.
-    fn set_granularity(&self, bytes: usize) -> bool {
-        // SAFETY: takes a plain integer; only touches the fake's own state.
-        unsafe { (self.set_granularity)(bytes) == 0 }
-    }
-
-    fn set_total_mem(&self, bytes: usize) {
-        // SAFETY: takes a plain integer; only touches the fake's own state.
-        unsafe { (self.set_total_mem)(bytes) }
-    }
-
-    fn set_vmm_supported(&self, on: bool) {
-        // SAFETY: takes a plain integer; only touches the fake's own state.
-        unsafe { (self.set_vmm_supported)(c_int::from(on)) }
-    }
-
-    /// Enqueues the fake kernel `k` on `stream`.
-    ///
-    /// # Safety
-    /// `stream` must be live (or null); host memory `k` names must stay valid until the kernel
-    /// has run. Device addresses are checked by the fake when the kernel runs.
-    unsafe fn launch(&self, stream: CUstream, k: &FakeKernel) {
-        // SAFETY: forwarded from this function's contract; `k` is read during the call only.
-        let rc = unsafe { (self.launch)(stream, k) };
-        assert_eq!(rc, 0, "fakecuda_launch failed");
-    }
-
-    /// Asynchronous mode's timing: up to `max_pause_us` between two operations of a stream, up
-    /// to `jitter_us` more than its delay for each kernel; `seed` restarts the random sequence.
-    fn set_delays(&self, max_pause_us: u32, jitter_us: u32, seed: u32) {
-        // SAFETY: takes plain integers; only touches the fake's own state.
-        unsafe { (self.set_delays)(max_pause_us, jitter_us, seed) }
-    }
-
-    /// Every live object count.
-    fn live_counts(&self) -> Vec<(&'static str, i64)> {
-        LIVE_KINDS.iter().map(|&k| (k, self.live(k))).collect()
-    }
-}
-
-/// Builds and loads the fake, and points kvvm-sys at it before its first use of the driver.
-fn load() -> Option<Fake> {
-    let path = match fakecuda_build::build() {
-        Ok(Some(p)) => p,
-        Ok(None) => {
-            eprintln!("no C compiler (cc, or $CC) found: the fake CUDA driver cannot be built");
-            return None;
-        }
-        Err(e) => panic!("{e}"),
-    };
-    // Only this function sets the variable, once per process, before anything loads the driver.
-    std::env::set_var(kvvm_sys::LIBCUDA_ENV, &path);
-    // SAFETY: the fake's only initialiser sets up a condition variable and reads an environment
-    // variable.
-    let lib = unsafe { Library::new(&path) }.expect("loading the fake driver");
-    macro_rules! sym {
-        ($name:literal) => {
-            // SAFETY: the fixture defines this symbol with exactly the field's signature.
-            *unsafe { lib.get($name.as_bytes()) }.expect(concat!("fake symbol ", $name))
-        };
-    }
-    let fake = Fake {
-        calls: sym!("fakecuda_calls"),
-        live: sym!("fakecuda_live"),
-        fail_nth: sym!("fakecuda_fail_nth"),
-        fail_from: sym!("fakecuda_fail_from"),
-        clear_faults: sym!("fakecuda_clear_faults"),
-        hold: sym!("fakecuda_hold"),
-        set_async: sym!("fakecuda_set_async"),
-        set_granularity: sym!("fakecuda_set_granularity"),
-        set_total_mem: sym!("fakecuda_set_total_mem"),
-        set_vmm_supported: sym!("fakecuda_set_vmm_supported"),
-        launch: sym!("fakecuda_launch"),
-        kernel_function: sym!("fakecuda_kernel_function"),
-        set_delays: sym!("fakecuda_set_delays"),
-        path,
-        _lib: lib,
-    };
-    assert!(fake.set_granularity(G));
-    let d = kvvm_sys::driver().expect("kvvm-sys loads the fake driver");
-    assert_eq!(
-        Path::new(d.path()),
-        fake.path,
-        "kvvm-sys loaded another driver (was it used before KVVM_LIBCUDA was set?)"
-    );
-    Some(fake)
-}
-
-static FAKE: OnceLock<Option<Fake>> = OnceLock::new();
-static SERIAL: Mutex<()> = Mutex::new(());
-
-/// One test's exclusive use of the fake.
-struct Session {
-    fake: &'static Fake,
-    faults: i64,
-    pageable: i64,
-    stale: i64,
-    busy: i64,
-    _serial: MutexGuard<'static, ()>,
-}
-
-impl std::ops::Deref for Session {
-    type Target = Fake;
-    fn deref(&self) -> &Fake {
-        self.fake
-    }
-}
-
-impl Session {
-    fn start() -> Option<Session> {
-        let serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-        let fake = FAKE.get_or_init(load).as_ref()?;
-        fake.clear_faults();
-        fake.hold(false);
-        fake.set_async(false);
-        fake.set_delays(200, 0, 0);
-        // Fails only if an earlier test left objects behind, which that test reports.
-        fake.set_granularity(G);
-        fake.set_vmm_supported(true);
-        fake.set_total_mem(TOTAL_MEM);
-        Some(Session {
-            fake,
-            faults: fake.live("faults"),
-            pageable: fake.live("pageable_async"),
-            stale: fake.live("stale_reads"),
-            busy: fake.live("unmap_busy"),
-            _serial: serial,
-        })
-    }
-
-    /// Checks that every driver object is gone and that, during the test, no copy or kernel
-    /// touched an unmapped range, no copy used pageable host memory, no copy read a range before
-    /// an earlier kernel wrote it, and no range was unmapped under queued work.
-    fn finish(self) {
-        self.clear_faults();
-        self.hold(false);
-        self.set_async(false);
-        for (kind, n) in self.live_counts() {
-            assert_eq!(n, 0, "{n} {kind} left in the fake driver");
-        }
-        assert_eq!(
-            self.live("faults"),
-            self.faults,
-            "a copy or kernel found its device range unmapped"
-        );
-        assert_eq!(
-            self.live("stale_reads"),
-            self.stale,
-            "a copy read device memory before a kernel submitted earlier wrote it"
-        );
-        assert_eq!(
-            self.live("unmap_busy"),
-            self.busy,
-            "a range was unmapped while queued or running work still used it"
-        );
-        assert_eq!(
-            self.live("pageable_async"),
-            self.pageable,
-            "an asynchronous copy used memory that is not page-locked"
-        );
-    }
-}
-
-macro_rules! session {
-    () => {
-        match Session::start() {
-            Some(s) => s,
-            None => {
-                eprintln!("skipped: no C compiler to build tests/fixtures/fakecuda.c");
-                return;
-            }
-        }
-    };
-}
-
+/// The backend without the zero page: the tests of its driver calls count them one by one
+/// (`zero_page_reads_zeros_and_costs_calls` covers the zero page).
 fn backend() -> CudaBackend {
-    CudaBackend::new(0).expect("the CUDA backend opens the fake device")
+    CudaBackend::with_zero_page(0, false).expect("the CUDA backend opens the fake device")
 }
 
 /// Asserts that `e` is the CUDA backend's error for `op`, carrying `code`, the entry point and
@@ -383,22 +69,6 @@ fn assert_driver_error(e: &Error, op: BackendOp, code: u32, function: &str, name
     }
 }
 
-fn fill(addr: u64, len: usize, seed: u8) {
-    // SAFETY: callers pass a range mapped read/write; the fake's device addresses are addresses
-    // of this process.
-    let s = unsafe { std::slice::from_raw_parts_mut(addr as usize as *mut u8, len) };
-    for (i, b) in s.iter_mut().enumerate() {
-        *b = seed.wrapping_add((i % 251) as u8);
-    }
-}
-
-fn holds(addr: u64, len: usize, seed: u8) -> bool {
-    // SAFETY: callers pass a range that is mapped readable (or host memory they own).
-    let s = unsafe { std::slice::from_raw_parts(addr as usize as *const u8, len) };
-    s.iter()
-        .enumerate()
-        .all(|(i, &b)| b == seed.wrapping_add((i % 251) as u8))
-}
 
 /// The permissions of the process mapping containing `addr`, from /proc/self/maps.
 fn prot_at(addr: u64) -> Option<String> {
@@ -442,7 +112,8 @@ fn backend_opens_the_fake_device() {
     assert_eq!(info.total_memory, TOTAL_MEM as u64);
     assert_eq!((info.max_map_count, info.map_headroom), (None, None));
     assert_eq!(s.live("contexts"), 1);
-    assert_eq!(s.live("streams"), COPY_STREAMS as i64);
+    // The copy streams and the stream fences made from a caller's event are recorded on.
+    assert_eq!(s.live("streams"), COPY_STREAMS as i64 + 1);
 
     // A device that does not exist is a configuration error and retains nothing.
     assert!(matches!(CudaBackend::new(1), Err(Error::InvalidConfig(_))));

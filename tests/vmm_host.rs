@@ -11,9 +11,15 @@ use kvvm::Error;
 const PAGE: usize = 64 << 10;
 
 fn host(granularity: usize) -> Arc<HostBackend> {
+    host_with(granularity, true)
+}
+
+/// A host backend with or without the zero page behind unmapped ranges.
+fn host_with(granularity: usize, zero_page: bool) -> Arc<HostBackend> {
     Arc::new(
         HostBackend::new(HostConfig {
             granularity,
+            zero_page,
             ..HostConfig::default()
         })
         .expect("host backend"),
@@ -70,19 +76,34 @@ fn vmas_in(addr: u64, len: usize) -> usize {
 
 /// Touches `addr` in a forked child; returns the signal that killed it, if any.
 fn touch_in_child(addr: u64) -> Option<nix::sys::signal::Signal> {
+    access_in_child(addr, false).err()
+}
+
+/// Reads (or, with `write`, writes a byte to) `addr` in a forked child: `Ok(the byte read)`, or
+/// `Err(the signal that killed the child)`.
+fn access_in_child(addr: u64, write: bool) -> Result<u8, nix::sys::signal::Signal> {
     use nix::sys::wait::{waitpid, WaitStatus};
     use nix::unistd::{fork, ForkResult};
-    // SAFETY: the child only performs a volatile read and `_exit`, both async-signal-safe.
+    // SAFETY: the child only performs a volatile access and `_exit`, both async-signal-safe.
     match unsafe { fork() }.expect("fork") {
         ForkResult::Child => {
-            // SAFETY: deliberately touching a possibly inaccessible address in a throwaway child.
-            let v = unsafe { std::ptr::read_volatile(addr as usize as *const u8) };
+            let p = addr as usize as *mut u8;
+            let v = if write {
+                // SAFETY: deliberately writing a possibly read-only address in a throwaway child.
+                unsafe { std::ptr::write_volatile(p, 1) };
+                0
+            } else {
+                // SAFETY: deliberately touching a possibly inaccessible address in a throwaway
+                // child.
+                unsafe { std::ptr::read_volatile(p) }
+            };
             // SAFETY: _exit is async-signal-safe and ends the child without running destructors.
-            unsafe { libc::_exit(i32::from(v == 255)) }
+            unsafe { libc::_exit(i32::from(v)) }
         }
         ForkResult::Parent { child } => match waitpid(child, None).expect("waitpid") {
-            WaitStatus::Signaled(_, sig, _) => Some(sig),
-            _ => None,
+            WaitStatus::Signaled(_, sig, _) => Err(sig),
+            WaitStatus::Exited(_, code) => Ok(code as u8),
+            other => panic!("child ended with {other:?}"),
         },
     }
 }
@@ -157,8 +178,44 @@ fn consecutive_pages_map_as_one_run() {
 }
 
 #[test]
-fn unmapped_range_is_inaccessible() {
+fn unmapped_range_reads_zeros_with_the_zero_page() {
+    // The default: a stray read of reserved-but-unmapped memory returns zeros; writes fault.
     let b = host(PAGE);
+    let r = b.reserve(2 * PAGE).unwrap();
+    assert_eq!(prot_at(r.addr).as_deref(), Some("r--p"));
+    // SAFETY: the reservation is readable (zeros) and owned by this test.
+    let before = unsafe { std::slice::from_raw_parts(r.addr as usize as *const u8, 2 * PAGE) };
+    assert!(before.iter().all(|&x| x == 0));
+    assert_eq!(access_in_child(r.addr + 5, false), Ok(0));
+    assert_eq!(
+        access_in_child(r.addr + 5, true),
+        Err(nix::sys::signal::Signal::SIGSEGV),
+        "writes to an unmapped range still fault"
+    );
+    let p = b.create_page(PAGE).unwrap();
+    b.map(r.addr, &[&p]).unwrap();
+    fill(r.addr, PAGE, 9);
+    assert_eq!(access_in_child(r.addr + 5, false), Ok(9 + 5));
+    b.unmap(r.addr, PAGE).unwrap();
+    // After unmapping: zeros again (the page keeps its bytes: mapped again, they are back).
+    assert_eq!(prot_at(r.addr).as_deref(), Some("r--p"));
+    // SAFETY: as above; the range is unmapped and reads as zeros.
+    let after = unsafe { std::slice::from_raw_parts(r.addr as usize as *const u8, PAGE) };
+    assert!(after.iter().all(|&x| x == 0), "an unmapped range reads zeros");
+    assert_eq!(
+        access_in_child(r.addr, true),
+        Err(nix::sys::signal::Signal::SIGSEGV)
+    );
+    b.map(r.addr + PAGE as u64, &[&p]).unwrap();
+    assert!(check(r.addr + PAGE as u64, PAGE, 9));
+    b.unmap(r.addr + PAGE as u64, PAGE).unwrap();
+    b.release_page(p).map_err(|(_, e)| e).unwrap();
+    b.free_reservation(r).unwrap();
+}
+
+#[test]
+fn unmapped_range_is_inaccessible_without_the_zero_page() {
+    let b = host_with(PAGE, false);
     let r = b.reserve(2 * PAGE).unwrap();
     assert_eq!(prot_at(r.addr).as_deref(), Some("---p"));
     assert_eq!(
@@ -419,7 +476,7 @@ fn injected_failures_leak_nothing() {
     let p = faulty.create_page(PAGE).unwrap();
     faulty.fail_nth(BackendOp::Map, 1);
     assert!(faulty.map(r.addr, &[&p]).is_err());
-    assert_eq!(prot_at(r.addr).as_deref(), Some("---p"));
+    assert_eq!(prot_at(r.addr).as_deref(), Some("r--p"));
     faulty.map(r.addr, &[&p]).unwrap();
     faulty.unmap(r.addr, PAGE).unwrap();
     faulty.release_page(p).map_err(|(_, e)| e).unwrap();

@@ -78,6 +78,9 @@ pub(super) struct Slot {
     /// Bumped whenever the slot's tokens stop being a continuation of what they were
     /// (allocation, shrink): lets the swap engine tell whether a host copy still matches.
     pub(super) epoch: u64,
+    /// The fence of the caller's work that may still read this slot's pages (recorded by
+    /// `free_slot` and `shrink`; `None` when nothing can). See `docs/ordering.md`.
+    pub(super) fence: Option<std::sync::Arc<dyn crate::vmm::Fence>>,
 }
 
 impl Slot {

@@ -17,7 +17,7 @@ use arena::Arena;
 
 use crate::cache::{KvCache, SlotId};
 use crate::error::{Error, Result};
-use crate::vmm::{Backend, BackendKind, Completion, CopyKind};
+use crate::vmm::{Backend, BackendKind, Completion, CopyKind, Fence};
 use crate::worker::Worker;
 
 /// The smallest [`SwapConfig::chunk_bytes`] accepted.
@@ -244,7 +244,7 @@ impl Inner {
     /// The bookkeeping after a transfer's copy completed (`copied` is its outcome).
     fn finish(&self, t: &Transfer, copied: Result<()>) -> Result<()> {
         match (t.dir, &copied) {
-            (Direction::Out, Ok(())) => self.cache.swap_out_commit(t.slot),
+            (Direction::Out, Ok(())) => self.cache.swap_out_commit(t.slot, t.fence.clone()),
             (Direction::In, Ok(())) => self.cache.swap_in_commit(t.slot, t.tokens),
             (_, Err(_)) => self.cache.swap_abort(t.slot),
         }
@@ -354,6 +354,7 @@ impl SwapEngine {
         let (tx, rx) = crossbeam_channel::unbounded::<Arc<Transfer>>();
         let worker_inner = inner.clone();
         let worker = Worker::spawn("kvvm-swap", move || {
+            worker_inner.backend().prepare_thread();
             let inner = Some(worker_inner);
             for t in rx {
                 let _ = t.try_finish(&inner, true);
@@ -419,7 +420,30 @@ impl SwapEngine {
     /// be submitted. The slot and any host copy are then as they were. A copy that fails later
     /// is reported by the ticket, with the same guarantee.
     pub fn swap_out(&self, slot: SlotId) -> Result<SwapTicket> {
+        self.swap_out_fenced(slot, None)
+    }
+
+    /// [`SwapEngine::swap_out`] ordered after the caller's `event` (a raw `CUevent`, e.g.
+    /// torch's `event.cuda_event`, recorded after the kernels that write the slot's last
+    /// tokens) instead of after the compute stream: the copies start once the event, as
+    /// recorded at this call, has completed. The host backend ignores the event.
+    ///
+    /// # Errors
+    /// As [`SwapEngine::swap_out`]; the driver's error for an invalid event.
+    pub fn swap_out_after(&self, slot: SlotId, event: u64) -> Result<SwapTicket> {
+        let fence = self.inner.backend().fence_after_event(event)?;
+        self.swap_out_fenced(slot, Some(fence))
+    }
+
+    /// `fence`: `None` to record one on the cache's compute stream, else the fence to use.
+    fn swap_out_fenced(
+        &self,
+        slot: SlotId,
+        fence: Option<Option<Arc<dyn Fence>>>,
+    ) -> Result<SwapTicket> {
         let inner = &*self.inner;
+        // The copies wait for the caller's work queued before this call (`docs/ordering.md`).
+        let fence = fence.unwrap_or_else(|| inner.cache.fence_now());
         inner.enter();
         let (tokens, epoch) = match inner.cache.swap_out_begin(slot) {
             Ok(v) => v,
@@ -428,7 +452,7 @@ impl SwapEngine {
                 return Err(e);
             }
         };
-        match self.submit_out(slot, tokens, epoch) {
+        match self.submit_out(slot, tokens, epoch, fence) {
             Ok(t) => Ok(self.launch(t)),
             Err(e) => {
                 inner.cache.swap_abort(slot);
@@ -440,7 +464,13 @@ impl SwapEngine {
 
     /// The part of [`SwapEngine::swap_out`] after the slot is busy. On error, everything the
     /// engine changed is undone (the caller releases the slot and the in-flight room).
-    fn submit_out(&self, slot: SlotId, tokens: usize, epoch: u64) -> Result<Transfer> {
+    fn submit_out(
+        &self,
+        slot: SlotId,
+        tokens: usize,
+        epoch: u64,
+        fence: Option<Arc<dyn Fence>>,
+    ) -> Result<Transfer> {
         let inner = &*self.inner;
         let g = *inner.cache.geometry();
         let mut st = inner.lock();
@@ -561,7 +591,12 @@ impl SwapEngine {
         // transfer finishes; the destinations lie in copy `id`'s extent in the arena (host
         // buffers of this backend), which nothing else reads, writes or frees while the copy is
         // busy; destinations of distinct regions are disjoint.
-        let completions = match submit(inner.backend(), CopyKind::DeviceToHost, &regions) {
+        let completions = match submit(
+            inner.backend(),
+            CopyKind::DeviceToHost,
+            &regions,
+            fence.as_deref(),
+        ) {
             Ok(c) => c,
             Err(e) => {
                 undo(&mut inner.lock());
@@ -579,6 +614,7 @@ impl SwapEngine {
             epoch,
             bytes,
             completions,
+            fence,
             phase: Mutex::new(Phase::InFlight),
             done: Condvar::new(),
         })
@@ -666,7 +702,7 @@ impl SwapEngine {
             // `swap_in_begin` mapped; the slot stays busy (nobody else maps, unmaps or uses it)
             // until this transfer finishes. The sources lie in the copy's extent, which stays
             // allocated and unwritten while the copy is busy. Destinations are disjoint.
-            None => match submit(inner.backend(), CopyKind::HostToDevice, &regions) {
+            None => match submit(inner.backend(), CopyKind::HostToDevice, &regions, None) {
                 Ok(c) => c,
                 Err(e) => {
                     inner.cache.swap_abort(slot);
@@ -686,6 +722,7 @@ impl SwapEngine {
             epoch,
             bytes,
             completions,
+            fence: None,
             phase: Mutex::new(Phase::InFlight),
             done: Condvar::new(),
         }))

@@ -103,6 +103,9 @@ pub struct HarnessConfig {
     /// Budget in pages: of the OS page size for [`Harness::new`], of the backend's granularity
     /// for [`Harness::with_backend`].
     pub budget_pages: usize,
+    /// [`Harness::new`]'s host backend backs unmapped ranges with zeros
+    /// ([`HostConfig::zero_page`]).
+    pub zero_page: bool,
 }
 
 impl Default for HarnessConfig {
@@ -114,6 +117,7 @@ impl Default for HarnessConfig {
             max_slots: 4,
             max_tokens: 200,
             budget_pages: 36,
+            zero_page: true,
         }
     }
 }
@@ -229,6 +233,7 @@ impl Harness {
         let host = Arc::new(HostBackend::new(HostConfig {
             granularity: page,
             copy_threads: 1,
+            zero_page: config.zero_page,
             ..HostConfig::default()
         })?);
         Self::build(config, host.clone(), Some(host))
