@@ -25,7 +25,7 @@ pkg_exists() { [ -f "$1/Cargo.toml" ]; }
 CLI_PKG=kvvm
 CAPI_PKG=kvvm
 if pkg_exists cli; then CLI_PKG=kvvm-cli; fi
-if pkg_exists capi; then CAPI_PKG=kvvm-capi; fi
+if pkg_exists capi/clib; then CAPI_PKG=kvvm-clib; elif pkg_exists capi; then CAPI_PKG=kvvm-capi; fi
 
 echo "== building release binaries ($CLI_PKG, $CAPI_PKG)"
 cargo build --release -p "$CLI_PKG" --bin kvvm
@@ -42,6 +42,9 @@ TESTS=(
 )
 if [ -f tests/cuda_gpu.rs ]; then
     TESTS+=("kvvm test:cuda_gpu|--include-ignored --test-threads=1")
+fi
+if [ -f capi/tests/ffi_abi.rs ]; then
+    TESTS+=("kvvm-capi test:ffi_abi|--test-threads=1")
 fi
 
 rm -rf "$BUNDLE"

@@ -7,7 +7,19 @@ use std::process::Command;
 /// share the result). `Ok(None)` when there is no C compiler.
 pub fn build() -> Result<Option<PathBuf>, String> {
     use std::hash::{Hash, Hasher};
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fakecuda.c");
+    // The fixture lives in the workspace root's tests/ (this file is also used from cli/tests).
+    let src = Path::new(file!())
+        .parent()
+        .and_then(Path::parent)
+        .map(|tests| tests.join("fixtures/fakecuda.c"))
+        .filter(|p| p.is_absolute())
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .ancestors()
+                .map(|d| d.join("tests/fixtures/fakecuda.c"))
+                .find(|p| p.exists())
+                .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fakecuda.c"))
+        });
     let text = std::fs::read(&src).map_err(|e| format!("reading {}: {e}", src.display()))?;
     // `CC` may carry arguments (`ccache cc`, `cc -fsanitize=address`); they are part of the key.
     let cc = std::env::var("CC").unwrap_or_default();

@@ -10,11 +10,12 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-#[path = "support/fakecuda_build.rs"]
+#[path = "../../tests/support/fakecuda_build.rs"]
 mod fakecuda_build;
 
+/// The workspace root (this crate is `cli/`).
 fn root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
 }
 
 /// A bundle folder with `bin/kvvm`, and an empty results folder, under `name`.
