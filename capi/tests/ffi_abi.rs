@@ -324,7 +324,8 @@ fn stream_ordering_calls_on_the_host_backend() {
         assert_eq!(kvvm_swap_in(swap, copy, slot, &mut t), kvvm_status::KVVM_STATUS_OK);
     }
     assert_eq!(kvvm_ticket_stream_wait(t, 0), kvvm_status::KVVM_STATUS_OK);
-    // The host backend's stream wait waited for the copies: the bytes are there.
+    // The slot's bookkeeping completes with the ticket (calls on the slot wait for it).
+    assert_eq!(kvvm_ticket_wait(t), kvvm_status::KVVM_STATUS_OK);
     let mut back = vec![0u8; row.len()];
     // SAFETY: `back` holds a whole row.
     let st = unsafe { kvvm_cache_read_row(cache, slot, 39, 1, 1, back.as_mut_ptr(), back.len()) };

@@ -636,3 +636,47 @@ class SwapEngine:
             self.close()
         except Exception:
             pass
+
+
+# ---------------------------------------------------------------------------------------------
+# Ordering with the caller's CUDA streams (docs/ordering.md). Streams and events are plain
+# integers: a ``CUstream`` / ``CUevent`` handle value, or an object with ``cuda_stream`` /
+# ``cuda_event`` (torch.cuda.Stream, torch.cuda.Event); 0 is the legacy default stream. The host
+# backend has no streams: setting one changes nothing, and a stream wait waits for the copies.
+
+def _handle_int(value, attr: str, what: str) -> int:
+    if hasattr(value, attr):
+        value = getattr(value, attr)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{what} must be an int or have .{attr}, not {type(value).__name__}")
+    if not 0 <= value < 1 << 64:
+        raise OverflowError(f"{what} {value} is out of range for a 64-bit handle")
+    return value
+
+
+def _cache_set_stream(self, stream) -> None:
+    """Orders kvvm's swap-out copies and unmaps after the work queued on ``stream`` (the
+    engine's compute stream) before each call that needs it."""
+    _check(library.kvvm_cache_set_stream(self._handle_checked(),
+                                         _handle_int(stream, "cuda_stream", "stream")))
+
+
+def _ticket_stream_wait(self, stream) -> None:
+    """Makes ``stream`` wait on the device for this transfer: kernels enqueued on it afterwards
+    may use the swapped-in slot, without the host waiting."""
+    _check(library.kvvm_ticket_stream_wait(self._h(),
+                                           _handle_int(stream, "cuda_stream", "stream")))
+
+
+def _swap_out_after(self, slot: int, event) -> Ticket:
+    """``swap_out`` with the copies ordered after ``event`` (recorded after the kernels that
+    write the slot) instead of after the cache's stream."""
+    t = _lib.TicketHandle()
+    _check(library.kvvm_swap_out_after(self._h(), slot, _handle_int(event, "cuda_event", "event"),
+                                       ctypes.byref(t)))
+    return Ticket(t)
+
+
+Cache.set_stream = _cache_set_stream
+Ticket.stream_wait = _ticket_stream_wait
+SwapEngine.swap_out_after = _swap_out_after

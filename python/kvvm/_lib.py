@@ -243,6 +243,15 @@ _SIGNATURES = {
 }
 
 
+# Ordering with the caller's CUDA streams (docs/ordering.md): streams and events are plain
+# integers. Kept apart from the table above.
+_SIGNATURES.update({
+    "kvvm_cache_set_stream": (status, [CacheHandle, c_u64]),
+    "kvvm_swap_out_after": (status, [SwapHandle, c_u32, c_u64, P(TicketHandle)]),
+    "kvvm_ticket_stream_wait": (status, [TicketHandle, c_u64]),
+})
+
+
 def _candidates() -> list[Path]:
     env = os.environ.get("KVVM_LIBRARY")
     if env:
@@ -272,3 +281,4 @@ def load(path: Path | None = None) -> ctypes.CDLL:
         f.restype = restype
         f.argtypes = argtypes
     return lib
+
