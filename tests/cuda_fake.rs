@@ -69,7 +69,6 @@ fn assert_driver_error(e: &Error, op: BackendOp, code: u32, function: &str, name
     }
 }
 
-
 /// The permissions of the process mapping containing `addr`, from /proc/self/maps.
 fn prot_at(addr: u64) -> Option<String> {
     let maps = std::fs::read_to_string("/proc/self/maps").ok()?;

@@ -97,7 +97,10 @@ fn both_ways(name: &str, case: impl Fn(&Session, Layout, Option<CUstream>, CUstr
     // Initializes the driver and makes the device's context current on this thread.
     let anchor = CudaBackend::with_zero_page(0, false).unwrap();
     s.set_async(true);
-    for (round, layout) in [Layout::Interleaved, Layout::PerLayer].into_iter().enumerate() {
+    for (round, layout) in [Layout::Interleaved, Layout::PerLayer]
+        .into_iter()
+        .enumerate()
+    {
         for fenced in [true, false] {
             s.set_delays(100, 3000, 17 + round as u32 * 2 + u32::from(fenced));
             let caller = result::stream_create(CU_STREAM_NON_BLOCKING).unwrap();
@@ -108,7 +111,10 @@ fn both_ways(name: &str, case: impl Fn(&Session, Layout, Option<CUstream>, CUstr
             let synced = unsafe { result::stream_synchronize(caller) };
             let after = races(&s);
             if fenced {
-                assert_eq!(after, before, "{name}, {layout:?}, fenced: the fake saw a race");
+                assert_eq!(
+                    after, before,
+                    "{name}, {layout:?}, fenced: the fake saw a race"
+                );
                 synced.unwrap();
                 assert!(ok, "{name}, {layout:?}, fenced: wrong bytes");
             } else {
@@ -179,7 +185,9 @@ fn reclaiming_a_freed_slot_waits_for_the_callers_kernels() {
         cache.set_compute_stream(stream.map(|p| p.expose_provenance() as u64));
         let a = cache.alloc_slot().unwrap();
         let other = cache.alloc_slot().unwrap();
-        let tokens = cache.geometry().tokens_in(per_slot / cache.geometry().buffers);
+        let tokens = cache
+            .geometry()
+            .tokens_in(per_slot / cache.geometry().buffers);
         cache.ensure(a, tokens).unwrap();
         let ranges = cache.slot_ranges(a, tokens).unwrap();
         set(&ranges, 0x33);
@@ -245,7 +253,10 @@ fn a_swap_in_is_consumed_in_stream_order() {
     // sees every swapped-in byte, in both layouts, under random delays.
     let s = session!();
     s.set_async(true);
-    for (k, layout) in [Layout::Interleaved, Layout::PerLayer].into_iter().enumerate() {
+    for (k, layout) in [Layout::Interleaved, Layout::PerLayer]
+        .into_iter()
+        .enumerate()
+    {
         s.set_delays(100, 2000, 5 + k as u32);
         let b = Arc::new(CudaBackend::new(0).unwrap());
         let cache = cache_on(&b, layout, 64);

@@ -288,7 +288,10 @@ fn stream_ordering_calls_on_the_host_backend() {
     // and order nothing (a stream wait waits for the copies), and the bytes make the round trip.
     let c = small_config();
     let cache = create(&c);
-    assert_eq!(kvvm_cache_set_stream(cache, 0x1234), kvvm_status::KVVM_STATUS_OK);
+    assert_eq!(
+        kvvm_cache_set_stream(cache, 0x1234),
+        kvvm_status::KVVM_STATUS_OK
+    );
     assert_eq!(
         kvvm_cache_set_stream(kvvm_cache::default(), 0),
         kvvm_status::KVVM_STATUS_INVALID_HANDLE
@@ -299,7 +302,10 @@ fn stream_ordering_calls_on_the_host_backend() {
         unsafe { kvvm_cache_alloc_slot(cache, &mut slot) },
         kvvm_status::KVVM_STATUS_OK
     );
-    assert_eq!(kvvm_cache_ensure(cache, slot, 40), kvvm_status::KVVM_STATUS_OK);
+    assert_eq!(
+        kvvm_cache_ensure(cache, slot, 40),
+        kvvm_status::KVVM_STATUS_OK
+    );
     let row = bytes(7, 2 * 32 * 4);
     // SAFETY: `row` holds a whole row (2 heads of 32 f32).
     let st = unsafe { kvvm_cache_write_row(cache, slot, 39, 1, 1, row.as_ptr(), row.len()) };
@@ -311,7 +317,10 @@ fn stream_ordering_calls_on_the_host_backend() {
     // SAFETY: valid locals.
     unsafe {
         kvvm_swap_config_init(&mut sc);
-        assert_eq!(kvvm_swap_create(cache, &sc, &mut swap), kvvm_status::KVVM_STATUS_OK);
+        assert_eq!(
+            kvvm_swap_create(cache, &sc, &mut swap),
+            kvvm_status::KVVM_STATUS_OK
+        );
         let st = kvvm_swap_out_after(swap, slot, 0xdead, &mut t);
         assert_eq!(st, kvvm_status::KVVM_STATUS_OK, "{}", last_error());
         assert_eq!(kvvm_ticket_copy(t, &mut copy), kvvm_status::KVVM_STATUS_OK);
@@ -320,8 +329,14 @@ fn stream_ordering_calls_on_the_host_backend() {
     assert_eq!(kvvm_ticket_free(t), kvvm_status::KVVM_STATUS_OK);
     // SAFETY: valid locals.
     unsafe {
-        assert_eq!(kvvm_cache_alloc_slot(cache, &mut slot), kvvm_status::KVVM_STATUS_OK);
-        assert_eq!(kvvm_swap_in(swap, copy, slot, &mut t), kvvm_status::KVVM_STATUS_OK);
+        assert_eq!(
+            kvvm_cache_alloc_slot(cache, &mut slot),
+            kvvm_status::KVVM_STATUS_OK
+        );
+        assert_eq!(
+            kvvm_swap_in(swap, copy, slot, &mut t),
+            kvvm_status::KVVM_STATUS_OK
+        );
     }
     assert_eq!(kvvm_ticket_stream_wait(t, 0), kvvm_status::KVVM_STATUS_OK);
     // The slot's bookkeeping completes with the ticket (calls on the slot wait for it).

@@ -17,9 +17,9 @@ pub use config::{
 };
 use grow::{attach, MapFailure, Work};
 use slot::Slot;
-use unmapper::{AfterUnmap, UnmapQueue};
 pub use slot::SlotId;
 pub use stats::CacheStats;
+use unmapper::{AfterUnmap, UnmapQueue};
 pub use view::{ByteRange, Device, Kv, TensorView};
 
 use crate::error::{Error, Result};
@@ -246,20 +246,12 @@ impl KvCache {
     /// and its unmaps; `None` falls back to the legacy default stream. See `docs/ordering.md`.
     /// The host backend has no streams and ignores it.
     pub fn set_compute_stream(&self, stream: Option<u64>) {
-        *self
-            .shared
-            .stream
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = stream;
+        *self.shared.stream.lock().unwrap_or_else(|p| p.into_inner()) = stream;
     }
 
     /// The compute stream set by [`KvCache::set_compute_stream`] or the configuration.
     pub fn compute_stream(&self) -> Option<u64> {
-        *self
-            .shared
-            .stream
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        *self.shared.stream.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// A fence after the work queued so far on the compute stream (`None` on the host backend).
@@ -650,7 +642,11 @@ impl Drop for Shared {
         // unmapped: wait for every slot's fence and for one recorded now.
         if slots.iter().any(|s| s.pages.iter().any(|p| !p.is_empty())) {
             let now = self.fence_now();
-            for f in slots.iter().filter_map(|s| s.fence.as_ref()).chain(now.as_ref()) {
+            for f in slots
+                .iter()
+                .filter_map(|s| s.fence.as_ref())
+                .chain(now.as_ref())
+            {
                 if let Err(e) = f.wait() {
                     tracing::warn!("waiting for a fence at drop failed: {e}");
                 }

@@ -43,7 +43,9 @@ pub(super) fn submit(
         return Ok(Vec::new());
     }
     // SAFETY: forwarded from the caller, who upholds `copy_async`'s contract for `regions`.
-    Ok(vec![unsafe { backend.copy_async_after(kind, regions, after) }?])
+    Ok(vec![unsafe {
+        backend.copy_async_after(kind, regions, after)
+    }?])
 }
 
 /// A host-backend swap-in's copies, submitted by the engine's staging thread one chunk at a
