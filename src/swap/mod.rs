@@ -377,6 +377,42 @@ impl SwapEngine {
         Ok(engine)
     }
 
+    /// Allocates host memory (pinned on CUDA) for host copies now, up to `bytes` and within the
+    /// host budget, in blocks of at least 64 MiB, so that later swaps do not allocate it
+    /// (`cuMemHostAlloc` costs milliseconds per GiB). The allocation runs outside the engine's
+    /// lock; swaps may go on meanwhile. Returns the bytes the engine now holds.
+    ///
+    /// # Errors
+    /// A backend error when host memory cannot be allocated; what was allocated before it stays.
+    pub fn reserve_host(&self, bytes: u64) -> Result<u64> {
+        let inner = &*self.inner;
+        let budget = inner.config.host_budget_bytes;
+        let want = bytes.min(budget);
+        loop {
+            let held = inner.lock().arena.reserved();
+            if held >= want {
+                return Ok(held);
+            }
+            let len = (want - held).clamp(arena::MIN_BLOCK as u64, 1 << 30);
+            let len = usize::try_from(len.min(budget - held)).unwrap_or(usize::MAX);
+            let len = len / arena::ALIGN * arena::ALIGN;
+            if len == 0 {
+                return Ok(held);
+            }
+            let buf = inner.backend().alloc_host(len)?;
+            let mut st = inner.lock();
+            if st.arena.reserved() + len as u64 > budget {
+                // A swap grew the arena meanwhile: give this block back.
+                drop(st);
+                if let Err((_, e)) = inner.backend().free_host(buf) {
+                    tracing::warn!("freeing a surplus host block failed: {e}");
+                }
+                return Ok(inner.lock().arena.reserved());
+            }
+            st.arena.add_block(buf);
+        }
+    }
+
     /// The cache this engine swaps for.
     pub fn cache(&self) -> &Arc<KvCache> {
         &self.inner.cache
