@@ -298,10 +298,8 @@ fn stream_ordering_calls_on_the_host_backend() {
     );
     let mut slot = 0u32;
     // SAFETY: valid locals.
-    assert_eq!(
-        unsafe { kvvm_cache_alloc_slot(cache, &mut slot) },
-        kvvm_status::KVVM_STATUS_OK
-    );
+    let st = unsafe { kvvm_cache_alloc_slot(cache, &mut slot) };
+    assert_eq!(st, kvvm_status::KVVM_STATUS_OK);
     assert_eq!(
         kvvm_cache_ensure(cache, slot, 40),
         kvvm_status::KVVM_STATUS_OK
@@ -352,6 +350,6 @@ fn stream_ordering_calls_on_the_host_backend() {
     );
     assert_eq!(kvvm_ticket_wait(t), kvvm_status::KVVM_STATUS_OK);
     assert_eq!(kvvm_ticket_free(t), kvvm_status::KVVM_STATUS_OK);
-    assert_eq!(kvvm_swap_destroy(swap), kvvm_status::KVVM_STATUS_OK);
-    assert_eq!(kvvm_cache_destroy(cache), kvvm_status::KVVM_STATUS_OK);
+    assert_eq!(kvvm_swap_free(swap), kvvm_status::KVVM_STATUS_OK);
+    assert_eq!(kvvm_cache_free(cache), kvvm_status::KVVM_STATUS_OK);
 }
