@@ -166,7 +166,7 @@ if name == "map":
     if isinstance(c, dict):
         for mode in ("zero_page", "no_zero_page"):
             m = c.get(mode) or {}
-            calls = lambda d: "+".join(f"{v:g}" for v in (d or {}).values())
+            calls = lambda d: "+".join(f"{(d or {}).get(k, 0):g}" for k in ("cuMemMap", "cuMemUnmap", "cuMemSetAccess"))
             s += f"; {mode} calls/page map {calls(m.get('map'))} unmap {calls(m.get('unmap'))} (cuMemMap+cuMemUnmap+cuMemSetAccess)"
 elif name == "swap":
     s = (f"coarse out {f(g('coarse_out_gbps'))} / in {f(g('coarse_in_gbps'))} GB/s, per-block "
@@ -180,7 +180,7 @@ elif name == "step":
     for lay in ("interleaved", "per-layer"):
         if g(lay, "deferred_unmaps"):
             s += (f"; {lay}: {g(lay, 'deferred_unmaps')} deferred unmaps waited {f(g(lay, 'deferred_unmap_mean_ns'), 1e-3)} µs "
-                  f"mean, {f(g(lay, 'deferred_unmap_max_ns'), 1e-3)} µs max for their fence"
+                  f"mean, {f(g(lay, 'deferred_unmap_max_ns'), 1e-3)} µs max for their fence")
 else:
     nums = [(k, v) for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
     s = ", ".join(f"{k} {v:.4g}" for k, v in nums[:6])
