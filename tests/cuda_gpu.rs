@@ -30,14 +30,14 @@ fn unmapped_ranges_read_zeros_on_the_device() {
     let r = b.reserve(2 * g).unwrap();
     let mut host = vec![0x5au8; g];
     // SAFETY: `host` is writable for `g` bytes; the source is reserved and backed by zeros.
-    unsafe { result::memcpy_dtoh(host.as_mut_ptr().cast(), r.addr + g as u64, g) }.unwrap();
+    unsafe { result::mem::memcpy_dtoh(host.as_mut_ptr().cast(), r.addr + g as u64, g) }.unwrap();
     assert!(host.iter().all(|&x| x == 0));
     let p = b.create_page(g).unwrap();
     b.map(r.addr, &[&p]).unwrap();
     b.unmap(r.addr, g).unwrap();
     host.fill(0x5a);
     // SAFETY: as above; the page was unmapped again.
-    unsafe { result::memcpy_dtoh(host.as_mut_ptr().cast(), r.addr, g) }.unwrap();
+    unsafe { result::mem::memcpy_dtoh(host.as_mut_ptr().cast(), r.addr, g) }.unwrap();
     assert!(host.iter().all(|&x| x == 0));
     b.release_page(p).map_err(|(_, e)| e).unwrap();
     b.free_reservation(r).unwrap();
@@ -49,7 +49,7 @@ fn swaps_are_ordered_after_the_compute_stream() {
     for layout in [Layout::Interleaved, Layout::PerLayer] {
         let b = Arc::new(CudaBackend::new(0).expect("a CUDA device"));
         let cache = cache(&b, layout);
-        let stream = result::stream_create(CU_STREAM_NON_BLOCKING).unwrap();
+        let stream = result::stream::create(CU_STREAM_NON_BLOCKING).unwrap();
         cache.set_compute_stream(Some(stream.expose_provenance() as u64));
         let swap = SwapEngine::new(cache.clone(), SwapConfig::default()).unwrap();
         swap.reserve_host(256 << 20).unwrap();
@@ -61,8 +61,8 @@ fn swaps_are_ordered_after_the_compute_stream() {
         // large device-to-device copy that keeps the stream busy.
         let big = 256 << 20;
         let (d0, d1) = (
-            result::mem_alloc(big).unwrap(),
-            result::mem_alloc(big).unwrap(),
+            result::mem::alloc(big).unwrap(),
+            result::mem::alloc(big).unwrap(),
         );
         let pattern: Vec<Vec<u8>> = ranges
             .iter()
@@ -82,10 +82,10 @@ fn swaps_are_ordered_after_the_compute_stream() {
                 std::ptr::copy_nonoverlapping(p.as_ptr(), at as *mut u8, p.len());
                 at += p.len();
             }
-            result::memcpy_dtod_async(d1, d0, big, stream).unwrap();
+            result::mem::memcpy_dtod_async(d1, d0, big, stream).unwrap();
             let mut at = pinned.addr() as usize;
             for r in &ranges {
-                result::memcpy_htod_async(
+                result::mem::memcpy_htod_async(
                     r.addr,
                     std::ptr::with_exposed_provenance(at),
                     r.len,
@@ -106,7 +106,7 @@ fn swaps_are_ordered_after_the_compute_stream() {
         unsafe {
             let mut at = pinned.addr() as usize;
             for r in &ranges {
-                result::memcpy_dtoh_async(
+                result::mem::memcpy_dtoh_async(
                     std::ptr::with_exposed_provenance_mut(at),
                     r.addr,
                     r.len,
@@ -115,7 +115,7 @@ fn swaps_are_ordered_after_the_compute_stream() {
                 .unwrap();
                 at += r.len;
             }
-            result::stream_synchronize(stream).unwrap();
+            result::stream::synchronize(stream).unwrap();
             let mut at = pinned.addr() as usize;
             for (k, p) in pattern.iter().enumerate() {
                 let got = std::slice::from_raw_parts(at as *const u8, p.len());
@@ -129,15 +129,15 @@ fn swaps_are_ordered_after_the_compute_stream() {
         t.wait().unwrap();
         // SAFETY: idle after the synchronization; freed once.
         unsafe {
-            result::stream_synchronize(stream).unwrap();
-            result::mem_free(d0).unwrap();
-            result::mem_free(d1).unwrap();
+            result::stream::synchronize(stream).unwrap();
+            result::mem::free(d0).unwrap();
+            result::mem::free(d1).unwrap();
         }
         b.free_host(pinned).map_err(|(_, e)| e).unwrap();
         swap.release(out.copy()).unwrap();
         drop(swap);
         drop(cache);
         // SAFETY: idle, not used again.
-        unsafe { result::stream_destroy(stream) }.unwrap();
+        unsafe { result::stream::destroy(stream) }.unwrap();
     }
 }

@@ -478,14 +478,14 @@ impl DeviceWork {
         let bytes = mib << 20;
         let drv = |e| kvvm::vmm::cuda::driver_error(BackendOp::Copy, e);
         let stream =
-            kvvm_sys::result::stream_create(kvvm_sys::CU_STREAM_NON_BLOCKING).map_err(drv)?;
+            kvvm_sys::result::stream::create(kvvm_sys::CU_STREAM_NON_BLOCKING).map_err(drv)?;
         let mut w = DeviceWork {
             stream,
             bufs: [0, 0],
             bytes,
         };
         for b in &mut w.bufs {
-            *b = kvvm_sys::result::mem_alloc(bytes).map_err(drv)?;
+            *b = kvvm_sys::result::mem::alloc(bytes).map_err(drv)?;
         }
         Ok(Some(w))
     }
@@ -499,7 +499,7 @@ impl DeviceWork {
         // SAFETY: both buffers are this value's allocations of `bytes` bytes, alive until it is
         // dropped after synchronizing the stream, which is its own.
         unsafe {
-            kvvm_sys::result::memcpy_dtod_async(self.bufs[1], self.bufs[0], self.bytes, self.stream)
+            kvvm_sys::result::mem::memcpy_dtod_async(self.bufs[1], self.bufs[0], self.bytes, self.stream)
         }
         .map_err(|e| kvvm::vmm::cuda::driver_error(BackendOp::Copy, e))
     }
@@ -510,13 +510,13 @@ impl Drop for DeviceWork {
         // SAFETY: the stream and buffers are this value's; the stream is synchronized before
         // the buffers it uses are freed, and each is released once.
         unsafe {
-            let _ = kvvm_sys::result::stream_synchronize(self.stream);
+            let _ = kvvm_sys::result::stream::synchronize(self.stream);
             for b in self.bufs {
                 if b != 0 {
-                    let _ = kvvm_sys::result::mem_free(b);
+                    let _ = kvvm_sys::result::mem::free(b);
                 }
             }
-            let _ = kvvm_sys::result::stream_destroy(self.stream);
+            let _ = kvvm_sys::result::stream::destroy(self.stream);
         }
     }
 }

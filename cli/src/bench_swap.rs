@@ -278,7 +278,7 @@ fn pattern_io(kind: BackendKind, i: usize, ranges: &[ByteRange], write: bool) ->
                 };
             } else {
                 // SAFETY: as above, device memory; `want` is readable for `r.len` bytes.
-                unsafe { kvvm_sys::result::memcpy_htod(r.addr, want.as_ptr().cast(), r.len) }
+                unsafe { kvvm_sys::result::mem::memcpy_htod(r.addr, want.as_ptr().cast(), r.len) }
                     .map_err(drv)?;
             }
             continue;
@@ -291,7 +291,7 @@ fn pattern_io(kind: BackendKind, i: usize, ranges: &[ByteRange], write: bool) ->
             };
         } else {
             // SAFETY: as above; `got` is writable for `r.len` bytes.
-            unsafe { kvvm_sys::result::memcpy_dtoh(got.as_mut_ptr().cast(), r.addr, r.len) }
+            unsafe { kvvm_sys::result::mem::memcpy_dtoh(got.as_mut_ptr().cast(), r.addr, r.len) }
                 .map_err(drv)?;
         }
         if let Some(j) = (0..r.len).find(|&j| got[j] != want[j]) {
