@@ -499,7 +499,12 @@ impl DeviceWork {
         // SAFETY: both buffers are this value's allocations of `bytes` bytes, alive until it is
         // dropped after synchronizing the stream, which is its own.
         unsafe {
-            kvvm_sys::result::mem::memcpy_dtod_async(self.bufs[1], self.bufs[0], self.bytes, self.stream)
+            kvvm_sys::result::mem::memcpy_dtod_async(
+                self.bufs[1],
+                self.bufs[0],
+                self.bytes,
+                self.stream,
+            )
         }
         .map_err(|e| kvvm::vmm::cuda::driver_error(BackendOp::Copy, e))
     }

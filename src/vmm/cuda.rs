@@ -587,7 +587,9 @@ impl Backend for CudaBackend {
     fn fence_after_event(&self, event: u64) -> Result<Option<Arc<dyn Fence>>> {
         let _bound = bind_for(&self.ctx, BackendOp::Copy)?;
         let Some(fs) = self.fence_stream.as_ref().map(|s| s.0) else {
-            return Err(Error::Unsupported("the CUDA backend has no fence stream".into()));
+            return Err(Error::Unsupported(
+                "the CUDA backend has no fence stream".into(),
+            ));
         };
         let theirs: CUevent = std::ptr::with_exposed_provenance_mut(event as usize);
         Ok(Some(self.new_fence(|ours| {
