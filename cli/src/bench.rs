@@ -309,6 +309,11 @@ fn cuda_calls_per_page(
 }
 
 fn bench_map(a: MapArgs) -> Result<()> {
+    if a.rounds == 0 || a.pages == 0 {
+        return Err(Error::InvalidArgument(
+            "--rounds and --pages must be positive".into(),
+        ));
+    }
     let config = kvvm::vmm::BackendConfig {
         host_granularity: a
             .page_size
