@@ -14,6 +14,7 @@ impl KvCache {
     /// Marks `slot` busy for a swap-out once no one else is changing it, and returns its live
     /// tokens and its epoch (which changes whenever the slot is allocated anew or shrunk).
     pub(crate) fn swap_out_begin(&self, slot: SlotId) -> Result<(usize, u64)> {
+        self.shared.fork.check("cache")?;
         let sh = &*self.shared;
         let (mut st, i) = sh.wait_idle(sh.lock(), slot)?;
         let s = &mut st.slots[i];
@@ -66,6 +67,7 @@ impl KvCache {
     /// `tokens` tokens need (taking pages back from free slots if the pool runs short). Returns the
     /// slot's epoch. On error the slot is as it was and not busy.
     pub(crate) fn swap_in_begin(&self, slot: SlotId, tokens: usize) -> Result<u64> {
+        self.shared.fork.check("cache")?;
         let sh = &*self.shared;
         let g = &sh.geometry;
         if tokens > g.max_tokens {
