@@ -8,9 +8,25 @@ cd "$(dirname "$0")/.."
 
 step() { printf '\n==== %s ====\n' "$*"; }
 
-step "python packages (numpy, pytest, nvidia-cuda-nvrtc-cu12)"
-python3 -c 'import numpy, pytest, nvidia.cuda_nvrtc' 2>/dev/null ||
-    python3 -m pip install --quiet --disable-pip-version-check numpy pytest nvidia-cuda-nvrtc-cu12
+# The folder of NVRTC from NVIDIA's wheels: nvidia/cu13/lib (CUDA 13) or nvidia/cuda_nvrtc/lib (12).
+nvrtc_dir() {
+    python3 - <<'EOF' 2>/dev/null
+import os, nvidia
+for root in nvidia.__path__:
+    for sub in ("cu13/lib", "cuda_nvrtc/lib"):
+        d = os.path.join(root, sub)
+        if os.path.isdir(d) and any(f.startswith("libnvrtc.so") for f in os.listdir(d)):
+            print(d)
+            raise SystemExit
+raise SystemExit(1)
+EOF
+}
+
+step "python packages (numpy, pytest, NVRTC)"
+python3 -c 'import numpy, pytest' 2>/dev/null ||
+    python3 -m pip install --quiet --disable-pip-version-check numpy pytest
+nvrtc_dir >/dev/null ||
+    python3 -m pip install --quiet --disable-pip-version-check nvidia-cuda-nvrtc-cu12
 
 if ! cargo nextest --version >/dev/null 2>&1; then
     step "installing cargo-nextest"
@@ -24,7 +40,7 @@ step "doctests"
 cargo test --workspace --all-features --doc
 
 step "CUDA kernels compile with NVRTC for compute_80 and compute_90"
-KVVM_NVRTC_PATH="$(python3 -c 'import nvidia.cuda_nvrtc as m, os; print(os.path.join(list(m.__path__)[0], "lib"))')"
+KVVM_NVRTC_PATH="$(nvrtc_dir)"
 export KVVM_NVRTC_PATH
 cargo run --quiet -p kvvm-kernels --example nvrtc_check
 

@@ -70,7 +70,7 @@ fn op_strategy(faults: bool) -> BoxedStrategy<Op> {
 }
 
 macro_rules! model_test {
-    ($name:ident, $machine:ident, $layout:expr, $lookahead:expr, $faults:expr) => {
+    ($name:ident, $machine:ident, $layout:expr, $lookahead:expr, $faults:expr $(, zero_page: $zero:expr)?) => {
         struct $machine;
 
         impl ReferenceStateMachine for $machine {
@@ -84,6 +84,7 @@ macro_rules! model_test {
                         layout: $layout,
                         lookahead: $lookahead,
                         faults: $faults,
+                        $(zero_page: $zero,)?
                         ..HarnessConfig::default()
                     },
                 })
@@ -174,6 +175,24 @@ model_test!(
     true
 );
 
+// The same without the zero page behind unmapped ranges (`PROT_NONE`, as before it existed).
+model_test!(
+    interleaved_no_zero_page,
+    InterleavedNoZeroPage,
+    Layout::Interleaved,
+    2,
+    true,
+    zero_page: false
+);
+model_test!(
+    per_layer_no_zero_page,
+    PerLayerNoZeroPage,
+    Layout::PerLayer,
+    0,
+    true,
+    zero_page: false
+);
+
 /// The sequence `per_layer_faults` found (about one run in 24): a shrink whose second unmap fails
 /// leaves the slot uneven (one buffer keeps its pages); a later growth of it, with the pool short,
 /// first tries to unmap that buffer's surplus, and that unmap fails too. The growth must report
@@ -189,6 +208,7 @@ fn per_layer_faults_regression_surplus_unmap_failure() {
         max_slots: 4,
         max_tokens: 199,
         budget_pages: 16,
+        zero_page: true,
     })
     .expect("harness");
     let ops = [

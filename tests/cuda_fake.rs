@@ -15,12 +15,15 @@
 //! (under cargo-nextest each runs in its own process anyway). Without a C compiler every test
 //! prints why it is skipped and passes.
 
-use std::ffi::{c_char, c_int, c_longlong, c_uint, CString};
-use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::Arc;
 
-use libloading::Library;
+#[path = "support/fakecuda_build.rs"]
+mod fakecuda_build;
+#[macro_use]
+#[path = "support/fake.rs"]
+mod fake;
+use fake::*;
+
 use proptest::prelude::*;
 use proptest::test_runner::Config;
 
@@ -39,288 +42,10 @@ use kvvm_sys::{
     CUDA_ERROR_UNKNOWN, CU_STREAM_NON_BLOCKING,
 };
 
-/// The granularity the fake is set to: small pages keep the tests small.
-const G: usize = 64 << 10;
-/// The device memory the fake reports by default.
-const TOTAL_MEM: usize = 16 << 30;
-
-/// Live object kinds of the fake that must be back to zero after every test.
-const LIVE_KINDS: [&str; 10] = [
-    "handles",
-    "allocations",
-    "mappings",
-    "reservations",
-    "host",
-    "device",
-    "streams",
-    "events",
-    "contexts",
-    "pending",
-];
-
-type CountFn = unsafe extern "C" fn(*const c_char) -> c_longlong;
-type FailFn = unsafe extern "C" fn(*const c_char, c_int, c_uint) -> c_int;
-
-/// The fake driver library and its test controls.
-struct Fake {
-    path: PathBuf,
-    calls: CountFn,
-    live: CountFn,
-    fail_nth: FailFn,
-    fail_from: FailFn,
-    clear_faults: unsafe extern "C" fn(),
-    hold: unsafe extern "C" fn(c_int),
-    set_async: unsafe extern "C" fn(c_int) -> c_int,
-    set_granularity: unsafe extern "C" fn(usize) -> c_int,
-    set_total_mem: unsafe extern "C" fn(usize),
-    set_vmm_supported: unsafe extern "C" fn(c_int),
-    _lib: Library,
-}
-
-fn cstr(s: &str) -> CString {
-    CString::new(s).expect("no NUL in a name")
-}
-
-impl Fake {
-    /// Calls of driver entry point `function` so far.
-    fn calls(&self, function: &str) -> i64 {
-        let name = cstr(function);
-        // SAFETY: `name` is a NUL-terminated string alive for the call; the function only reads it.
-        let n = unsafe { (self.calls)(name.as_ptr()) };
-        assert!(n >= 0, "the fake has no entry point {function}");
-        n
-    }
-
-    /// Live objects (or events since load) of kind `what`.
-    fn live(&self, what: &str) -> i64 {
-        let name = cstr(what);
-        // SAFETY: as in `calls`.
-        let n = unsafe { (self.live)(name.as_ptr()) };
-        assert!(n >= 0, "the fake counts no {what}");
-        n
-    }
-
-    /// The `n`-th next call of `function` fails with `code` (once).
-    fn fail_nth(&self, function: &str, n: i32, code: u32) {
-        let name = cstr(function);
-        // SAFETY: as in `calls`.
-        let rc = unsafe { (self.fail_nth)(name.as_ptr(), n, code) };
-        assert_eq!(rc, 0, "cannot arm a fault in {function}");
-    }
-
-    /// The `n`-th next call of `function` and every later one fail with `code`.
-    fn fail_from(&self, function: &str, n: i32, code: u32) {
-        let name = cstr(function);
-        // SAFETY: as in `calls`.
-        let rc = unsafe { (self.fail_from)(name.as_ptr(), n, code) };
-        assert_eq!(rc, 0, "cannot arm a fault in {function}");
-    }
-
-    fn clear_faults(&self) {
-        // SAFETY: takes no arguments; only touches the fake's own state.
-        unsafe { (self.clear_faults)() }
-    }
-
-    /// While held, asynchronous copies queue instead of running; releasing runs them.
-    fn hold(&self, on: bool) {
-        // SAFETY: takes a plain integer; only touches the fake's own state.
-        unsafe { (self.hold)(c_int::from(on)) }
-    }
-
-    /// With `on`, queued copies run on the fake's device thread at unpredictable times instead
-    /// of at submission.
-    fn set_async(&self, on: bool) {
-        // SAFETY: takes a plain integer; only touches the fake's own state.
-        let rc = unsafe { (self.set_async)(c_int::from(on)) };
-        assert_eq!(rc, 0, "the fake's device thread cannot start");
-    }
-
-    /// Sets the granularity; only possible while nothing is reserved or created.
-    fn set_granularity(&self, bytes: usize) -> bool {
-        // SAFETY: takes a plain integer; only touches the fake's own state.
-        unsafe { (self.set_granularity)(bytes) == 0 }
-    }
-
-    fn set_total_mem(&self, bytes: usize) {
-        // SAFETY: takes a plain integer; only touches the fake's own state.
-        unsafe { (self.set_total_mem)(bytes) }
-    }
-
-    fn set_vmm_supported(&self, on: bool) {
-        // SAFETY: takes a plain integer; only touches the fake's own state.
-        unsafe { (self.set_vmm_supported)(c_int::from(on)) }
-    }
-
-    /// Every live object count.
-    fn live_counts(&self) -> Vec<(&'static str, i64)> {
-        LIVE_KINDS.iter().map(|&k| (k, self.live(k))).collect()
-    }
-}
-
-/// Compiles the fixture into `CARGO_TARGET_TMPDIR` (once per content: concurrent test processes
-/// share the result). `Ok(None)` when there is no C compiler.
-fn build() -> Result<Option<PathBuf>, String> {
-    use std::hash::{Hash, Hasher};
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fakecuda.c");
-    let text = std::fs::read(&src).map_err(|e| format!("reading {}: {e}", src.display()))?;
-    // `CC` may carry arguments (`ccache cc`, `cc -fsanitize=address`); they are part of the key.
-    let cc = std::env::var("CC").unwrap_or_default();
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    text.hash(&mut h);
-    cc.hash(&mut h);
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("fakecuda");
-    std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
-    let out = dir.join(format!("libfakecuda-{:016x}.so", h.finish()));
-    if out.exists() {
-        return Ok(Some(out));
-    }
-    let tmp = dir.join(format!(".libfakecuda-{}.so.tmp", std::process::id()));
-    let mut words = cc.split_whitespace();
-    let program = words.next().unwrap_or("cc");
-    let output = match Command::new(program)
-        .args(words)
-        .args(["-shared", "-fPIC", "-O1", "-Wall", "-Wextra", "-o"])
-        .arg(&tmp)
-        .arg(&src)
-        .arg("-lpthread")
-        .output()
-    {
-        Ok(o) => o,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(format!("running {program}: {e}")),
-    };
-    if !output.status.success() {
-        return Err(format!(
-            "{program} failed to build {}:\n{}",
-            src.display(),
-            String::from_utf8_lossy(&output.stderr)
-        ));
-    }
-    if !output.stderr.is_empty() {
-        eprintln!("{}", String::from_utf8_lossy(&output.stderr));
-    }
-    std::fs::rename(&tmp, &out).map_err(|e| format!("renaming to {}: {e}", out.display()))?;
-    Ok(Some(out))
-}
-
-/// Builds and loads the fake, and points kvvm-sys at it before its first use of the driver.
-fn load() -> Option<Fake> {
-    let path = match build() {
-        Ok(Some(p)) => p,
-        Ok(None) => {
-            eprintln!("no C compiler (cc, or $CC) found: the fake CUDA driver cannot be built");
-            return None;
-        }
-        Err(e) => panic!("{e}"),
-    };
-    // Only this function sets the variable, once per process, before anything loads the driver.
-    std::env::set_var(kvvm_sys::LIBCUDA_ENV, &path);
-    // SAFETY: the fake's only initialiser sets up a condition variable and reads an environment
-    // variable.
-    let lib = unsafe { Library::new(&path) }.expect("loading the fake driver");
-    macro_rules! sym {
-        ($name:literal) => {
-            // SAFETY: the fixture defines this symbol with exactly the field's signature.
-            *unsafe { lib.get($name.as_bytes()) }.expect(concat!("fake symbol ", $name))
-        };
-    }
-    let fake = Fake {
-        calls: sym!("fakecuda_calls"),
-        live: sym!("fakecuda_live"),
-        fail_nth: sym!("fakecuda_fail_nth"),
-        fail_from: sym!("fakecuda_fail_from"),
-        clear_faults: sym!("fakecuda_clear_faults"),
-        hold: sym!("fakecuda_hold"),
-        set_async: sym!("fakecuda_set_async"),
-        set_granularity: sym!("fakecuda_set_granularity"),
-        set_total_mem: sym!("fakecuda_set_total_mem"),
-        set_vmm_supported: sym!("fakecuda_set_vmm_supported"),
-        path,
-        _lib: lib,
-    };
-    assert!(fake.set_granularity(G));
-    let d = kvvm_sys::driver().expect("kvvm-sys loads the fake driver");
-    assert_eq!(
-        Path::new(d.path()),
-        fake.path,
-        "kvvm-sys loaded another driver (was it used before KVVM_LIBCUDA was set?)"
-    );
-    Some(fake)
-}
-
-static FAKE: OnceLock<Option<Fake>> = OnceLock::new();
-static SERIAL: Mutex<()> = Mutex::new(());
-
-/// One test's exclusive use of the fake.
-struct Session {
-    fake: &'static Fake,
-    faults: i64,
-    pageable: i64,
-    _serial: MutexGuard<'static, ()>,
-}
-
-impl std::ops::Deref for Session {
-    type Target = Fake;
-    fn deref(&self) -> &Fake {
-        self.fake
-    }
-}
-
-impl Session {
-    fn start() -> Option<Session> {
-        let serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-        let fake = FAKE.get_or_init(load).as_ref()?;
-        fake.clear_faults();
-        fake.hold(false);
-        fake.set_async(false);
-        // Fails only if an earlier test left objects behind, which that test reports.
-        fake.set_granularity(G);
-        fake.set_vmm_supported(true);
-        fake.set_total_mem(TOTAL_MEM);
-        Some(Session {
-            fake,
-            faults: fake.live("faults"),
-            pageable: fake.live("pageable_async"),
-            _serial: serial,
-        })
-    }
-
-    /// Checks that every driver object is gone and that no copy touched an unmapped range or
-    /// pageable host memory during the test.
-    fn finish(self) {
-        self.clear_faults();
-        self.hold(false);
-        self.set_async(false);
-        for (kind, n) in self.live_counts() {
-            assert_eq!(n, 0, "{n} {kind} left in the fake driver");
-        }
-        assert_eq!(
-            self.live("faults"),
-            self.faults,
-            "a copy found its device range unmapped"
-        );
-        assert_eq!(
-            self.live("pageable_async"),
-            self.pageable,
-            "an asynchronous copy used memory that is not page-locked"
-        );
-    }
-}
-
-macro_rules! session {
-    () => {
-        match Session::start() {
-            Some(s) => s,
-            None => {
-                eprintln!("skipped: no C compiler to build tests/fixtures/fakecuda.c");
-                return;
-            }
-        }
-    };
-}
-
+/// The backend without the zero page: the tests of its driver calls count them one by one
+/// (`zero_page_reads_zeros_and_costs_calls` covers the zero page).
 fn backend() -> CudaBackend {
-    CudaBackend::new(0).expect("the CUDA backend opens the fake device")
+    CudaBackend::with_zero_page(0, false).expect("the CUDA backend opens the fake device")
 }
 
 /// Asserts that `e` is the CUDA backend's error for `op`, carrying `code`, the entry point and
@@ -342,23 +67,6 @@ fn assert_driver_error(e: &Error, op: BackendOp, code: u32, function: &str, name
         }
         other => panic!("expected a CUDA backend error, got {other:?}"),
     }
-}
-
-fn fill(addr: u64, len: usize, seed: u8) {
-    // SAFETY: callers pass a range mapped read/write; the fake's device addresses are addresses
-    // of this process.
-    let s = unsafe { std::slice::from_raw_parts_mut(addr as usize as *mut u8, len) };
-    for (i, b) in s.iter_mut().enumerate() {
-        *b = seed.wrapping_add((i % 251) as u8);
-    }
-}
-
-fn holds(addr: u64, len: usize, seed: u8) -> bool {
-    // SAFETY: callers pass a range that is mapped readable (or host memory they own).
-    let s = unsafe { std::slice::from_raw_parts(addr as usize as *const u8, len) };
-    s.iter()
-        .enumerate()
-        .all(|(i, &b)| b == seed.wrapping_add((i % 251) as u8))
 }
 
 /// The permissions of the process mapping containing `addr`, from /proc/self/maps.
@@ -403,7 +111,8 @@ fn backend_opens_the_fake_device() {
     assert_eq!(info.total_memory, TOTAL_MEM as u64);
     assert_eq!((info.max_map_count, info.map_headroom), (None, None));
     assert_eq!(s.live("contexts"), 1);
-    assert_eq!(s.live("streams"), COPY_STREAMS as i64);
+    // The copy streams and the stream fences made from a caller's event are recorded on.
+    assert_eq!(s.live("streams"), COPY_STREAMS as i64 + 1);
 
     // A device that does not exist is a configuration error and retains nothing.
     assert!(matches!(CudaBackend::new(1), Err(Error::InvalidConfig(_))));
@@ -932,8 +641,136 @@ fn a_queued_copy_whose_source_went_away_faults() {
     b.free_reservation(r).unwrap();
     free_hosts(&b, vec![h]);
     drop(b);
+    // The unmap under the queued copy was reported too.
+    assert_eq!(s.live("unmap_busy"), s.busy + 1);
     let s = Session {
         faults: faults + 1,
+        busy: s.busy + 1,
+        ..s
+    };
+    s.finish();
+}
+
+#[test]
+fn the_fake_kernel_runs_in_stream_order_and_catches_races() {
+    // The fixture's own test: a kernel moves its bytes when it runs on its stream, not when it
+    // is launched; a copy on another stream that does not wait for it is reported as a stale
+    // read, one that waits is not; unmapping under a running kernel is reported and makes the
+    // kernel fault, stickily, on its stream only.
+    let s = session!();
+    let b = backend();
+    let (r, pages) = mapped(&b, 1);
+    let h = b.alloc_host(G).unwrap();
+    let caller = result::stream::create(CU_STREAM_NON_BLOCKING).unwrap();
+    let copier = result::stream::create(CU_STREAM_NON_BLOCKING).unwrap();
+    let event = result::event::create(kvvm_sys::CU_EVENT_DISABLE_TIMING).unwrap();
+    s.set_async(true);
+    s.set_delays(50, 0, 7);
+    let (stale, busy, faults, kernels) = (
+        s.live("stale_reads"),
+        s.live("unmap_busy"),
+        s.live("kernel_faults"),
+        s.live("kernels"),
+    );
+    let down = |stream| {
+        // SAFETY: `r` is mapped and `h` pinned; both outlive the synchronization below.
+        unsafe {
+            result::mem::memcpy_dtoh_async(
+                std::ptr::with_exposed_provenance_mut(h.addr() as usize),
+                r.addr,
+                G,
+                stream,
+            )
+            .unwrap()
+        }
+    };
+
+    // 1. No fence: the copy runs while the kernel (20 ms) has not written yet.
+    fill(r.addr, G, 1);
+    // SAFETY: `caller` is live; the kernel names no host memory.
+    unsafe { s.launch(caller, &FakeKernel::writes(r.addr, G, 0x5a, 20_000)) };
+    down(copier);
+    // SAFETY: both streams are live.
+    unsafe {
+        result::stream::synchronize(copier).unwrap();
+        result::stream::synchronize(caller).unwrap();
+    }
+    assert_eq!(
+        s.live("stale_reads"),
+        stale + 1,
+        "the stale copy was not reported"
+    );
+    assert!(
+        holds(h.addr(), G, 1),
+        "the copy saw bytes the kernel had not written yet"
+    );
+    // SAFETY: `r` is mapped; no work is queued.
+    let dev = unsafe { std::slice::from_raw_parts(r.addr as usize as *const u8, G) };
+    assert!(dev.iter().all(|&x| x == 0x5a), "the kernel did not write");
+
+    // 2. Fenced: the copy stream waits on an event recorded after the kernel.
+    // SAFETY: streams and event are live; the launch goes through cuLaunchKernel with the
+    // fake's handle and one parameter pointing to the kernel description.
+    unsafe {
+        let mut k = FakeKernel::writes(r.addr, G, 0x6b, 20_000);
+        let mut params = [(&raw mut k).cast::<std::ffi::c_void>()];
+        result::module::launch_kernel(
+            (s.kernel_function)(),
+            result::module::LaunchConfig {
+                grid: (1, 1, 1),
+                block: (1, 1, 1),
+                shared_mem_bytes: 0,
+            },
+            caller,
+            &mut params,
+        )
+        .unwrap();
+        result::event::record(event, caller).unwrap();
+        result::stream::wait_event(copier, event, 0).unwrap();
+    }
+    down(copier);
+    // SAFETY: `copier` is live.
+    unsafe { result::stream::synchronize(copier) }.unwrap();
+    assert_eq!(s.live("stale_reads"), stale + 1);
+    // SAFETY: `h` is pinned memory of `G` bytes no copy uses any more.
+    let got = unsafe { std::slice::from_raw_parts(h.addr() as usize as *const u8, G) };
+    assert!(
+        got.iter().all(|&x| x == 0x6b),
+        "the fenced copy missed the kernel's bytes"
+    );
+
+    // 3. Unmapped under a running kernel: reported at the unmap, and the kernel faults.
+    // SAFETY: `caller` is live.
+    unsafe { s.launch(caller, &FakeKernel::reads(r.addr, G, 20_000)) };
+    std::thread::sleep(std::time::Duration::from_millis(2));
+    b.unmap(r.addr, G).unwrap();
+    assert_eq!(
+        s.live("unmap_busy"),
+        busy + 1,
+        "the busy unmap was not reported"
+    );
+    // SAFETY: `caller` is live.
+    let e = unsafe { result::stream::synchronize(caller) }.unwrap_err();
+    assert!(e.to_string().contains("CUDA_ERROR_ILLEGAL_ADDRESS"), "{e}");
+    assert_eq!(s.live("kernel_faults"), faults + 1);
+    assert_eq!(s.live("kernels"), kernels + 3);
+    // Sticky: the stream stays failed; other streams are unaffected.
+    // SAFETY: streams and event are live and idle; each is destroyed once.
+    unsafe {
+        assert!(result::stream::query(caller).is_err());
+        assert!(result::stream::query(copier).unwrap());
+        result::event::destroy(event).unwrap();
+        result::stream::destroy(caller).unwrap();
+        result::stream::destroy(copier).unwrap();
+    }
+    release_all(&b, pages);
+    b.free_reservation(r).unwrap();
+    free_hosts(&b, vec![h]);
+    drop(b);
+    let s = Session {
+        faults: s.faults + 1,
+        stale: stale + 1,
+        busy: busy + 1,
         ..s
     };
     s.finish();

@@ -248,6 +248,7 @@ pub fn config_from_c(c: &kvvm_config) -> FfiResult<CacheConfig> {
                     0 => defaults.copy_threads,
                     t => t as usize,
                 },
+                ..defaults
             })
             .with_lookahead_steps(c.lookahead_steps as usize)
             .with_create_all_pages(c.create_all_pages != 0),

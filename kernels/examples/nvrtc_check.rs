@@ -2,8 +2,8 @@
 //! prints the PTX sizes; exits non-zero if NVRTC cannot be loaded or a compilation fails.
 //!
 //! ```text
-//! pip install nvidia-cuda-nvrtc-cu12
-//! export KVVM_NVRTC_PATH=$(python3 -c 'import nvidia.cuda_nvrtc as m, os; print(os.path.join(m.__path__[0], "lib"))')
+//! pip install nvidia-cuda-nvrtc   # CUDA 13 (nvidia/cu13/lib); nvidia-cuda-nvrtc-cu12 for CUDA 12
+//! export KVVM_NVRTC_PATH=$(python3 -c 'import nvidia, os; print(os.path.join(nvidia.__path__[0], "cu13", "lib"))')
 //! cargo run -p kvvm-kernels --example nvrtc_check
 //! ```
 
@@ -16,7 +16,7 @@ fn main() -> ExitCode {
         Ok((major, minor)) => println!("NVRTC {major}.{minor}"),
         Err(e) => {
             eprintln!("error: {e}");
-            eprintln!("hint: set KVVM_NVRTC_PATH to the directory holding libnvrtc.so.12");
+            eprintln!("hint: set KVVM_NVRTC_PATH to the directory holding libnvrtc.so.13 or .12");
             return ExitCode::FAILURE;
         }
     }

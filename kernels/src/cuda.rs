@@ -9,8 +9,13 @@
 //! before compilation; no header is included, so NVRTC needs no include path. One thread block of
 //! [`THREADS`] threads handles one (sequence, KV head) pair: grid `(kv_heads, batch)`.
 //!
-//! NVRTC is found as `kvvm-sys` documents: `KVVM_NVRTC_PATH` (a file or a directory, such as the
-//! `lib` folder of the `nvidia-cuda-nvrtc-cu12` wheel), then `libnvrtc.so.12` / `libnvrtc.so`.
+//! NVRTC (12 or 13) is found as `kvvm-sys` documents: `KVVM_NVRTC_PATH` (a file or a directory,
+//! such as the `nvidia/cu13/lib` folder of the CUDA 13 wheels), NVIDIA wheels already loaded in
+//! the process, the toolkit's `lib64`, then `libnvrtc.so.13` / `libnvrtc.so.12` / `libnvrtc.so`.
+//!
+//! [`compile_for_device`] prefers machine code (SASS, `nvrtcGetCUBIN`) for the device's exact
+//! architecture, which loads on any driver of the same CUDA major version, and falls back to PTX
+//! (which the driver compiles when loading) when NVRTC cannot produce machine code for it.
 
 use crate::{DType, KernelError};
 
@@ -112,6 +117,79 @@ pub fn compile(name: &str, arch: &str) -> Result<String, KernelError> {
             arch,
             source: Box::new(source),
         })
+}
+
+/// What [`compile_for_device`] produced.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum CodeKind {
+    /// Machine code (a cubin) for one real architecture.
+    Sass,
+    /// PTX, compiled by the driver when loaded.
+    Ptx,
+}
+
+impl CodeKind {
+    /// `"SASS"` or `"PTX"`.
+    pub fn name(self) -> &'static str {
+        match self {
+            CodeKind::Sass => "SASS",
+            CodeKind::Ptx => "PTX",
+        }
+    }
+}
+
+/// A module image for `cuModuleLoadData`.
+#[derive(Clone, Debug)]
+pub struct DeviceImage {
+    /// Machine code or PTX.
+    pub kind: CodeKind,
+    /// The architecture compiled for: `sm_NN` (SASS) or `compute_NN` (PTX).
+    pub target: String,
+    /// The cubin, or the PTX text followed by a NUL byte.
+    pub bytes: Vec<u8>,
+}
+
+/// Compiles source `name` (one of [`SOURCES`]) for a device of compute capability
+/// `major.minor`: machine code for `sm_{major}{minor}` when NVRTC supports it, else PTX for
+/// `compute_{major}{minor}`.
+///
+/// # Errors
+///
+/// [`KernelError::InvalidParameter`] for an unknown source; [`KernelError::Nvrtc`] if NVRTC
+/// cannot be loaded or neither form compiles (the PTX attempt's error, with its log).
+pub fn compile_for_device(name: &str, major: i32, minor: i32) -> Result<DeviceImage, KernelError> {
+    let src = full_source(name)
+        .ok_or_else(|| KernelError::InvalidParameter(format!("unknown CUDA source {name:?}")))?;
+    let wrap = |arch: &str, source| KernelError::Nvrtc {
+        program: name.to_string(),
+        arch: arch.to_string(),
+        source: Box::new(source),
+    };
+    let real = format!("sm_{major}{minor}");
+    let nvrtc = kvvm_sys::nvrtc::nvrtc().map_err(|e| wrap(&real, e))?;
+    if nvrtc.has_cubin() {
+        let opts = compile_options(&real);
+        let opts: Vec<&str> = opts.iter().map(String::as_str).collect();
+        match nvrtc.compile_cubin(&src, name, &opts) {
+            Ok(bytes) => {
+                return Ok(DeviceImage {
+                    kind: CodeKind::Sass,
+                    target: real,
+                    bytes,
+                })
+            }
+            Err(e) => tracing::warn!("{name}: no machine code for {real} ({e}); using PTX"),
+        }
+    }
+    let virt = format!("compute_{major}{minor}");
+    let ptx = compile(name, &virt)?;
+    let mut bytes = ptx.into_bytes();
+    bytes.push(0);
+    Ok(DeviceImage {
+        kind: CodeKind::Ptx,
+        target: virt,
+        bytes,
+    })
 }
 
 /// Compiles every source in [`SOURCES`] to PTX for `arch` (`compute_80`, `compute_90`, `sm_90`,

@@ -36,6 +36,8 @@ pub struct GpuKernels {
     /// so the context is released last.
     ctx: PrimaryContext,
     arch: String,
+    nvrtc_version: (i32, i32),
+    code: cuda::CodeKind,
     modules: Vec<CUmodule>,
     strided: [CUfunction; 3],
     paged: [CUfunction; 3],
@@ -58,9 +60,12 @@ impl GpuKernels {
         let minor =
             cu::device::attribute(dev, kvvm_sys::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?;
         let arch = format!("compute_{major}{minor}");
+        let nvrtc_version = cuda::nvrtc_available()?;
         let mut this = GpuKernels {
             ctx,
             arch,
+            nvrtc_version,
+            code: cuda::CodeKind::Ptx,
             modules: Vec::new(),
             strided: [std::ptr::null_mut(); 3],
             paged: [std::ptr::null_mut(); 3],
@@ -68,8 +73,18 @@ impl GpuKernels {
         // From here on, Drop unloads whatever was loaded, then the context is released.
         this.ctx.make_current()?;
         for (name, _) in cuda::SOURCES {
-            let ptx = cuda::compile(name, &this.arch)?;
-            let module = cu::module::load_ptx(&ptx)?;
+            let image = cuda::compile_for_device(name, major, minor)?;
+            tracing::info!(
+                "{name}: {} for {} with NVRTC {}.{}",
+                image.kind.name(),
+                image.target,
+                nvrtc_version.0,
+                nvrtc_version.1
+            );
+            this.code = image.kind;
+            // SAFETY: `image.bytes` is a complete cubin (whose ELF headers give its size) or
+            // NUL-terminated PTX, alive for the call.
+            let module = unsafe { cu::module::load_data(image.bytes.as_ptr().cast()) }?;
             this.modules.push(module);
             for d in DTYPES {
                 let (slot, entry) = if name.contains("strided") {
@@ -95,9 +110,19 @@ impl GpuKernels {
         Ok(())
     }
 
-    /// The virtual architecture the kernels were compiled for, e.g. `compute_90`.
+    /// The device's virtual architecture, e.g. `compute_90`.
     pub fn arch(&self) -> &str {
         &self.arch
+    }
+
+    /// Whether the loaded kernels are machine code (SASS) or PTX compiled by the driver.
+    pub fn code_kind(&self) -> cuda::CodeKind {
+        self.code
+    }
+
+    /// The version of NVRTC that compiled the kernels, `(major, minor)`.
+    pub fn nvrtc_version(&self) -> (i32, i32) {
+        self.nvrtc_version
     }
 }
 

@@ -1,5 +1,5 @@
 //! Compiles every CUDA source for compute_80 and compute_90 with NVRTC, when NVRTC can be loaded
-//! (set KVVM_NVRTC_PATH, e.g. to the `lib` folder of the nvidia-cuda-nvrtc-cu12 wheel); otherwise
+//! (set KVVM_NVRTC_PATH, e.g. to the `nvidia/cu13/lib` folder of the CUDA 13 wheels); otherwise
 //! prints why and passes.
 
 use kvvm_kernels::cuda::{self, ARCHS, SOURCES};
@@ -57,4 +57,35 @@ fn bad_arch_and_source_are_errors() {
     assert!(cuda::full_source("decode_paged.cu")
         .unwrap()
         .contains("kvvm_decode_group"));
+}
+
+#[test]
+fn device_images_are_machine_code_when_nvrtc_can() {
+    let (major, minor) = match cuda::nvrtc_available() {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("skipped: NVRTC cannot be loaded ({e}); set KVVM_NVRTC_PATH");
+            return;
+        }
+    };
+    let sass = kvvm_sys::nvrtc().unwrap().has_cubin();
+    for (cc_major, cc_minor) in [(8, 0), (9, 0)] {
+        for (name, _) in SOURCES {
+            let image = cuda::compile_for_device(name, cc_major, cc_minor).unwrap();
+            if sass {
+                assert_eq!(image.kind, cuda::CodeKind::Sass, "NVRTC {major}.{minor}");
+                assert_eq!(image.target, format!("sm_{cc_major}{cc_minor}"));
+                assert_eq!(&image.bytes[..4], b"\x7fELF");
+            } else {
+                assert_eq!(image.kind, cuda::CodeKind::Ptx);
+                assert_eq!(image.bytes.last(), Some(&0));
+            }
+            eprintln!(
+                "{name} sm_{cc_major}{cc_minor}: {} bytes of {}",
+                image.bytes.len(),
+                image.kind.name()
+            );
+        }
+    }
+    assert!(cuda::compile_for_device("nope.cu", 9, 0).is_err());
 }

@@ -958,6 +958,47 @@ class SwapEngine(_Handle):
 
 
 # ---------------------------------------------------------------------------------------------
+# Ordering with the caller's CUDA streams (docs/ordering.md). Streams and events are plain
+# integers: a ``CUstream`` / ``CUevent`` handle value, or an object with ``cuda_stream`` /
+# ``cuda_event`` (torch.cuda.Stream, torch.cuda.Event); 0 is the legacy default stream. The host
+# backend has no streams: setting one changes nothing, and a stream wait waits for the copies.
+
+def _handle_int(value, attr: str, what: str) -> int:
+    if not isinstance(value, int) and hasattr(value, attr):
+        value = getattr(value, attr)
+    return _u64(value, what)
+
+
+def _cache_set_stream(self, stream) -> None:
+    """Orders kvvm's swap-out copies and unmaps after the work queued on ``stream`` (the
+    engine's compute stream) before each call that needs it."""
+    _check(_lib.get().kvvm_cache_set_stream(self._h(),
+                                            _handle_int(stream, "cuda_stream", "stream")))
+
+
+def _ticket_stream_wait(self, stream) -> None:
+    """Makes ``stream`` wait on the device for this transfer: kernels enqueued on it afterwards
+    may use the swapped-in slot, without the host waiting."""
+    _check(_lib.get().kvvm_ticket_stream_wait(self._h(),
+                                              _handle_int(stream, "cuda_stream", "stream")))
+
+
+def _swap_out_after(self, slot: int, event) -> Ticket:
+    """``swap_out`` with the copies ordered after ``event`` (recorded after the kernels that
+    write the slot) instead of after the cache's stream."""
+    t = _lib.TicketHandle()
+    _check(_lib.get().kvvm_swap_out_after(self._h(), _slot(slot),
+                                          _handle_int(event, "cuda_event", "event"),
+                                          ctypes.byref(t)))
+    return Ticket(t)
+
+
+Cache.set_stream = _cache_set_stream
+Ticket.stream_wait = _ticket_stream_wait
+SwapEngine.swap_out_after = _swap_out_after
+
+
+# ---------------------------------------------------------------------------------------------
 # Prefix sharing: Cache.alloc_slot_with_prefix, publish, ... (defined in _prefix.py)
 
 from . import _prefix  # noqa: E402

@@ -244,6 +244,15 @@ _SIGNATURES = {
 }
 
 
+# Ordering with the caller's CUDA streams (docs/ordering.md): streams and events are plain
+# integers. Kept apart from the table above.
+_SIGNATURES.update({
+    "kvvm_cache_set_stream": (status, [CacheHandle, c_u64]),
+    "kvvm_swap_out_after": (status, [SwapHandle, c_u32, c_u64, P(TicketHandle)]),
+    "kvvm_ticket_stream_wait": (status, [TicketHandle, c_u64]),
+})
+
+
 _lock = threading.Lock()
 _loaded: "ctypes.CDLL | None" = None
 _loaded_path: "Path | None" = None

@@ -283,6 +283,10 @@ pub struct CacheConfig {
     pub lookahead_steps: usize,
     /// Create every page of the budget when the cache is made.
     pub create_all_pages: bool,
+    /// The caller's compute stream (a raw `CUstream`; 0 is the legacy default stream), after
+    /// whose queued work kvvm orders its copies and unmaps (see `docs/ordering.md`). `None`: the
+    /// legacy default stream's order on CUDA. Ignored by the host backend.
+    pub compute_stream: Option<u64>,
 }
 
 impl CacheConfig {
@@ -322,6 +326,7 @@ impl CacheConfig {
             backend: BackendConfig::default(),
             lookahead_steps: 8,
             create_all_pages: false,
+            compute_stream: None,
         }
     }
 }
@@ -364,6 +369,8 @@ setters! {
     with_backend: backend: BackendConfig;
     /// Sets [`CacheConfig::lookahead_steps`] (0: no background mapper).
     with_lookahead_steps: lookahead_steps: usize;
+    /// Sets [`CacheConfig::compute_stream`].
+    with_compute_stream: compute_stream: Option<u64>;
     /// Sets [`CacheConfig::create_all_pages`].
     with_create_all_pages: create_all_pages: bool;
 }

@@ -147,10 +147,11 @@ impl Shared {
             work.iter()
                 .filter_map(|w| {
                     let tails = st.slots[w.slot].tails(w.need);
-                    (!tails.is_empty()).then_some(Shrink {
+                    (!tails.is_empty()).then(|| Shrink {
                         slot: w.slot,
                         keep: w.need,
                         tails,
+                        fence: st.slots[w.slot].fence.clone(),
                     })
                 })
                 .collect()
@@ -162,6 +163,11 @@ impl Shared {
         // short: then its error is the cause reported, not the budget.
         let mut surplus_error: Option<(usize, Error)> = None;
         for sh in surplus {
+            // As in `reclaim`: the pages may have been read by work queued before the slot's
+            // last shrink.
+            if let Some(Err(e)) = sh.fence.as_ref().map(|f| f.wait()) {
+                tracing::warn!("waiting for slot {}'s fence failed: {e}", sh.slot);
+            }
             if let Err(e) = self.unmap_tails(sh.slot, sh.keep, &sh.tails) {
                 tracing::debug!("could not return surplus pages of slot {}: {e}", sh.slot);
                 surplus_error.get_or_insert((sh.slot, e));

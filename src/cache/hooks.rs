@@ -4,8 +4,11 @@
 //! `free_slot`, reclamation and the background mapper leave it alone) until the engine calls
 //! [`KvCache::swap_out_commit`], [`KvCache::swap_in_commit`] or [`KvCache::swap_abort`].
 
-use super::{attach, KvCache, MapFailure, SlotId, Work};
+use std::sync::Arc;
+
+use super::{attach, AfterUnmap, KvCache, MapFailure, SlotId, Work};
 use crate::error::{Error, Result};
+use crate::vmm::Fence;
 
 impl KvCache {
     /// Marks `slot` busy for a swap-out once no one else is changing it, and returns its live
@@ -25,10 +28,22 @@ impl KvCache {
     /// Ends a successful swap-out: unmaps every page of the busy `slot`, gives them to the pool
     /// and frees the slot. A page that cannot be unmapped stays mapped to the (now free) slot,
     /// where reclamation finds it later; nothing leaks.
-    pub(crate) fn swap_out_commit(&self, slot: SlotId) {
+    ///
+    /// `fence` is the swap-out's fence: the copies waited for it on the device, so once they
+    /// completed it has completed too and the unmap happens now; a swap-out without copies (no
+    /// tokens) defers the unmap until the fence completes (the slot stays busy until then).
+    pub(crate) fn swap_out_commit(&self, slot: SlotId, fence: Option<Arc<dyn Fence>>) {
         let sh = &*self.shared;
         let i = slot.as_usize();
-        let tails = sh.lock().slots[i].tails(0);
+        let tails = {
+            let mut st = sh.lock();
+            st.slots[i].fence = None;
+            st.slots[i].tails(0)
+        };
+        if let Some(fence) = fence.filter(|f| !f.poll().unwrap_or(true)) {
+            sh.defer_unmap(i, 0, tails, fence, AfterUnmap::Free);
+            return;
+        }
         if let Err(e) = sh.unmap_tails(i, 0, &tails) {
             tracing::warn!("slot {slot}: unmapping after swap-out failed, pages stay mapped: {e}");
         }

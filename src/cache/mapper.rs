@@ -17,10 +17,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{attach, MapFailure, Shared, State, Work};
-use crate::vmm::mark_background_thread;
+use crate::vmm::{mark_background_thread, Backend};
 
 pub(super) fn run(sh: Arc<Shared>) {
     mark_background_thread();
+    sh.backend.prepare_thread();
     loop {
         let mut st = sh.lock();
         while !st.shutdown && !st.mapper_wake {

@@ -9,6 +9,7 @@ mod reclaim;
 mod sharing;
 mod slot;
 mod stats;
+mod unmapper;
 mod view;
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -23,12 +24,13 @@ pub use sharing::PrefixHit;
 use slot::Slot;
 pub use slot::SlotId;
 pub use stats::CacheStats;
+use unmapper::{AfterUnmap, UnmapQueue};
 pub use view::{ByteRange, Device, Kv, TensorView};
 
 use crate::error::{Error, Result};
 use crate::fork::ForkGuard;
 use crate::pool::{PagePool, PoolConfig};
-use crate::vmm::{Backend, BackendOp, MeteredBackend, VaRange};
+use crate::vmm::{Backend, BackendOp, Fence, MeteredBackend, VaRange};
 use crate::worker::Worker;
 
 #[derive(Debug, Default)]
@@ -49,6 +51,10 @@ struct State {
     reclaimed_pages: u64,
     /// Published pages (see `sharing.rs`).
     prefix: prefix::PrefixIndex,
+    deferred_unmaps: u64,
+    deferred_unmap_wait_ns: u64,
+    deferred_unmap_max_wait_ns: u64,
+    fence_waits: u64,
 }
 
 /// The cadence of growth calls, measured by `commit_tokens`.
@@ -94,6 +100,12 @@ pub(crate) struct Shared {
     changed: Condvar,
     /// Wakes the background mapper.
     mapper_cv: Condvar,
+    /// The caller's compute stream (see [`CacheConfig::compute_stream`]).
+    stream: Mutex<Option<u64>>,
+    /// Unmaps waiting for their fence (see [`unmapper`]).
+    unmaps: Mutex<UnmapQueue>,
+    /// Wakes the unmapper.
+    unmaps_cv: Condvar,
     /// The process the cache belongs to (see [`crate::fork`]).
     fork: ForkGuard,
 }
@@ -150,6 +162,7 @@ pub(crate) struct Shared {
 pub struct KvCache {
     shared: Arc<Shared>,
     mapper: Option<Worker>,
+    unmapper: Option<Worker>,
 }
 
 impl KvCache {
@@ -254,15 +267,44 @@ impl KvCache {
             }),
             changed: Condvar::new(),
             mapper_cv: Condvar::new(),
+            stream: Mutex::new(config.compute_stream),
+            unmaps: Mutex::new(UnmapQueue::default()),
+            unmaps_cv: Condvar::new(),
             fork: ForkGuard::new(),
         });
-        let mapper = if config.lookahead_steps > 0 {
-            let s = shared.clone();
-            Some(Worker::spawn("kvvm-mapper", move || mapper::run(s))?)
-        } else {
-            None
+        let mut cache = KvCache {
+            shared,
+            mapper: None,
+            unmapper: None,
         };
-        Ok(KvCache { shared, mapper })
+        if config.lookahead_steps > 0 {
+            let s = cache.shared.clone();
+            cache.mapper = Some(Worker::spawn("kvvm-mapper", move || mapper::run(s))?);
+        }
+        // Only backends with fences (CUDA) ever defer an unmap.
+        if info.kind == crate::vmm::BackendKind::Cuda {
+            let s = cache.shared.clone();
+            cache.unmapper = Some(Worker::spawn("kvvm-unmapper", move || unmapper::run(s))?);
+        }
+        Ok(cache)
+    }
+
+    /// Sets the caller's compute stream (a raw `CUstream`, e.g. torch's `stream.cuda_stream`;
+    /// 0 is the legacy default stream), after whose queued work kvvm orders its swap-out copies
+    /// and its unmaps; `None` falls back to the legacy default stream. See `docs/ordering.md`.
+    /// The host backend has no streams and ignores it.
+    pub fn set_compute_stream(&self, stream: Option<u64>) {
+        *self.shared.stream.lock().unwrap_or_else(|p| p.into_inner()) = stream;
+    }
+
+    /// The compute stream set by [`KvCache::set_compute_stream`] or the configuration.
+    pub fn compute_stream(&self) -> Option<u64> {
+        *self.shared.stream.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A fence after the work queued so far on the compute stream (`None` on the host backend).
+    pub(crate) fn fence_now(&self) -> Option<Arc<dyn Fence>> {
+        self.shared.fence_now()
     }
 
     /// The derived sizes.
@@ -365,7 +407,10 @@ impl KvCache {
                 s.busy = true;
                 s.shrinking = true;
                 let tails = s.tails(0);
+                let fence = s.fence.take();
                 drop(st);
+                // The previous occupant's kernels may still read these pages.
+                self.shared.wait_fence(fence.as_deref(), i);
                 let r = self.shared.unmap_tails(i, 0, &tails);
                 let mut st = self.shared.lock();
                 let s = &mut st.slots[i];
@@ -406,11 +451,17 @@ impl KvCache {
     pub fn free_slot(&self, slot: SlotId) -> Result<()> {
         self.shared.fork.check("cache")?;
         let sh = &*self.shared;
+        // The caller's kernels queued so far may still read the slot: its pages are reclaimed
+        // only after this fence (see `docs/ordering.md`).
+        let fence = sh.fence_now();
         let (mut st, i) = sh.wait_idle(sh.lock(), slot)?;
         let s = &mut st.slots[i];
         s.allocated = false;
         s.tokens = 0;
         s.ahead = 0;
+        if fence.is_some() {
+            s.fence = fence;
+        }
         Ok(())
     }
 
@@ -497,6 +548,9 @@ impl KvCache {
     pub fn shrink(&self, slot: SlotId, tokens: usize) -> Result<()> {
         self.shared.fork.check("cache")?;
         let sh = &*self.shared;
+        // Kernels queued so far may still read the pages beyond `tokens`: they are unmapped
+        // after this fence, by the unmapper if it has not completed yet (`docs/ordering.md`).
+        let fence = sh.fence_now();
         let (mut st, i) = sh.wait_idle(sh.lock(), slot)?;
         // Beyond max_tokens nothing is mapped anyway (and `pages_for` must not overflow).
         let tokens = tokens.min(sh.geometry.max_tokens);
@@ -530,7 +584,14 @@ impl KvCache {
         s.busy = true;
         s.shrinking = true;
         let tails = s.tails(keep);
+        if fence.is_some() {
+            s.fence.clone_from(&fence);
+        }
         drop(st);
+        if let Some(fence) = fence.filter(|f| !f.poll().unwrap_or(true)) {
+            sh.defer_unmap(i, keep, tails, fence, AfterUnmap::Finish);
+            return Ok(());
+        }
         let r = sh.unmap_tails(i, keep, &tails);
         sh.finish(&[i]);
         r.map(|_| ())
@@ -710,6 +771,10 @@ impl KvCache {
             mapper_pages: st.mapper_pages,
             reclaimed_pages: st.reclaimed_pages,
             prefix: st.prefix.stats,
+            deferred_unmaps: st.deferred_unmaps,
+            deferred_unmap_wait_ns: st.deferred_unmap_wait_ns,
+            deferred_unmap_max_wait_ns: st.deferred_unmap_max_wait_ns,
+            fence_waits: st.fence_waits,
             ..CacheStats::default()
         };
         // Only read-only pages can be mapped behind several slots: count each once.
@@ -763,6 +828,12 @@ impl Drop for KvCache {
         self.shared.lock().shutdown = true;
         self.shared.mapper_cv.notify_all();
         if let Some(mut w) = self.mapper.take() {
+            w.join();
+        }
+        // The unmapper finishes every queued unmap (waiting for its fence) before it exits.
+        self.shared.unmap_queue().shutdown = true;
+        self.shared.unmaps_cv.notify_all();
+        if let Some(mut w) = self.unmapper.take() {
             w.join();
         }
     }
@@ -829,6 +900,20 @@ impl Drop for Shared {
                 .unwrap_or_else(|p| p.into_inner())
                 .slots,
         );
+        // Nothing of the caller's queued before the drop may still read a page when it is
+        // unmapped: wait for every slot's fence and for one recorded now.
+        if slots.iter().any(|s| s.pages.iter().any(|p| !p.is_empty())) {
+            let now = self.fence_now();
+            for f in slots
+                .iter()
+                .filter_map(|s| s.fence.as_ref())
+                .chain(now.as_ref())
+            {
+                if let Err(e) = f.wait() {
+                    tracing::warn!("waiting for a fence at drop failed: {e}");
+                }
+            }
+        }
         for (i, s) in slots.into_iter().enumerate() {
             for (b, pages) in s.pages.into_iter().enumerate() {
                 if pages.is_empty() {

@@ -78,8 +78,16 @@ impl Shared {
                 free.push(v);
             }
         }
-        free.sort_by_key(|v| (std::cmp::Reverse(v.excess), v.slot));
-        ahead.sort_by_key(|v| (std::cmp::Reverse(v.excess), v.slot));
+        // Slots whose fence has completed first: their pages can go without waiting for the
+        // caller's kernels (`docs/ordering.md`).
+        let pending = |i: usize| {
+            st.slots[i]
+                .fence
+                .as_ref()
+                .is_some_and(|f| !f.poll().unwrap_or(true))
+        };
+        free.sort_by_cached_key(|v| (pending(v.slot), std::cmp::Reverse(v.excess), v.slot));
+        ahead.sort_by_cached_key(|v| (pending(v.slot), std::cmp::Reverse(v.excess), v.slot));
         free.extend(ahead);
         free
     }
@@ -118,12 +126,24 @@ impl Shared {
                 slot: i,
                 keep,
                 tails,
+                fence: s.fence.take(),
             });
         }
         drop(st);
         let mut result = Ok(());
         let mut total = 0;
         for p in &plan {
+            // The caller's kernels queued before the slot was freed (or shrunk) may still read
+            // these pages: they cannot be reused before its fence. Slots whose fence completed
+            // come first (see `victims`), so this waits only when they did not suffice.
+            if let Some(f) = &p.fence {
+                if !f.poll().unwrap_or(true) {
+                    self.lock().fence_waits += 1;
+                    if let Err(e) = f.wait() {
+                        tracing::warn!("waiting for slot {}'s fence failed: {e}", p.slot);
+                    }
+                }
+            }
             match self.unmap_tails(p.slot, p.keep, &p.tails) {
                 Ok(n) => total += n,
                 Err(e) => result = Err(e),
@@ -195,6 +215,8 @@ pub(super) struct Shrink {
     pub(super) keep: usize,
     /// (buffer, current length) of every buffer holding more than `keep` pages.
     pub(super) tails: Vec<(usize, usize)>,
+    /// The fence of the caller's work that may still read the pages (waited for first).
+    pub(super) fence: Option<std::sync::Arc<dyn crate::vmm::Fence>>,
 }
 
 /// Cached prefix page indices that no allocated slot maps (each is one page per buffer).

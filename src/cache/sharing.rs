@@ -48,6 +48,10 @@ impl KvCache {
     /// content published before) are not published twice. Returns how many leading page indices
     /// of the slot are now read-only.
     ///
+    /// Call it once the prefill's writes are done: on CUDA a kernel still writing these pages
+    /// when they become read-only faults (synchronize the stream, or wait on an event recorded
+    /// after the prefill, first).
+    ///
     /// # Errors
     /// [`Error::InvalidArgument`] for a bad slot; [`Error::Unsupported`] as
     /// [`KvCache::tokens_per_page`]; a backend error if changing the access fails (then nothing
@@ -296,7 +300,14 @@ impl KvCache {
         } else {
             s.tails(c)
         };
+        let fence = if tails.is_empty() {
+            None
+        } else {
+            s.fence.take()
+        };
         drop(st);
+        // The previous occupant's kernels may still read the pages about to be unmapped.
+        sh.wait_fence(fence.as_deref(), i);
         // The slot holds references to the first `c` pages already.
         let rest = chain.split_off(c);
         sh.pool.give_back(chain.into_iter().flatten().collect());
@@ -400,6 +411,19 @@ impl KvCache {
 }
 
 impl Shared {
+    /// Waits for `fence` (the work of a free slot's previous occupant that may still read its
+    /// pages) before they are unmapped.
+    pub(super) fn wait_fence(&self, fence: Option<&dyn crate::vmm::Fence>, slot: usize) {
+        if let Some(f) = fence {
+            if !f.poll().unwrap_or(true) {
+                self.lock().fence_waits += 1;
+                if let Err(e) = f.wait() {
+                    tracing::warn!("waiting for slot {slot}'s fence failed: {e}");
+                }
+            }
+        }
+    }
+
     /// Tokens per page, when a page holds whole tokens.
     pub(super) fn tokens_per_page(&self) -> Result<usize> {
         let g = &self.geometry;

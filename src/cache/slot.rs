@@ -83,6 +83,9 @@ pub(super) struct Slot {
     /// from here on are the slot's own, read/write. For an allocated slot, `ro` pages hold only
     /// live tokens.
     pub(super) ro: usize,
+    /// The fence of the caller's work that may still read this slot's pages (recorded by
+    /// `free_slot` and `shrink`; `None` when nothing can). See `docs/ordering.md`.
+    pub(super) fence: Option<std::sync::Arc<dyn crate::vmm::Fence>>,
 }
 
 impl Slot {

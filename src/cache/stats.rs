@@ -37,6 +37,16 @@ pub struct CacheStats {
     /// Bytes of the distinct pages mapped into the cache: a page mapped behind several slots
     /// counts once (`mapped_bytes` counts it once per slot).
     pub distinct_mapped_bytes: u64,
+    /// Unmaps that waited in the deferred-unmap queue for the fence of the caller's work (CUDA;
+    /// see `docs/ordering.md`).
+    pub deferred_unmaps: u64,
+    /// Their total wait, from the call that queued them to the unmap, in nanoseconds.
+    pub deferred_unmap_wait_ns: u64,
+    /// Their longest wait in nanoseconds.
+    pub deferred_unmap_max_wait_ns: u64,
+    /// Reclamations that had to wait on the host for the fence of a freed slot (no completed
+    /// slot had enough pages).
+    pub fence_waits: u64,
 }
 
 impl CacheStats {

@@ -18,7 +18,7 @@ use arena::Arena;
 use crate::cache::{KvCache, SlotId};
 use crate::error::{Error, Result};
 use crate::fork::ForkGuard;
-use crate::vmm::{Backend, BackendKind, Completion, CopyKind};
+use crate::vmm::{Backend, BackendKind, Completion, CopyKind, Fence};
 use crate::worker::Worker;
 
 /// Host copy ids, unique in the process (never 0).
@@ -249,7 +249,7 @@ impl Inner {
     /// The bookkeeping after a transfer's copy completed (`copied` is its outcome).
     fn finish(&self, t: &Transfer, copied: Result<()>) -> Result<()> {
         match (t.dir, &copied) {
-            (Direction::Out, Ok(())) => self.cache.swap_out_commit(t.slot),
+            (Direction::Out, Ok(())) => self.cache.swap_out_commit(t.slot, t.fence.clone()),
             (Direction::In, Ok(())) => self.cache.swap_in_commit(t.slot, t.tokens),
             (_, Err(_)) => self.cache.swap_abort(t.slot),
         }
@@ -357,6 +357,7 @@ impl SwapEngine {
         let (tx, rx) = crossbeam_channel::unbounded::<Arc<Transfer>>();
         let worker_inner = inner.clone();
         let worker = Worker::spawn("kvvm-swap", move || {
+            worker_inner.backend().prepare_thread();
             let inner = Some(worker_inner);
             for t in rx {
                 let _ = t.try_finish(&inner, true);
@@ -377,6 +378,42 @@ impl SwapEngine {
             engine.stager = Some(stager);
         }
         Ok(engine)
+    }
+
+    /// Allocates host memory (pinned on CUDA) for host copies now, up to `bytes` and within the
+    /// host budget, in blocks of at least 64 MiB, so that later swaps do not allocate it
+    /// (`cuMemHostAlloc` costs milliseconds per GiB). The allocation runs outside the engine's
+    /// lock; swaps may go on meanwhile. Returns the bytes the engine now holds.
+    ///
+    /// # Errors
+    /// A backend error when host memory cannot be allocated; what was allocated before it stays.
+    pub fn reserve_host(&self, bytes: u64) -> Result<u64> {
+        let inner = &*self.inner;
+        let budget = inner.config.host_budget_bytes;
+        let want = bytes.min(budget);
+        loop {
+            let held = inner.lock().arena.reserved();
+            if held >= want {
+                return Ok(held);
+            }
+            let len = (want - held).clamp(arena::MIN_BLOCK as u64, 1 << 30);
+            let len = usize::try_from(len.min(budget - held)).unwrap_or(usize::MAX);
+            let len = len / arena::ALIGN * arena::ALIGN;
+            if len == 0 {
+                return Ok(held);
+            }
+            let buf = inner.backend().alloc_host(len)?;
+            let mut st = inner.lock();
+            if st.arena.reserved() + len as u64 > budget {
+                // A swap grew the arena meanwhile: give this block back.
+                drop(st);
+                if let Err((_, e)) = inner.backend().free_host(buf) {
+                    tracing::warn!("freeing a surplus host block failed: {e}");
+                }
+                return Ok(inner.lock().arena.reserved());
+            }
+            st.arena.add_block(buf);
+        }
     }
 
     /// The cache this engine swaps for.
@@ -441,8 +478,31 @@ impl SwapEngine {
     /// # Ok::<(), kvvm::Error>(())
     /// ```
     pub fn swap_out(&self, slot: SlotId) -> Result<SwapTicket> {
+        self.swap_out_fenced(slot, None)
+    }
+
+    /// [`SwapEngine::swap_out`] ordered after the caller's `event` (a raw `CUevent`, e.g.
+    /// torch's `event.cuda_event`, recorded after the kernels that write the slot's last
+    /// tokens) instead of after the compute stream: the copies start once the event, as
+    /// recorded at this call, has completed. The host backend ignores the event.
+    ///
+    /// # Errors
+    /// As [`SwapEngine::swap_out`]; the driver's error for an invalid event.
+    pub fn swap_out_after(&self, slot: SlotId, event: u64) -> Result<SwapTicket> {
+        let fence = self.inner.backend().fence_after_event(event)?;
+        self.swap_out_fenced(slot, Some(fence))
+    }
+
+    /// `fence`: `None` to record one on the cache's compute stream, else the fence to use.
+    fn swap_out_fenced(
+        &self,
+        slot: SlotId,
+        fence: Option<Option<Arc<dyn Fence>>>,
+    ) -> Result<SwapTicket> {
         self.inner.fork.check("swap engine")?;
         let inner = &*self.inner;
+        // The copies wait for the caller's work queued before this call (`docs/ordering.md`).
+        let fence = fence.unwrap_or_else(|| inner.cache.fence_now());
         inner.enter();
         let (tokens, epoch) = match inner.cache.swap_out_begin(slot) {
             Ok(v) => v,
@@ -451,7 +511,7 @@ impl SwapEngine {
                 return Err(e);
             }
         };
-        match self.submit_out(slot, tokens, epoch) {
+        match self.submit_out(slot, tokens, epoch, fence) {
             Ok(t) => Ok(self.launch(t)),
             Err(e) => {
                 inner.cache.swap_abort(slot);
@@ -463,7 +523,13 @@ impl SwapEngine {
 
     /// The part of [`SwapEngine::swap_out`] after the slot is busy. On error, everything the
     /// engine changed is undone (the caller releases the slot and the in-flight room).
-    fn submit_out(&self, slot: SlotId, tokens: usize, epoch: u64) -> Result<Transfer> {
+    fn submit_out(
+        &self,
+        slot: SlotId,
+        tokens: usize,
+        epoch: u64,
+        fence: Option<Arc<dyn Fence>>,
+    ) -> Result<Transfer> {
         let inner = &*self.inner;
         let g = *inner.cache.geometry();
         let mut st = inner.lock();
@@ -585,7 +651,12 @@ impl SwapEngine {
         // transfer finishes; the destinations lie in copy `id`'s extent in the arena (host
         // buffers of this backend), which nothing else reads, writes or frees while the copy is
         // busy; destinations of distinct regions are disjoint.
-        let completions = match submit(inner.backend(), CopyKind::DeviceToHost, &regions) {
+        let completions = match submit(
+            inner.backend(),
+            CopyKind::DeviceToHost,
+            &regions,
+            fence.as_deref(),
+        ) {
             Ok(c) => c,
             Err(e) => {
                 undo(&mut inner.lock());
@@ -603,6 +674,7 @@ impl SwapEngine {
             epoch,
             bytes,
             completions,
+            fence,
             phase: Mutex::new(Phase::InFlight),
             done: Condvar::new(),
         })
@@ -709,7 +781,7 @@ impl SwapEngine {
             // `swap_in_begin` mapped; the slot stays busy (nobody else maps, unmaps or uses it)
             // until this transfer finishes. The sources lie in the copy's extent, which stays
             // allocated and unwritten while the copy is busy. Destinations are disjoint.
-            None => match submit(inner.backend(), CopyKind::HostToDevice, &regions) {
+            None => match submit(inner.backend(), CopyKind::HostToDevice, &regions, None) {
                 Ok(c) => c,
                 Err(e) => {
                     inner.cache.swap_abort(slot);
@@ -729,6 +801,7 @@ impl SwapEngine {
             epoch,
             bytes,
             completions,
+            fence: None,
             phase: Mutex::new(Phase::InFlight),
             done: Condvar::new(),
         }))

@@ -4,7 +4,7 @@
 use std::sync::{Arc, Condvar, Mutex};
 
 use crate::error::{Error, Result};
-use crate::vmm::{Backend, Completion, CopyKind, CopyRegion};
+use crate::vmm::{Backend, Completion, CopyKind, CopyRegion, Fence};
 
 use super::ticket::wait_all;
 
@@ -32,17 +32,20 @@ pub(super) fn prefault(addr: u64, len: usize) {
     }
 }
 
-/// Submits `regions` (`kind`) in one call (none if empty).
+/// Submits `regions` (`kind`) in one call (none if empty), after `after` on the device.
 pub(super) fn submit(
     backend: &dyn Backend,
     kind: CopyKind,
     regions: &[CopyRegion],
+    after: Option<&dyn Fence>,
 ) -> Result<Vec<Box<dyn Completion>>> {
     if regions.is_empty() {
         return Ok(Vec::new());
     }
     // SAFETY: forwarded from the caller, who upholds `copy_async`'s contract for `regions`.
-    Ok(vec![unsafe { backend.copy_async(kind, regions) }?])
+    Ok(vec![unsafe {
+        backend.copy_async_after(kind, regions, after)
+    }?])
 }
 
 /// A host-backend swap-in's copies, submitted by the engine's staging thread one chunk at a
@@ -109,6 +112,7 @@ pub(super) struct StageJob {
 
 /// The staging thread: populates and submits each job's chunks in order.
 pub(super) fn stage(backend: Arc<dyn Backend>, rx: crossbeam_channel::Receiver<StageJob>) {
+    backend.prepare_thread();
     for job in rx {
         let mut copies: Vec<Box<dyn Completion>> = Vec::with_capacity(job.regions.len());
         let mut error = None;

@@ -5,7 +5,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use crate::cache::SlotId;
 use crate::error::{Error, Result};
 use crate::fork::ForkGuard;
-use crate::vmm::Completion;
+use crate::vmm::{Completion, Fence};
 
 use super::arena::Extent;
 use super::{HostCopyId, Inner};
@@ -54,6 +54,29 @@ impl SwapTicket {
     pub fn copy(&self) -> HostCopyId {
         HostCopyId(self.transfer.copy)
     }
+    /// Makes the caller's `stream` (a raw `CUstream`, e.g. torch's `stream.cuda_stream`; 0 is
+    /// the legacy default stream) wait for this transfer's copies on the device
+    /// (`cuStreamWaitEvent`): work enqueued on it afterwards may use a swapped-in slot in
+    /// stream order, without the host waiting (see `docs/ordering.md`). Calls that change the
+    /// slot (`step`, `shrink`, ...) still wait on the host until the ticket is done. On the host
+    /// backend, which has no streams, this waits for the copies.
+    ///
+    /// # Errors
+    /// The driver's error (e.g. an invalid stream); on the host backend, the transfer's error.
+    pub fn stream_wait(&self, stream: u64) -> Result<()> {
+        let Some(inner) = self.inner.upgrade() else {
+            // The engine is gone, so every transfer has finished.
+            return self.wait();
+        };
+        let backend = inner.backend();
+        for c in &self.transfer.completions {
+            match c.event() {
+                Some(event) => backend.stream_wait_event(stream, event)?,
+                None => c.wait()?,
+            }
+        }
+        Ok(())
+    }
     /// Bytes this transfer copies.
     pub fn bytes(&self) -> u64 {
         self.transfer.bytes
@@ -96,6 +119,8 @@ pub(super) struct Transfer {
     pub(super) bytes: u64,
     /// The submitted copies (one per chunk on the host backend's swap-in, else one).
     pub(super) completions: Vec<Box<dyn Completion>>,
+    /// Swap-out: the fence of the caller's work the copies waited for.
+    pub(super) fence: Option<Arc<dyn Fence>>,
     pub(super) phase: Mutex<Phase>,
     pub(super) done: Condvar,
 }

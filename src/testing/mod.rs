@@ -175,6 +175,9 @@ pub struct HarnessConfig {
     /// Budget in pages: of the OS page size for [`Harness::new`], of the backend's granularity
     /// for [`Harness::with_backend`].
     pub budget_pages: usize,
+    /// [`Harness::new`]'s host backend backs unmapped ranges with zeros
+    /// ([`HostConfig::zero_page`]).
+    pub zero_page: bool,
 }
 
 impl Default for HarnessConfig {
@@ -186,6 +189,7 @@ impl Default for HarnessConfig {
             max_slots: 4,
             max_tokens: 200,
             budget_pages: 36,
+            zero_page: true,
         }
     }
 }
@@ -301,6 +305,7 @@ impl Harness {
         let host = Arc::new(HostBackend::new(HostConfig {
             granularity: page,
             copy_threads: 1,
+            zero_page: config.zero_page,
             ..HostConfig::default()
         })?);
         Self::build(config, host.clone(), Some(host))
@@ -843,6 +848,8 @@ impl FuzzInput {
             max_slots: 1 + usize::from(slots % 6),
             max_tokens: 1 + 2 * usize::from(tokens),
             budget_pages: 4 + usize::from(budget % 61),
+            // Both modes of the host backend's unmapped ranges (zeros, or no access).
+            zero_page: flags & 0x20 == 0,
         };
         let mut ops = Vec::new();
         if let Ok(iter) = u.arbitrary_iter::<Op>() {
@@ -863,7 +870,8 @@ impl FuzzInput {
         let c = &self.config;
         let flags = u8::from(c.layout == Layout::PerLayer)
             | (u8::from(c.faults) << 1)
-            | ((c.lookahead.min(7) as u8) << 2);
+            | ((c.lookahead.min(7) as u8) << 2)
+            | (u8::from(!c.zero_page) << 5);
         let mut out = vec![
             flags,
             (c.max_slots.clamp(1, 6) - 1) as u8,

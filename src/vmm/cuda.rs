@@ -22,7 +22,7 @@
 
 use std::collections::BTreeMap;
 use std::ffi::c_void;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use kvvm_sys::result;
@@ -30,13 +30,14 @@ use kvvm_sys::{Bound, PrimaryContext};
 use kvvm_sys::{
     CUevent, CUmemAccessDesc, CUmemAllocationProp, CUstream, DriverError,
     CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED, CU_EVENT_BLOCKING_SYNC,
-    CU_EVENT_DISABLE_TIMING, CU_MEMHOSTALLOC_PORTABLE, CU_MEM_ALLOC_GRANULARITY_MINIMUM,
+    CU_EVENT_DISABLE_TIMING, CU_MEMHOSTALLOC_PORTABLE, CU_MEM_ACCESS_FLAGS_PROT_READ,
+    CU_MEM_ALLOC_GRANULARITY_MINIMUM, CU_MEM_LOCATION_TYPE_DEVICE, CU_STREAM_CAPTURE_MODE_RELAXED,
     CU_STREAM_NON_BLOCKING,
 };
 
 use super::{
     check_multiple, Access, Backend, BackendInfo, BackendKind, BackendOp, Completion, CopyKind,
-    CopyRegion, HostBuffer, PageHandle, VaRange,
+    CopyRegion, Fence, HostBuffer, PageHandle, VaRange,
 };
 use crate::error::{Error, Result};
 
@@ -78,10 +79,34 @@ unsafe impl Send for Stream {}
 // SAFETY: as above; submitting to a stream from several threads at once is allowed.
 unsafe impl Sync for Stream {}
 
+/// Driver calls a [`CudaBackend`] made for its mappings, by entry point (for benchmarks: the cost
+/// of the zero page is in these counts).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DriverCalls {
+    /// `cuMemMap` calls.
+    pub mem_map: u64,
+    /// `cuMemUnmap` calls.
+    pub mem_unmap: u64,
+    /// `cuMemSetAccess` calls.
+    pub mem_set_access: u64,
+}
+
+#[derive(Debug, Default)]
+struct CallCounters {
+    mem_map: AtomicU64,
+    mem_unmap: AtomicU64,
+    mem_set_access: AtomicU64,
+}
+
 /// The CUDA virtual-memory backend for one device. See the [module documentation](self).
 #[derive(Debug)]
 pub struct CudaBackend {
     ctx: Arc<PrimaryContext>,
+    /// The physical zero page mapped read-only behind every unmapped page (`None`: off).
+    zero: Option<u64>,
+    /// Where fences made from a caller's event are recorded (it waits on the event first).
+    fence_stream: Option<Stream>,
+    calls: CallCounters,
     ordinal: i32,
     name: String,
     total_memory: u64,
@@ -90,6 +115,10 @@ pub struct CudaBackend {
     next_stream: AtomicUsize,
     /// Live reservations: start address → length.
     reservations: Mutex<BTreeMap<u64, usize>>,
+    /// Pages mapped by `map` (start address → size): with the zero page, mapping must first
+    /// unmap the zero page's mappings, so a range that holds real pages must be refused before
+    /// anything is unmapped.
+    mapped: Mutex<BTreeMap<u64, usize>>,
 }
 
 impl CudaBackend {
@@ -100,6 +129,15 @@ impl CudaBackend {
     /// on this machine: the message names `libcuda.so.1`); [`Error::InvalidConfig`] when the
     /// device does not exist; [`Error::Unsupported`] when it lacks virtual memory management.
     pub fn new(device: i32) -> Result<Self> {
+        Self::with_zero_page(device, true)
+    }
+
+    /// [`CudaBackend::new`], with or without the zero page behind unmapped ranges
+    /// ([`crate::vmm::BackendConfig::zero_page`]).
+    ///
+    /// # Errors
+    /// As [`CudaBackend::new`]; a driver error if the zero page cannot be created.
+    pub fn with_zero_page(device: i32, zero_page: bool) -> Result<Self> {
         result::init()?;
         let count = result::device::count()?;
         if device < 0 || device >= count {
@@ -134,6 +172,9 @@ impl CudaBackend {
         }
         let mut backend = CudaBackend {
             ctx: Arc::clone(&ctx),
+            zero: None,
+            fence_stream: None,
+            calls: CallCounters::default(),
             ordinal: device,
             name,
             total_memory,
@@ -141,19 +182,109 @@ impl CudaBackend {
             streams: Vec::with_capacity(COPY_STREAMS),
             next_stream: AtomicUsize::new(0),
             reservations: Mutex::new(BTreeMap::new()),
+            mapped: Mutex::new(BTreeMap::new()),
         };
         for _ in 0..COPY_STREAMS {
             // On error, `backend` is dropped, which destroys the streams made so far.
             let s = result::stream::create(CU_STREAM_NON_BLOCKING)?;
             backend.streams.push(Stream(s));
         }
+        backend.fence_stream = Some(Stream(result::stream::create(CU_STREAM_NON_BLOCKING)?));
+        if zero_page {
+            backend.zero = Some(backend.make_zero_page()?);
+        }
         drop(bound);
         Ok(backend)
+    }
+
+    /// Creates one page of zeros (mapped once, read/write, to be cleared).
+    fn make_zero_page(&self) -> Result<u64> {
+        let g = self.granularity;
+        let prop = CUmemAllocationProp::pinned_device(self.ctx.device());
+        let handle =
+            result::mem::create(g, &prop, 0).map_err(|e| driver_error(BackendOp::CreatePage, e))?;
+        let cleared = (|| -> std::result::Result<(), DriverError> {
+            let va = result::mem::address_reserve(g, g, 0, 0)?;
+            let zeros = vec![0u8; g];
+            // SAFETY: `va` is a fresh reservation of one granule, `handle` a fresh page of that
+            // size; the page is mapped, written through a synchronous copy from `zeros` (alive
+            // for the call) and unmapped before the reservation is freed.
+            let r = unsafe {
+                result::mem::map(va, g, 0, handle, 0).and_then(|()| {
+                    let access = [CUmemAccessDesc::read_write_device(self.ctx.device())];
+                    let r = result::mem::set_access(va, g, &access)
+                        .and_then(|()| result::mem::memcpy_htod(va, zeros.as_ptr().cast(), g));
+                    let u = result::mem::unmap(va, g);
+                    r.and(u)
+                })
+            };
+            // SAFETY: the reservation is whole and nothing is mapped in it any more.
+            let f = unsafe { result::mem::address_free(va, g) };
+            r.and(f)
+        })();
+        if let Err(e) = cleared {
+            // SAFETY: the page was created above and is mapped nowhere.
+            let _ = unsafe { result::mem::release(handle) };
+            return Err(driver_error(BackendOp::CreatePage, e));
+        }
+        Ok(handle)
+    }
+
+    /// The driver calls made for mappings so far.
+    pub fn driver_calls(&self) -> DriverCalls {
+        DriverCalls {
+            mem_map: self.calls.mem_map.load(Ordering::Relaxed),
+            mem_unmap: self.calls.mem_unmap.load(Ordering::Relaxed),
+            mem_set_access: self.calls.mem_set_access.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Whether unmapped ranges read as zeros.
+    pub fn zero_page(&self) -> bool {
+        self.zero.is_some()
+    }
+
+    /// Maps the zero page read-only at every granule of `[va, va+len)` (which is unmapped).
+    /// On error nothing of the range is mapped. The context must be current.
+    fn map_zeros(&self, zero: u64, va: u64, len: usize) -> std::result::Result<(), DriverError> {
+        let g = self.granularity;
+        let mut off = 0;
+        while off < len {
+            self.calls.mem_map.fetch_add(1, Ordering::Relaxed);
+            // SAFETY: `[va+off, +g)` lies in a reservation of this backend and is unmapped (the
+            // callers' contract); the zero page is live for the backend's life and `g` bytes.
+            if let Err(e) = unsafe { result::mem::map(va + off as u64, g, 0, zero, 0) } {
+                self.rollback_map(va, off);
+                return Err(e);
+            }
+            off += g;
+        }
+        let access = [CUmemAccessDesc {
+            location: kvvm_sys::CUmemLocation {
+                type_: CU_MEM_LOCATION_TYPE_DEVICE,
+                id: self.ctx.device(),
+            },
+            flags: CU_MEM_ACCESS_FLAGS_PROT_READ,
+        }];
+        self.calls.mem_set_access.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: `[va, va+len)` consists of the zero-page mappings made just above.
+        if let Err(e) = unsafe { result::mem::set_access(va, len, &access) } {
+            self.rollback_map(va, len);
+            return Err(e);
+        }
+        Ok(())
     }
 
     /// The device ordinal.
     pub fn device(&self) -> i32 {
         self.ordinal
+    }
+
+    fn mapped(&self) -> MutexGuard<'_, BTreeMap<u64, usize>> {
+        // Consistent after every statement, so a poisoned lock is still usable.
+        self.mapped
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn reservations(&self) -> MutexGuard<'_, BTreeMap<u64, usize>> {
@@ -191,6 +322,7 @@ impl CudaBackend {
         if len == 0 {
             return;
         }
+        self.calls.mem_unmap.fetch_add(1, Ordering::Relaxed);
         // SAFETY: `[va, va+len)` consists of whole mappings made by the failing `map` call, which
         // has not returned them to anyone.
         if let Err(e) = unsafe { result::mem::unmap(va, len) } {
@@ -206,6 +338,15 @@ impl Drop for CudaBackend {
             // SAFETY: the stream was created by this backend and is destroyed once; work still
             // queued on it completes before the driver releases it.
             let _ = unsafe { result::stream::destroy(s.0) };
+        }
+        if let Some(s) = self.fence_stream.take() {
+            // SAFETY: as above.
+            let _ = unsafe { result::stream::destroy(s.0) };
+        }
+        if let Some(z) = self.zero.take() {
+            // SAFETY: the zero page was created by this backend and is released once; the driver
+            // defers the release while reservations still map it.
+            let _ = unsafe { result::mem::release(z) };
         }
         let left = self.reservations().len();
         if left > 0 {
@@ -255,6 +396,13 @@ impl Backend for CudaBackend {
         let _bound = bind_for(&self.ctx, BackendOp::Reserve)?;
         let addr = result::mem::address_reserve(len, self.granularity, 0, 0)
             .map_err(|e| driver_error(BackendOp::Reserve, e))?;
+        if let Some(zero) = self.zero {
+            if let Err(e) = self.map_zeros(zero, addr, len) {
+                // SAFETY: the reservation was made above and nothing is mapped in it.
+                let _ = unsafe { result::mem::address_free(addr, len) };
+                return Err(driver_error(BackendOp::Reserve, e));
+            }
+        }
         self.reservations().insert(addr, len);
         Ok(VaRange { addr, len })
     }
@@ -280,10 +428,23 @@ impl Backend for CudaBackend {
             }
         }
         let outcome = bind_for(&self.ctx, BackendOp::FreeReservation).and_then(|_bound| {
+            if self.zero.is_some() {
+                self.calls.mem_unmap.fetch_add(1, Ordering::Relaxed);
+                // SAFETY: the trait contract makes the caller unmap its pages first, so the
+                // range holds only zero-page mappings made by this backend.
+                unsafe { result::mem::unmap(range.addr, range.len) }
+                    .map_err(|e| driver_error(BackendOp::FreeReservation, e))?;
+            }
             // SAFETY: the range is a whole reservation made by this backend (checked above);
-            // the trait contract makes the caller unmap everything in it first.
-            unsafe { result::mem::address_free(range.addr, range.len) }
-                .map_err(|e| driver_error(BackendOp::FreeReservation, e))
+            // nothing is mapped in it any more.
+            let r = unsafe { result::mem::address_free(range.addr, range.len) }
+                .map_err(|e| driver_error(BackendOp::FreeReservation, e));
+            if r.is_err() {
+                if let Some(zero) = self.zero {
+                    let _ = self.map_zeros(zero, range.addr, range.len);
+                }
+            }
+            r
         });
         if outcome.is_err() {
             self.reservations().insert(range.addr, range.len);
@@ -328,25 +489,64 @@ impl Backend for CudaBackend {
             })?;
         }
         self.check_range("mapping", va, total)?;
+        // With the zero page, mapping first unmaps the range: a range holding real pages must be
+        // refused before that (without it, the driver refuses to map over a mapping).
+        if self.zero.is_some() {
+            let mapped = self.mapped();
+            let end = va + total as u64;
+            if let Some((&at, &len)) = mapped.range(..end).next_back() {
+                if at + len as u64 > va {
+                    return Err(Error::InvalidArgument(format!(
+                        "mapping [{va:#x}, +{total:#x}): the page at {at:#x} is already mapped"
+                    )));
+                }
+            }
+        }
         let _bound = bind_for(&self.ctx, BackendOp::Map)?;
+        // Puts the zero page back behind the range after a failure (best effort).
+        let restore_zeros = || {
+            if let Some(zero) = self.zero {
+                if let Err(e) = self.map_zeros(zero, va, total) {
+                    tracing::error!("mapping the zero page back at {va:#x} failed: {e}");
+                }
+            }
+        };
+        if self.zero.is_some() {
+            self.calls.mem_unmap.fetch_add(1, Ordering::Relaxed);
+            // SAFETY: the range lies in a reservation of this backend and is unmapped by the
+            // trait's contract, so it holds only the zero page's read-only mappings.
+            unsafe { result::mem::unmap(va, total) }
+                .map_err(|e| driver_error(BackendOp::Map, e))?;
+        }
         let mut offset: usize = 0;
         for p in pages {
             let at = va + offset as u64;
+            self.calls.mem_map.fetch_add(1, Ordering::Relaxed);
             // SAFETY: `[at, at+size)` lies inside a reservation of this backend (checked above)
-            // and is unmapped by the trait's contract; the driver validates the handle, so a
-            // foreign or released handle gives an error (or maps meaningless bytes), and the
-            // offset 0 + size is within a page of `size` bytes.
+            // and is unmapped (by the trait's contract, and the zero page was unmapped above);
+            // the driver validates the handle, so a foreign or released handle gives an error
+            // (or maps meaningless bytes), and the offset 0 + size is within a page of `size`
+            // bytes.
             if let Err(e) = unsafe { result::mem::map(at, p.size(), 0, p.raw(), 0) } {
                 self.rollback_map(va, offset);
+                restore_zeros();
                 return Err(driver_error(BackendOp::Map, e));
             }
             offset += p.size();
         }
         let access = [access_desc(access, self.ctx.device())];
+        self.calls.mem_set_access.fetch_add(1, Ordering::Relaxed);
         // SAFETY: `[va, va+total)` was mapped by this call just above and is not yet in use.
         if let Err(e) = unsafe { result::mem::set_access(va, total, &access) } {
             self.rollback_map(va, total);
+            restore_zeros();
             return Err(driver_error(BackendOp::Map, e));
+        }
+        let mut mapped = self.mapped();
+        let mut at = va;
+        for p in pages {
+            mapped.insert(at, p.size());
+            at += p.size() as u64;
         }
         Ok(())
     }
@@ -364,9 +564,28 @@ impl Backend for CudaBackend {
     fn unmap(&self, va: u64, len: usize) -> Result<()> {
         self.check_range("unmapping", va, len)?;
         let _bound = bind_for(&self.ctx, BackendOp::Unmap)?;
+        self.calls.mem_unmap.fetch_add(1, Ordering::Relaxed);
         // SAFETY: the range lies in a reservation of this backend; the trait's contract makes it
         // whole mappings made by `map` that no kernel or copy still uses.
-        unsafe { result::mem::unmap(va, len) }.map_err(|e| driver_error(BackendOp::Unmap, e))
+        unsafe { result::mem::unmap(va, len) }.map_err(|e| driver_error(BackendOp::Unmap, e))?;
+        {
+            let mut mapped = self.mapped();
+            let gone: Vec<u64> = mapped
+                .range(va..va + len as u64)
+                .map(|(&at, _)| at)
+                .collect();
+            for at in gone {
+                mapped.remove(&at);
+            }
+        }
+        if let Some(zero) = self.zero {
+            // The pages are gone either way; without the zero page the range faults on access
+            // instead of reading zeros, which is logged, not an error of this call.
+            if let Err(e) = self.map_zeros(zero, va, len) {
+                tracing::error!("mapping the zero page at {va:#x} (+{len:#x}) failed: {e}");
+            }
+        }
+        Ok(())
     }
 
     fn alloc_host(&self, len: usize) -> Result<HostBuffer> {
@@ -400,6 +619,111 @@ impl Backend for CudaBackend {
         kind: CopyKind,
         regions: &[CopyRegion],
     ) -> Result<Box<dyn Completion>> {
+        // SAFETY: forwarded from this function's contract.
+        unsafe { self.submit_copies(kind, regions, None) }
+    }
+
+    unsafe fn copy_async_after(
+        &self,
+        kind: CopyKind,
+        regions: &[CopyRegion],
+        after: Option<&dyn Fence>,
+    ) -> Result<Box<dyn Completion>> {
+        // SAFETY: forwarded from this function's contract.
+        unsafe { self.submit_copies(kind, regions, after) }
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        let _bound = bind_for(&self.ctx, BackendOp::Synchronize)?;
+        result::ctx::synchronize().map_err(|e| driver_error(BackendOp::Synchronize, e))
+    }
+
+    fn record_fence(&self, stream: u64) -> Result<Option<Arc<dyn Fence>>> {
+        let _bound = bind_for(&self.ctx, BackendOp::Copy)?;
+        let stream: CUstream = std::ptr::with_exposed_provenance_mut(stream as usize);
+        Ok(Some(self.new_fence(|event| {
+            // SAFETY: `event` was just created in this context; the caller names a live stream
+            // (a destroyed one gives the driver's error for handles the driver still tracks).
+            unsafe { result::event::record(event, stream) }
+        })?))
+    }
+
+    fn fence_after_event(&self, event: u64) -> Result<Option<Arc<dyn Fence>>> {
+        let _bound = bind_for(&self.ctx, BackendOp::Copy)?;
+        let Some(fs) = self.fence_stream.as_ref().map(|s| s.0) else {
+            return Err(Error::Unsupported(
+                "the CUDA backend has no fence stream".into(),
+            ));
+        };
+        let theirs: CUevent = std::ptr::with_exposed_provenance_mut(event as usize);
+        Ok(Some(self.new_fence(|ours| {
+            // SAFETY: `fs` is this backend's stream; the caller names a live event. The fence
+            // stream waits for the caller's event as recorded now, then records ours.
+            unsafe {
+                result::stream::wait_event(fs, theirs, 0)?;
+                result::event::record(ours, fs)
+            }
+        })?))
+    }
+
+    fn stream_wait_event(&self, stream: u64, event: u64) -> Result<()> {
+        let _bound = bind_for(&self.ctx, BackendOp::Copy)?;
+        let stream: CUstream = std::ptr::with_exposed_provenance_mut(stream as usize);
+        let event: CUevent = std::ptr::with_exposed_provenance_mut(event as usize);
+        // SAFETY: the caller names a live stream, and `event` is one of this backend's events
+        // (a ticket's or a fence's, alive while the caller holds it).
+        unsafe { result::stream::wait_event(stream, event, 0) }
+            .map_err(|e| driver_error(BackendOp::Copy, e))
+    }
+
+    fn prepare_thread(&self) {
+        if let Err(e) = self.ctx.make_current() {
+            tracing::warn!("binding the CUDA context on a kvvm thread failed: {e}");
+        }
+        match kvvm_sys::driver() {
+            Ok(d) => {
+                let mut mode = CU_STREAM_CAPTURE_MODE_RELAXED;
+                // SAFETY: `mode` is a valid in/out pointer for the call.
+                let rc = unsafe { (d.cuThreadExchangeStreamCaptureMode)(&mut mode) };
+                if rc != 0 {
+                    tracing::warn!("cuThreadExchangeStreamCaptureMode(RELAXED) returned {rc}");
+                }
+            }
+            Err(e) => tracing::warn!("{e}"),
+        }
+    }
+}
+
+impl CudaBackend {
+    /// Creates an event, lets `record` record it, and wraps it in a fence.
+    fn new_fence(
+        &self,
+        record: impl FnOnce(CUevent) -> std::result::Result<(), DriverError>,
+    ) -> Result<Arc<dyn Fence>> {
+        let event = result::event::create(CU_EVENT_DISABLE_TIMING | CU_EVENT_BLOCKING_SYNC)
+            .map_err(|e| driver_error(BackendOp::Copy, e))?;
+        if let Err(e) = record(event) {
+            // SAFETY: the event was created above, never recorded, and is not used again.
+            let _ = unsafe { result::event::destroy(event) };
+            return Err(driver_error(BackendOp::Copy, e));
+        }
+        Ok(Arc::new(CudaCompletion {
+            event,
+            ctx: Arc::clone(&self.ctx),
+        }))
+    }
+
+    /// Submits `regions` on one copy stream, after `after` if given (the stream waits on its
+    /// event), then records the completion's event.
+    ///
+    /// # Safety
+    /// As [`Backend::copy_async`].
+    unsafe fn submit_copies(
+        &self,
+        kind: CopyKind,
+        regions: &[CopyRegion],
+        after: Option<&dyn Fence>,
+    ) -> Result<Box<dyn Completion>> {
         let op = BackendOp::Copy;
         let _bound = bind_for(&self.ctx, op)?;
         let i = self.next_stream.fetch_add(1, Ordering::Relaxed) % self.streams.len().max(1);
@@ -409,6 +733,11 @@ impl Backend for CudaBackend {
             ));
         };
         let submit = || -> std::result::Result<CUevent, DriverError> {
+            if let Some(f) = after {
+                let event: CUevent = std::ptr::with_exposed_provenance_mut(f.event() as usize);
+                // SAFETY: `stream` is ours; the fence keeps its event alive for this call.
+                unsafe { result::stream::wait_event(stream, event, 0)? };
+            }
             for r in regions.iter().filter(|r| r.len > 0) {
                 match kind {
                     CopyKind::HostToDevice => {
@@ -456,11 +785,6 @@ impl Backend for CudaBackend {
             }
         }
     }
-
-    fn synchronize(&self) -> Result<()> {
-        let _bound = bind_for(&self.ctx, BackendOp::Synchronize)?;
-        result::ctx::synchronize().map_err(|e| driver_error(BackendOp::Synchronize, e))
-    }
 }
 
 /// Completion of a [`CudaBackend::copy_async`]: an event recorded after the copies.
@@ -493,6 +817,18 @@ impl Completion for CudaCompletion {
 
     fn event(&self) -> Option<u64> {
         Some(self.event.expose_provenance() as u64)
+    }
+}
+
+impl Fence for CudaCompletion {
+    fn poll(&self) -> Result<bool> {
+        Completion::poll(self)
+    }
+    fn wait(&self) -> Result<()> {
+        Completion::wait(self)
+    }
+    fn event(&self) -> u64 {
+        self.event.expose_provenance() as u64
     }
 }
 

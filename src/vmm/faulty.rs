@@ -16,7 +16,7 @@
 use std::sync::{Arc, Mutex};
 
 use super::{
-    Access, Backend, BackendInfo, BackendKind, BackendOp, Completion, CopyKind, CopyRegion,
+    Access, Backend, BackendInfo, BackendKind, BackendOp, Completion, CopyKind, CopyRegion, Fence,
     HostBuffer, PageHandle, VaRange,
 };
 use crate::error::{Error, Result};
@@ -258,5 +258,34 @@ impl Backend for FaultyBackend {
     }
     fn map_headroom(&self) -> Option<usize> {
         self.inner.map_headroom()
+    }
+    fn record_fence(&self, stream: u64) -> Result<Option<Arc<dyn Fence>>> {
+        self.inner.record_fence(stream)
+    }
+    fn fence_after_event(&self, event: u64) -> Result<Option<Arc<dyn Fence>>> {
+        self.inner.fence_after_event(event)
+    }
+    fn stream_wait_event(&self, stream: u64, event: u64) -> Result<()> {
+        self.inner.stream_wait_event(stream, event)
+    }
+    fn prepare_thread(&self) {
+        self.inner.prepare_thread()
+    }
+    unsafe fn copy_async_after(
+        &self,
+        kind: CopyKind,
+        regions: &[CopyRegion],
+        after: Option<&dyn Fence>,
+    ) -> Result<Box<dyn Completion>> {
+        match self.count(BackendOp::Copy) {
+            // SAFETY: forwarded unchanged; the caller upholds `copy_async`'s contract.
+            Verdict::Pass => unsafe { self.inner.copy_async_after(kind, regions, after) },
+            Verdict::Fail(e, CopyFault::AtSubmit) => Err(e),
+            Verdict::Fail(error, CopyFault::AtCompletion) => {
+                // SAFETY: forwarded unchanged; the caller upholds `copy_async`'s contract.
+                let inner = unsafe { self.inner.copy_async_after(kind, regions, after) }?;
+                Ok(Box::new(FailedCompletion { inner, error }))
+            }
+        }
     }
 }

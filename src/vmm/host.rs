@@ -1,12 +1,15 @@
 //! The host backend: Linux memfd "physical pages" mapped with `mmap(MAP_FIXED)` into anonymous
-//! `PROT_NONE` reservations.
+//! reservations (read-only zeros, or `PROT_NONE`).
 //!
 //! - A page is an extent of one memfd arena. Creating it allocates its memory with `fallocate`
 //!   (like `cuMemCreate`, it is committed, not lazily faulted); releasing it punches a hole, which
 //!   gives the memory back to the system.
 //! - Mapping a run of pages whose arena offsets are consecutive takes one `mmap` call.
-//! - Unmapping maps fresh `PROT_NONE` anonymous memory over the range, which the kernel merges back
-//!   into the reservation.
+//! - Unmapping maps fresh anonymous memory over the range, which the kernel merges back into the
+//!   reservation. With [`HostConfig::zero_page`] (the default) reservations and unmapped ranges
+//!   are readable, private anonymous memory that is never written: reads return zeros (the
+//!   kernel's shared zero page, no memory used) and writes fault; without it they are
+//!   `PROT_NONE` and any access faults.
 //! - Every non-adjacent mapping is one kernel VMA and the process may hold at most
 //!   `vm.max_map_count` of them; [`HostBackend`] checks the headroom before each map and refuses
 //!   with [`Error::MapCountExhausted`] instead of letting `mmap` fail deep inside an operation.
@@ -62,6 +65,9 @@ pub struct HostConfig {
     /// Allocate a page's memory when it is created (default), like `cuMemCreate`. When false the
     /// memory is allocated on first touch.
     pub populate: bool,
+    /// Reserved-but-unmapped ranges read as zeros (read-only anonymous memory) instead of
+    /// faulting (`PROT_NONE`). Writes to them fault either way. Default: on.
+    pub zero_page: bool,
 }
 
 impl Default for HostConfig {
@@ -72,6 +78,7 @@ impl Default for HostConfig {
             max_map_count: None,
             map_count_reserve: DEFAULT_MAP_COUNT_RESERVE,
             populate: true,
+            zero_page: true,
         }
     }
 }
@@ -433,7 +440,16 @@ impl HostBackend {
         }
     }
 
-    /// Maps `[va, va+len)` back to reserved, inaccessible memory.
+    /// The protection of reserved-but-unmapped memory: read-only zeros, or none.
+    fn unmapped_prot(&self) -> ProtFlags {
+        if self.config.zero_page {
+            ProtFlags::PROT_READ
+        } else {
+            ProtFlags::PROT_NONE
+        }
+    }
+
+    /// Maps `[va, va+len)` back to reserved memory (zeros read-only, or inaccessible).
     fn unmap_raw(&self, va: u64, len: usize) -> Result<()> {
         let addr = NonZeroUsize::new(va as usize)
             .ok_or_else(|| Error::InvalidArgument("null address".into()))?;
@@ -446,11 +462,11 @@ impl HostBackend {
             mmap_anonymous(
                 Some(addr),
                 length,
-                ProtFlags::PROT_NONE,
+                self.unmapped_prot(),
                 MapFlags::MAP_PRIVATE | MapFlags::MAP_FIXED | MapFlags::MAP_NORESERVE,
             )
         }
-        .map_err(|e| sys_err(BackendOp::Unmap, "mmap(PROT_NONE, MAP_FIXED)", e))?;
+        .map_err(|e| sys_err(BackendOp::Unmap, "mmap(MAP_FIXED) of the reserved range", e))?;
         dont_fork(va, len);
         Ok(())
     }
@@ -555,11 +571,11 @@ impl Backend for HostBackend {
             mmap_anonymous(
                 None,
                 padded,
-                ProtFlags::PROT_NONE,
+                self.unmapped_prot(),
                 MapFlags::MAP_PRIVATE | MapFlags::MAP_NORESERVE,
             )
         }
-        .map_err(|e| sys_err(BackendOp::Reserve, "mmap(PROT_NONE)", e))?;
+        .map_err(|e| sys_err(BackendOp::Reserve, "mmap(MAP_NORESERVE)", e))?;
         let raw = ptr.as_ptr() as usize;
         let aligned = raw.next_multiple_of(g);
         let head = aligned - raw;

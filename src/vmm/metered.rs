@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::{
-    Access, Backend, BackendInfo, BackendKind, BackendOp, Completion, CopyKind, CopyRegion,
+    Access, Backend, BackendInfo, BackendKind, BackendOp, Completion, CopyKind, CopyRegion, Fence,
     HostBuffer, PageHandle, VaRange,
 };
 use crate::error::{Error, Result};
@@ -188,5 +188,28 @@ impl Backend for MeteredBackend {
     }
     fn map_headroom(&self) -> Option<usize> {
         self.inner.map_headroom()
+    }
+    fn record_fence(&self, stream: u64) -> Result<Option<Arc<dyn Fence>>> {
+        self.inner.record_fence(stream)
+    }
+    fn fence_after_event(&self, event: u64) -> Result<Option<Arc<dyn Fence>>> {
+        self.inner.fence_after_event(event)
+    }
+    fn stream_wait_event(&self, stream: u64, event: u64) -> Result<()> {
+        self.inner.stream_wait_event(stream, event)
+    }
+    fn prepare_thread(&self) {
+        self.inner.prepare_thread()
+    }
+    unsafe fn copy_async_after(
+        &self,
+        kind: CopyKind,
+        regions: &[CopyRegion],
+        after: Option<&dyn Fence>,
+    ) -> Result<Box<dyn Completion>> {
+        self.timed(BackendOp::Copy, Result::is_ok, || {
+            // SAFETY: forwarded unchanged; the caller upholds `copy_async`'s contract.
+            unsafe { self.inner.copy_async_after(kind, regions, after) }
+        })
     }
 }

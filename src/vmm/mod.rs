@@ -167,6 +167,19 @@ pub trait Completion: Send + Sync + fmt::Debug {
     }
 }
 
+/// A point in the caller's stream (see `docs/ordering.md`): complete once the work the caller
+/// queued there before it was made has run. Made by [`Backend::record_fence`] or
+/// [`Backend::fence_after_event`]; backends whose caller works on the host (the host backend)
+/// make none, because everything the caller did before a call is done when it calls.
+pub trait Fence: Send + Sync + fmt::Debug {
+    /// `Ok(true)` once complete, `Ok(false)` while not. Never blocks (CUDA: `cuEventQuery`).
+    fn poll(&self) -> Result<bool>;
+    /// Blocks until complete (CUDA: `cuEventSynchronize`).
+    fn wait(&self) -> Result<()>;
+    /// The raw event behind the fence (CUDA: a `CUevent`), for `cuStreamWaitEvent`.
+    fn event(&self) -> u64;
+}
+
 /// Facts about a backend, for `kvvm info` and statistics.
 #[derive(Clone, Debug, PartialEq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
@@ -331,6 +344,63 @@ pub trait Backend: Send + Sync + fmt::Debug {
     fn map_headroom(&self) -> Option<usize> {
         None
     }
+
+    /// Records a fence on the caller's `stream` (a raw `CUstream`; 0 is the legacy default
+    /// stream) after the work queued there so far. `None` when the backend needs none (host).
+    ///
+    /// # Errors
+    /// A backend error (e.g. the stream does not exist).
+    fn record_fence(&self, stream: u64) -> Result<Option<Arc<dyn Fence>>> {
+        let _ = stream;
+        Ok(None)
+    }
+
+    /// A fence that completes when the caller's `event` (a raw `CUevent`), as last recorded before
+    /// this call, completes. `None` when the backend needs none (host).
+    ///
+    /// # Errors
+    /// A backend error (e.g. the event does not exist).
+    fn fence_after_event(&self, event: u64) -> Result<Option<Arc<dyn Fence>>> {
+        let _ = event;
+        Ok(None)
+    }
+
+    /// Makes the caller's `stream` wait (on the device) for `event`, an event of this backend
+    /// (`cuStreamWaitEvent`). The host backend has no streams: it does nothing.
+    ///
+    /// # Errors
+    /// A backend error.
+    fn stream_wait_event(&self, stream: u64, event: u64) -> Result<()> {
+        let _ = (stream, event);
+        Ok(())
+    }
+
+    /// [`Backend::copy_async`] whose copies start only after `after` has completed (CUDA: the
+    /// copy stream waits on the fence's event, so the call does not block). The default waits
+    /// for the fence on the host first.
+    ///
+    /// # Safety
+    /// As [`Backend::copy_async`].
+    ///
+    /// # Errors
+    /// As [`Backend::copy_async`], and the fence's error.
+    unsafe fn copy_async_after(
+        &self,
+        kind: CopyKind,
+        regions: &[CopyRegion],
+        after: Option<&dyn Fence>,
+    ) -> Result<Box<dyn Completion>> {
+        if let Some(f) = after {
+            f.wait()?;
+        }
+        // SAFETY: forwarded from this function's contract.
+        unsafe { self.copy_async(kind, regions) }
+    }
+
+    /// Prepares a thread of kvvm's own (background mapper, unmapper, swap threads) before its
+    /// first call (CUDA: the device's context made current, and the relaxed stream-capture mode,
+    /// so that an engine capturing CUDA graphs is never disturbed by kvvm's calls).
+    fn prepare_thread(&self) {}
 }
 
 /// Which backend to open.
@@ -373,6 +443,10 @@ pub struct BackendConfig {
     pub device: i32,
     /// Host backend: worker threads for copies. Default: 4.
     pub copy_threads: usize,
+    /// Back reserved-but-unmapped ranges with zeros, read-only, so that a stray read returns
+    /// zeros instead of faulting (CUDA: one physical zero page mapped read-only behind every
+    /// unmapped page; host: an anonymous read-only mapping). Writes still fault. Default: on.
+    pub zero_page: bool,
 }
 
 impl Default for BackendConfig {
@@ -382,6 +456,7 @@ impl Default for BackendConfig {
             host_granularity: host::DEFAULT_GRANULARITY,
             device: 0,
             copy_threads: 4,
+            zero_page: true,
         }
     }
 }
@@ -415,19 +490,25 @@ pub fn open(config: &BackendConfig) -> Result<Arc<dyn Backend>> {
         BackendChoice::Host => Ok(Arc::new(host::HostBackend::new(host::HostConfig {
             granularity: config.host_granularity,
             copy_threads: config.copy_threads,
+            zero_page: config.zero_page,
             ..host::HostConfig::default()
         })?)),
-        BackendChoice::Cuda => Ok(Arc::new(cuda::CudaBackend::new(config.device)?)),
-        BackendChoice::Auto => match cuda::CudaBackend::new(config.device) {
-            Ok(b) => Ok(Arc::new(b)),
-            Err(e) => {
-                tracing::debug!("CUDA backend unavailable ({e}); using the host backend");
-                open(&BackendConfig {
-                    choice: BackendChoice::Host,
-                    ..config.clone()
-                })
+        BackendChoice::Cuda => Ok(Arc::new(cuda::CudaBackend::with_zero_page(
+            config.device,
+            config.zero_page,
+        )?)),
+        BackendChoice::Auto => {
+            match cuda::CudaBackend::with_zero_page(config.device, config.zero_page) {
+                Ok(b) => Ok(Arc::new(b)),
+                Err(e) => {
+                    tracing::debug!("CUDA backend unavailable ({e}); using the host backend");
+                    open(&BackendConfig {
+                        choice: BackendChoice::Host,
+                        ..config.clone()
+                    })
+                }
             }
-        },
+        }
     }
 }
 

@@ -256,6 +256,8 @@ driver_api! {
         kernel_params: *mut *mut c_void,
         extra: *mut *mut c_void,
     );
+    /// `cuThreadExchangeStreamCaptureMode(CUstreamCaptureMode *mode)`.
+    fn cuThreadExchangeStreamCaptureMode(mode: *mut c_int);
 }
 
 impl fmt::Debug for Driver {

@@ -1,27 +1,36 @@
 //! NVRTC, the CUDA run-time compiler, loaded at run time like the driver.
 //!
-//! [`nvrtc`] tries, in order:
+//! NVRTC 12 and 13 are both accepted (CUDA 13 machines, e.g. driver 580 with PyTorch cu130,
+//! ship only `libnvrtc.so.13`). [`nvrtc`] tries, in order:
 //! 1. the environment variable [`NVRTC_ENV`] (`KVVM_NVRTC_PATH`): a library file, or a directory
-//!    that contains `libnvrtc.so.12` (or `libnvrtc.so`);
-//! 2. `libnvrtc.so.12`, then `libnvrtc.so`, through the dynamic loader's normal search
-//!    (`LD_LIBRARY_PATH`, the ld.so cache: a CUDA toolkit installation).
+//!    that contains one of [`NVRTC_NAMES`];
+//! 2. the library folders of NVIDIA's Python wheels that are already loaded in the process (for
+//!    example by `import torch`): for a mapped file under `.../site-packages/nvidia/`, the
+//!    folders `nvidia/cu13/lib` (CUDA 13 wheels) and `nvidia/cuda_nvrtc/lib` (CUDA 12 wheels);
+//! 3. the CUDA toolkit's `lib64` folder: `$CUDA_HOME`, `$CUDA_PATH`, then `/usr/local/cuda`;
+//! 4. [`NVRTC_NAMES`] through the dynamic loader's normal search (`LD_LIBRARY_PATH`, the ld.so
+//!    cache).
 //!
-//! A library never starts subprocesses, so the Python wheel `nvidia-cuda-nvrtc-cu12` is not
-//! searched for automatically. To use it (e.g. in CI), point the variable at the wheel's library
-//! directory:
+//! Folders are only tried when the file exists in them, so the error of a failed search lists
+//! the places that were really tried. A library never starts subprocesses, so a wheel that is
+//! installed but not loaded is found only through the variable:
 //!
 //! ```text
-//! KVVM_NVRTC_PATH=$(python3 -c 'import nvidia.cuda_nvrtc, os; print(os.path.join(nvidia.cuda_nvrtc.__path__[0], "lib"))')
+//! KVVM_NVRTC_PATH=$(python3 -c 'import nvidia, os; print(os.path.join(nvidia.__path__[0], "cu13", "lib"))')
 //! ```
 //!
-//! The wheel's `libnvrtc.so.12` carries `RUNPATH=$ORIGIN`, so when it is loaded by absolute path
-//! it finds its `libnvrtc-builtins.so.12.*` in the same directory without further setup.
+//! The wheels' `libnvrtc.so.1x` carry `RUNPATH=$ORIGIN`, so when one is loaded by absolute path
+//! it finds its `libnvrtc-builtins.so.1x.*` in the same directory without further setup.
+//!
+//! [`Nvrtc::compile_cubin`] produces machine code (SASS) for one real architecture through
+//! `nvrtcGetCUBIN`; it is preferred to PTX, which a driver older than the compiler cannot load
+//! (`CUDA_ERROR_UNSUPPORTED_PTX_VERSION`). [`Nvrtc::compile_ptx`] remains as the fallback.
 
 #![allow(non_camel_case_types)]
 
 use std::ffi::{c_char, c_int, CStr, CString};
 use std::fmt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use libloading::Library;
@@ -32,12 +41,12 @@ use crate::error::DriverError;
 /// Environment variable naming the NVRTC library file, or a directory containing it.
 pub const NVRTC_ENV: &str = "KVVM_NVRTC_PATH";
 
-/// The file names tried, in order, after [`NVRTC_ENV`].
+/// The file names tried, in order, in every folder and through the dynamic loader.
 #[cfg(not(windows))]
-pub const NVRTC_NAMES: &[&str] = &["libnvrtc.so.12", "libnvrtc.so"];
-/// The file names tried, in order, after [`NVRTC_ENV`].
+pub const NVRTC_NAMES: &[&str] = &["libnvrtc.so.13", "libnvrtc.so.12", "libnvrtc.so"];
+/// The file names tried, in order, in every folder and through the dynamic loader.
 #[cfg(windows)]
-pub const NVRTC_NAMES: &[&str] = &["nvrtc64_120_0.dll"];
+pub const NVRTC_NAMES: &[&str] = &["nvrtc64_130_0.dll", "nvrtc64_120_0.dll"];
 
 /// Result code of NVRTC calls (`nvrtcResult`, a C enum).
 pub type nvrtcResult = c_int;
@@ -86,6 +95,8 @@ pub struct Nvrtc {
     nvrtc_compile_program: CompileProgramFn,
     nvrtc_get_ptx_size: GetSizeFn,
     nvrtc_get_ptx: GetTextFn,
+    /// `nvrtcGetCUBINSize` / `nvrtcGetCUBIN` (NVRTC 11.1 and later).
+    nvrtc_get_cubin: Option<(GetSizeFn, GetTextFn)>,
     nvrtc_get_program_log_size: GetSizeFn,
     nvrtc_get_program_log: GetTextFn,
     nvrtc_destroy_program: DestroyProgramFn,
@@ -144,6 +155,9 @@ impl Nvrtc {
                 nvrtc_compile_program: symbol(&lib, &path, "nvrtcCompileProgram")?,
                 nvrtc_get_ptx_size: symbol(&lib, &path, "nvrtcGetPTXSize")?,
                 nvrtc_get_ptx: symbol(&lib, &path, "nvrtcGetPTX")?,
+                nvrtc_get_cubin: symbol(&lib, &path, "nvrtcGetCUBINSize")
+                    .and_then(|size| Ok((size, symbol(&lib, &path, "nvrtcGetCUBIN")?)))
+                    .ok(),
                 nvrtc_get_program_log_size: symbol(&lib, &path, "nvrtcGetProgramLogSize")?,
                 nvrtc_get_program_log: symbol(&lib, &path, "nvrtcGetProgramLog")?,
                 nvrtc_destroy_program: symbol(&lib, &path, "nvrtcDestroyProgram")?,
@@ -194,7 +208,31 @@ impl Nvrtc {
         Ok((major, minor))
     }
 
-    /// Reads a program's log or PTX (size query, then copy; the trailing NUL is dropped).
+    /// Whether this NVRTC can produce machine code ([`Nvrtc::compile_cubin`]).
+    pub fn has_cubin(&self) -> bool {
+        self.nvrtc_get_cubin.is_some()
+    }
+
+    /// Reads a program's log, PTX or cubin (size query, then copy).
+    fn read_bytes(
+        &self,
+        prog: nvrtcProgram,
+        size_fn: GetSizeFn,
+        data_fn: GetTextFn,
+        names: (&'static str, &'static str),
+    ) -> Result<Vec<u8>, DriverError> {
+        let mut size = 0usize;
+        // SAFETY: `prog` is a live program and `size` a valid out-pointer.
+        self.check(unsafe { size_fn(prog, &mut size) }, names.0)?;
+        let mut buf = vec![0u8; size.max(1)];
+        // SAFETY: `buf` is writable for `size` bytes (at least 1), which is what NVRTC writes
+        // (for text, including the NUL terminator).
+        self.check(unsafe { data_fn(prog, buf.as_mut_ptr().cast()) }, names.1)?;
+        buf.truncate(size);
+        Ok(buf)
+    }
+
+    /// Reads a program's log or PTX (the trailing NUL is dropped).
     fn read_text(
         &self,
         prog: nvrtcProgram,
@@ -202,31 +240,19 @@ impl Nvrtc {
         text_fn: GetTextFn,
         names: (&'static str, &'static str),
     ) -> Result<String, DriverError> {
-        let mut size = 0usize;
-        // SAFETY: `prog` is a live program and `size` a valid out-pointer.
-        self.check(unsafe { size_fn(prog, &mut size) }, names.0)?;
-        let mut buf = vec![0u8; size.max(1)];
-        // SAFETY: `buf` is writable for `size` bytes (at least 1), which is what NVRTC writes,
-        // including the NUL terminator.
-        self.check(unsafe { text_fn(prog, buf.as_mut_ptr().cast()) }, names.1)?;
+        let mut buf = self.read_bytes(prog, size_fn, text_fn, names)?;
         let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
         buf.truncate(end);
         Ok(String::from_utf8_lossy(&buf).into_owned())
     }
 
-    /// Compiles CUDA C++ `src` (program name `name`, used in diagnostics) to PTX with
-    /// `options` (e.g. `--gpu-architecture=compute_80`, `-default-device`).
-    ///
-    /// # Errors
-    /// [`DriverError::Compile`] with the program log when the source or an option is rejected;
-    /// [`DriverError::InvalidArgument`] for strings with NUL bytes; [`DriverError::Nvrtc`] for
-    /// other NVRTC failures.
-    pub fn compile_ptx(
+    /// Creates and compiles a program; on success returns it for its outputs to be read.
+    fn compile_program(
         &self,
         src: &str,
         name: &str,
         options: &[&str],
-    ) -> Result<String, DriverError> {
+    ) -> Result<Program<'_>, DriverError> {
         let c_src = cstring("nvrtcCreateProgram", "source", src)?;
         let c_name = cstring("nvrtcCreateProgram", "program name", name)?;
         let c_opts = options
@@ -280,6 +306,23 @@ impl Nvrtc {
                 log,
             });
         }
+        Ok(program)
+    }
+
+    /// Compiles CUDA C++ `src` (program name `name`, used in diagnostics) to PTX with
+    /// `options` (e.g. `--gpu-architecture=compute_80`, `-default-device`).
+    ///
+    /// # Errors
+    /// [`DriverError::Compile`] with the program log when the source or an option is rejected;
+    /// [`DriverError::InvalidArgument`] for strings with NUL bytes; [`DriverError::Nvrtc`] for
+    /// other NVRTC failures.
+    pub fn compile_ptx(
+        &self,
+        src: &str,
+        name: &str,
+        options: &[&str],
+    ) -> Result<String, DriverError> {
+        let program = self.compile_program(src, name, options)?;
         self.read_text(
             program.prog,
             self.nvrtc_get_ptx_size,
@@ -287,11 +330,94 @@ impl Nvrtc {
             ("nvrtcGetPTXSize", "nvrtcGetPTX"),
         )
     }
+
+    /// Compiles CUDA C++ `src` to machine code (a cubin, SASS) with `options`, which must name a
+    /// real architecture (`--gpu-architecture=sm_90`).
+    ///
+    /// # Errors
+    /// As [`Nvrtc::compile_ptx`]; [`DriverError::SymbolMissing`] when this NVRTC has no
+    /// `nvrtcGetCUBIN` (older than 11.1); [`DriverError::Nvrtc`] when the options name a virtual
+    /// architecture (no machine code was generated).
+    pub fn compile_cubin(
+        &self,
+        src: &str,
+        name: &str,
+        options: &[&str],
+    ) -> Result<Vec<u8>, DriverError> {
+        let Some((size_fn, data_fn)) = self.nvrtc_get_cubin else {
+            return Err(DriverError::SymbolMissing {
+                symbol: "nvrtcGetCUBIN",
+                path: self.path.clone(),
+                message: "this NVRTC cannot produce machine code (NVRTC 11.1 or later can)".into(),
+            });
+        };
+        let program = self.compile_program(src, name, options)?;
+        let cubin = self.read_bytes(
+            program.prog,
+            size_fn,
+            data_fn,
+            ("nvrtcGetCUBINSize", "nvrtcGetCUBIN"),
+        )?;
+        // A compilation for a virtual architecture has no cubin (size 0, or NVRTC's error).
+        if cubin.len() < 4 || cubin[..4] != [0x7f, b'E', b'L', b'F'] {
+            return Err(DriverError::Nvrtc {
+                code: NVRTC_ERROR_INVALID_OPTION,
+                name: "no machine code: the options name no real architecture (sm_NN)".into(),
+                function: "nvrtcGetCUBIN",
+            });
+        }
+        Ok(cubin)
+    }
+}
+
+/// Library folders of NVIDIA's Python wheels loaded in this process: for every file mapped
+/// from `<prefix>/nvidia/...`, `<prefix>/nvidia/cu13/lib` and `<prefix>/nvidia/cuda_nvrtc/lib`.
+#[cfg(target_os = "linux")]
+fn loaded_wheel_dirs() -> Vec<PathBuf> {
+    let Ok(maps) = std::fs::read_to_string("/proc/self/maps") else {
+        return Vec::new();
+    };
+    let mut dirs: Vec<PathBuf> = Vec::new();
+    for line in maps.lines() {
+        let Some(path) = line.split_whitespace().nth(5) else {
+            continue;
+        };
+        let Some(at) = path.find("/nvidia/") else {
+            continue;
+        };
+        let root = Path::new(&path[..at + "/nvidia".len()]);
+        for sub in ["cu13/lib", "cuda_nvrtc/lib"] {
+            let d = root.join(sub);
+            if !dirs.contains(&d) {
+                dirs.push(d);
+            }
+        }
+    }
+    dirs
+}
+
+#[cfg(not(target_os = "linux"))]
+fn loaded_wheel_dirs() -> Vec<PathBuf> {
+    Vec::new()
+}
+
+/// The CUDA toolkit's library folders: `$CUDA_HOME/lib64`, `$CUDA_PATH/lib64`,
+/// `/usr/local/cuda/lib64`.
+fn toolkit_dirs() -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = ["CUDA_HOME", "CUDA_PATH"]
+        .iter()
+        .filter_map(std::env::var_os)
+        .filter(|v| !v.is_empty())
+        .map(|v| PathBuf::from(v).join("lib64"))
+        .collect();
+    dirs.push(PathBuf::from("/usr/local/cuda/lib64"));
+    dirs.dedup();
+    dirs
 }
 
 /// The candidate files [`nvrtc`] tries, in order (see the [module documentation](self)).
 pub fn nvrtc_candidates() -> Vec<String> {
-    let mut names = Vec::with_capacity(NVRTC_NAMES.len() + 2);
+    let mut names = Vec::new();
     if let Some(v) = std::env::var_os(NVRTC_ENV) {
         if !v.is_empty() {
             let p = Path::new(&v);
@@ -301,6 +427,15 @@ pub fn nvrtc_candidates() -> Vec<String> {
                 }
             } else {
                 names.push(p.to_string_lossy().into_owned());
+            }
+        }
+    }
+    for dir in loaded_wheel_dirs().into_iter().chain(toolkit_dirs()) {
+        for n in NVRTC_NAMES {
+            let f = dir.join(n);
+            let f = f.to_string_lossy().into_owned();
+            if Path::new(&f).is_file() && !names.contains(&f) {
+                names.push(f);
             }
         }
     }
@@ -323,7 +458,20 @@ pub fn nvrtc() -> Result<&'static Nvrtc, DriverError> {
             let candidates = nvrtc_candidates();
             // SAFETY: the candidates are NVRTC from the CUDA toolkit or wheel, or the file the
             // user named in KVVM_NVRTC_PATH for this purpose.
-            unsafe { Nvrtc::load_from(&candidates) }
+            let loaded = unsafe { Nvrtc::load_from(&candidates) };
+            if let Ok(n) = &loaded {
+                match n.version() {
+                    Ok((major, minor)) => tracing::info!(
+                        "NVRTC {major}.{minor} loaded from {} (machine code: {})",
+                        n.path(),
+                        if n.has_cubin() { "yes" } else { "no, PTX only" }
+                    ),
+                    Err(e) => {
+                        tracing::warn!("NVRTC loaded from {}: version unknown: {e}", n.path())
+                    }
+                }
+            }
+            loaded
         })
         .as_ref()
         .map_err(Clone::clone)
@@ -427,6 +575,37 @@ extern "C" __global__ void kvvm_fill(float* out, float value, unsigned int n) {
     #[test]
     fn candidates_end_with_the_default_names() {
         let c = nvrtc_candidates();
-        assert!(c.ends_with(&["libnvrtc.so.12".to_string(), "libnvrtc.so".to_string()]));
+        assert!(c.ends_with(&[
+            "libnvrtc.so.13".to_string(),
+            "libnvrtc.so.12".to_string(),
+            "libnvrtc.so".to_string()
+        ]));
+        // Folder candidates are only listed when the file is there.
+        for f in &c[..c.len() - NVRTC_NAMES.len()] {
+            if std::env::var_os(NVRTC_ENV).is_none() {
+                assert!(Path::new(f).is_file(), "{f}");
+            }
+        }
+    }
+
+    #[test]
+    fn compiles_a_kernel_to_machine_code() {
+        let Some(n) = loaded() else { return };
+        if !n.has_cubin() {
+            eprintln!("skipped: NVRTC {} has no nvrtcGetCUBIN", n.path());
+            return;
+        }
+        let cubin = n
+            .compile_cubin(KERNEL, "kvvm_fill.cu", &["--gpu-architecture=sm_80"])
+            .unwrap();
+        assert_eq!(&cubin[..4], b"\x7fELF");
+        assert!(
+            cubin.windows(9).any(|w| w == b"kvvm_fill"),
+            "the entry point's name is in the cubin"
+        );
+        // A virtual architecture gives PTX only: no machine code, an error.
+        assert!(n
+            .compile_cubin(KERNEL, "kvvm_fill.cu", &["--gpu-architecture=compute_80"])
+            .is_err());
     }
 }

@@ -282,3 +282,12 @@ pub const CU_MEMHOSTALLOC_PORTABLE: c_uint = 0x01;
 pub const CU_MEMHOSTALLOC_DEVICEMAP: c_uint = 0x02;
 /// `CU_MEMHOSTALLOC_WRITECOMBINED`: write-combined pinned memory.
 pub const CU_MEMHOSTALLOC_WRITECOMBINED: c_uint = 0x04;
+
+/// `CUstreamCaptureMode`: how a thread's driver calls interact with stream captures.
+pub type CUstreamCaptureMode = std::ffi::c_int;
+/// `CU_STREAM_CAPTURE_MODE_GLOBAL`: unsafe calls are refused while any capture is under way.
+pub const CU_STREAM_CAPTURE_MODE_GLOBAL: CUstreamCaptureMode = 0;
+/// `CU_STREAM_CAPTURE_MODE_THREAD_LOCAL`: only captures begun by this thread restrict it.
+pub const CU_STREAM_CAPTURE_MODE_THREAD_LOCAL: CUstreamCaptureMode = 1;
+/// `CU_STREAM_CAPTURE_MODE_RELAXED`: this thread's calls are never refused because of captures.
+pub const CU_STREAM_CAPTURE_MODE_RELAXED: CUstreamCaptureMode = 2;
