@@ -83,6 +83,9 @@ pub struct PoolStats {
     pub created_on_demand: u64,
     /// Backend calls that failed inside the pool (creation or release).
     pub failures: u64,
+    /// Free pages being released right now (counted in `live`, not in `free`):
+    /// `live == free + in_use + releasing` in every snapshot.
+    pub releasing: usize,
     /// Of `in_use`, pages held by more than one owner (see [`PagePool::share`]).
     pub shared: usize,
     /// References to pages in use: `in_use` plus one for every extra owner of a shared page.
@@ -100,6 +103,8 @@ struct State {
     live: usize,
     /// Pages being created outside the lock (they count against the budget).
     creating: usize,
+    /// Free pages being released outside the lock (still counted in `live`).
+    releasing: usize,
     created: u64,
     released: u64,
     created_on_demand: u64,
@@ -143,19 +148,22 @@ impl Inner {
         let Some(page) = s.free.pop() else {
             return (s, false);
         };
-        s.live -= 1;
+        // The page stays counted as live until the backend has released it, so that a snapshot
+        // taken meanwhile keeps `created - released == live` and the budget counts it.
+        s.releasing += 1;
         drop(s);
         let r = self.backend.release_page(page);
         let mut s = self.lock();
+        s.releasing -= 1;
         match r {
             Ok(()) => {
+                s.live -= 1;
                 s.released += 1;
                 (s, true)
             }
             Err((page, e)) => {
                 tracing::warn!("releasing a free page failed: {e}");
                 s.free.push(page);
-                s.live += 1;
                 s.failures += 1;
                 (s, false)
             }
@@ -252,6 +260,7 @@ impl PagePool {
                 extra_total: 0,
                 live: 0,
                 creating: 0,
+                releasing: 0,
                 created: 0,
                 released: 0,
                 created_on_demand: 0,
@@ -301,6 +310,7 @@ impl PagePool {
             released: s.released,
             created_on_demand: s.created_on_demand,
             failures: s.failures,
+            releasing: s.releasing,
             shared: s.extra.len(),
             references: s.in_use + s.extra_total,
         }
@@ -481,18 +491,20 @@ impl PagePool {
         let mut s = inner.lock();
         while s.free.len() > keep {
             let Some(page) = s.free.pop() else { break };
-            s.live -= 1;
+            // Counted as live until released (see `trim_one`).
+            s.releasing += 1;
             drop(s);
             let r = inner.backend.release_page(page);
             s = inner.lock();
+            s.releasing -= 1;
             match r {
                 Ok(()) => {
+                    s.live -= 1;
                     s.released += 1;
                     released += 1;
                 }
                 Err((page, e)) => {
                     s.free.push(page);
-                    s.live += 1;
                     s.failures += 1;
                     return Err(e);
                 }

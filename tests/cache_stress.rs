@@ -448,7 +448,13 @@ fn stress(layout: Layout, tight: bool) {
     let stats = cache.stats();
     assert_eq!(stats.mapped_bytes, 0, "pages still mapped: {stats:?}");
     assert_eq!(stats.pool.in_use, 0, "{:?}", stats.pool);
-    assert_eq!(stats.pool.free, stats.pool.live, "{:?}", stats.pool);
+    // The pool's thread may be releasing surplus free pages right now.
+    assert_eq!(
+        stats.pool.free + stats.pool.releasing,
+        stats.pool.live,
+        "{:?}",
+        stats.pool
+    );
     assert_eq!(
         stats.pool.created - stats.pool.released,
         stats.pool.live as u64,
