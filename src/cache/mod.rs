@@ -18,6 +18,7 @@ pub use config::{
 use grow::{attach, MapFailure, Work};
 use slot::Slot;
 use unmapper::{AfterUnmap, UnmapQueue};
+pub(crate) use hooks::PendingPages;
 pub use slot::SlotId;
 pub use stats::CacheStats;
 pub use view::{ByteRange, Device, Kv, TensorView};
