@@ -1335,10 +1335,13 @@ impl Backend for Watch {
                 _ => r.src,
             };
             if !self.is_mapped(device, r.len) {
-                self.violations.lock().unwrap().push(format!(
+                let what = format!(
                     "{kind:?} copy of {} bytes at {device:#x} touches an unmapped page",
                     r.len
-                ));
+                );
+                self.violations.lock().unwrap().push(what.clone());
+                // Not forwarded: a copy into an unmapped page would fault the process.
+                return Err(Error::InvalidArgument(what));
             }
         }
         if kind == kvvm::vmm::CopyKind::HostToDevice {
