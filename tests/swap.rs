@@ -1546,6 +1546,15 @@ fn failure_after_early_release_restores_the_slot() {
             "{layout:?}: nothing was released before the failure"
         );
         rig.check(a, 4, 180);
+        // The same, with the first attempt at mapping the released pages back failing too.
+        rig.faulty.fail_nth_copy(3, CopyFault::AtCompletion);
+        rig.faulty.fail_nth(BackendOp::Map, 1);
+        let r = rig.swap().swap_out(a).unwrap().wait();
+        assert!(
+            matches!(r, Err(Error::Injected { .. })),
+            "{layout:?}: {r:?}"
+        );
+        rig.check(a, 4, 180);
         rig.faulty.clear();
         let t = rig.swap().swap_out(a).unwrap();
         t.wait().unwrap();

@@ -11,6 +11,9 @@ use super::{attach, AfterUnmap, KvCache, MapFailure, SlotId, Work};
 use crate::error::{Error, Result};
 use crate::vmm::{Backend, Fence, PageHandle};
 
+/// Attempts at mapping a failed swap-out's released pages back.
+const RESTORE_TRIES: u32 = 8;
+
 /// The pages a deferred swap-in (see [`KvCache::swap_in_begin_with`]) took from the pool and has
 /// not mapped yet. They must end up mapped or given back with [`KvCache::swap_in_unused`].
 #[derive(Debug)]
@@ -154,8 +157,17 @@ impl KvCache {
             let st = sh.lock();
             let refs: Vec<&PageHandle> = st.slots[i].pages[b][..n].iter().collect();
             // The slot is busy: nobody else changes its page list, so mapping under the lock
-            // only delays other threads briefly on this rare path.
-            sh.backend.map(sh.va(b, i, 0), &refs)?;
+            // only delays other threads briefly on this rare path. A transient failure (the
+            // map count momentarily short) is retried: the tokens live in these pages.
+            let mut tries = 0;
+            while let Err(e) = sh.backend.map(sh.va(b, i, 0), &refs) {
+                tries += 1;
+                if tries >= RESTORE_TRIES {
+                    return Err(e);
+                }
+                tracing::warn!("slot {slot}: mapping released pages back failed ({e}); retrying");
+                std::thread::sleep(std::time::Duration::from_millis(1 << tries.min(6)));
+            }
         }
         Ok(())
     }
