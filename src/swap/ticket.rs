@@ -44,6 +44,11 @@ impl SwapTicket {
     }
     /// On CUDA, the raw `CUevent` recorded after the copy, which a stream can wait on with
     /// `cuStreamWaitEvent`; `None` on the host backend or when nothing needed copying.
+    ///
+    /// A swap-in is one copy, and its event covers all of it. A swap-out is submitted chunk by
+    /// chunk (so that each chunk's pages can go as soon as it is copied), possibly on several
+    /// copy streams: its event is that of the last chunk only. To order a stream after a whole
+    /// swap-out, use [`SwapTicket::stream_wait`], which waits for every chunk's event.
     pub fn event(&self) -> Option<u64> {
         self.transfer.completions.last().and_then(|c| c.event())
     }
