@@ -840,6 +840,19 @@ kvvm_status kvvm_cache_shrink(struct kvvm_cache cache,
                               uint64_t tokens);
 
 /**
+ * Sets the caller's compute stream: a `CUstream` as a plain integer (torch:
+ * `stream.cuda_stream`; 0 is the legacy default stream). Swap-out copies and every unmap are
+ * ordered after the work queued on it before the call that needs them (see docs/ordering.md);
+ * without it kvvm orders after the legacy default stream. The host backend ignores it.
+ *
+ * Thread-safe.
+ *
+ * # Errors
+ * `KVVM_STATUS_INVALID_HANDLE`.
+ */
+kvvm_status kvvm_cache_set_stream(struct kvvm_cache cache, uint64_t stream);
+
+/**
  * Writes the live tokens of an allocated slot to `*tokens`.
  *
  * Thread-safe.
@@ -1177,6 +1190,25 @@ kvvm_status kvvm_swap_out(struct kvvm_swap swap,
                           struct kvvm_ticket *out_ticket);
 
 /**
+ * `kvvm_swap_out`, with the copies ordered after the caller's CUDA event `event` (a `CUevent`
+ * as a plain integer, e.g. torch's `event.cuda_event`, recorded after the kernels that write the
+ * slot) instead of after the cache's stream: they start once the event, as recorded at this
+ * call, has completed. The host backend ignores the event.
+ *
+ * Thread-safe; may block while the in-flight limit is reached.
+ *
+ * # Errors
+ * As `kvvm_swap_out`; a backend error for an invalid event.
+ *
+ * # Safety
+ * `out_ticket` is null or points to a writable `kvvm_ticket`.
+ */
+kvvm_status kvvm_swap_out_after(struct kvvm_swap swap,
+                                uint32_t slot,
+                                uint64_t event,
+                                struct kvvm_ticket *out_ticket);
+
+/**
  * Starts copying host copy `copy` back into `slot`, which must be allocated and empty (e.g.
  * from `kvvm_cache_alloc_slot_for`). Writes the ticket to `*out_ticket`; the slot must not be
  * used until it completes. The host copy stays valid afterwards (a later swap-out of the slot
@@ -1306,6 +1338,21 @@ kvvm_status kvvm_ticket_wait(struct kvvm_ticket ticket);
  * `event` is null or points to a writable `uint64_t`.
  */
 kvvm_status kvvm_ticket_event(struct kvvm_ticket ticket, uint64_t *event);
+
+/**
+ * Makes the caller's CUDA stream `stream` (a `CUstream` as a plain integer, e.g. torch's
+ * `stream.cuda_stream`; 0 is the legacy default stream) wait on the device for the transfer's
+ * copies: kernels enqueued on it afterwards may use a swapped-in slot in stream order, without
+ * the host waiting. Calls that change the slot still wait on the host until the ticket is
+ * done. On the host backend (no streams) this waits for the copies.
+ *
+ * Thread-safe.
+ *
+ * # Errors
+ * `KVVM_STATUS_INVALID_HANDLE`; a backend error (e.g. an invalid stream); on the host backend,
+ * the transfer's own error.
+ */
+kvvm_status kvvm_ticket_stream_wait(struct kvvm_ticket ticket, uint64_t stream);
 
 /**
  * Writes the id of the host copy the transfer reads or writes to `*copy`.

@@ -160,11 +160,14 @@ def f(v, scale=1.0, fmt="{:.1f}"):
 if name == "map":
     s = (f"kvvm {f(g('kvvm_run_ns_per_page'), 1e-3)} µs/page (map {f(g('kvvm_run_map_ns_per_page'), 1e-3)}, "
          f"unmap {f(g('kvvm_run_unmap_ns_per_page'), 1e-3)}), vAttention-style {f(g('vattention_ns_per_page'), 1e-3)} µs/page")
-    if g("zero_page") is not None:
-        s += f", zero page {g('zero_page')}"
-    for k in ("cuda_calls_per_map", "cuda_calls_per_unmap"):
-        if g(k) is not None:
-            s += f", {k} {g(k)}"
+    if g("zero_page_cost_ns_per_page") is not None:
+        s += f", zero page costs {f(g('zero_page_cost_ns_per_page'), 1e-3, '{:.2f}')} µs/page"
+    c = g("cuda_calls_per_page")
+    if isinstance(c, dict):
+        for mode in ("zero_page", "no_zero_page"):
+            m = c.get(mode) or {}
+            calls = lambda d: "+".join(f"{(d or {}).get(k, 0):g}" for k in ("cuMemMap", "cuMemUnmap", "cuMemSetAccess"))
+            s += f"; {mode} calls/page map {calls(m.get('map'))} unmap {calls(m.get('unmap'))} (cuMemMap+cuMemUnmap+cuMemSetAccess)"
 elif name == "swap":
     s = (f"coarse out {f(g('coarse_out_gbps'))} / in {f(g('coarse_in_gbps'))} GB/s, per-block "
          f"{f(g('fine_out_gbps'))} / {f(g('fine_in_gbps'))} GB/s, plain copy {f(g('limit_gbps'))} GB/s")
@@ -174,8 +177,10 @@ elif name == "step":
     s = "; ".join(
         f"{lay}: p99 {f(g(lay, 'async_p99_ns'), 1e-3)} µs with the mapper vs {f(g(lay, 'inline_p99_ns'), 1e-3)} µs inline"
         for lay in ("interleaved", "per-layer") if isinstance(g(lay), dict))
-    if g("unmap_wait_p99_ns") is not None:
-        s += f"; unmaps wait for their fence p50 {f(g('unmap_wait_p50_ns'), 1e-3)} µs, p99 {f(g('unmap_wait_p99_ns'), 1e-3)} µs"
+    for lay in ("interleaved", "per-layer"):
+        if g(lay, "deferred_unmaps"):
+            s += (f"; {lay}: {g(lay, 'deferred_unmaps')} deferred unmaps waited {f(g(lay, 'deferred_unmap_mean_ns'), 1e-3)} µs "
+                  f"mean, {f(g(lay, 'deferred_unmap_max_ns'), 1e-3)} µs max for their fence")
 else:
     nums = [(k, v) for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
     s = ", ".join(f"{k} {v:.4g}" for k, v in nums[:6])
@@ -306,11 +311,11 @@ bench() {
 if [ "$FAKE" -eq 1 ]; then
     # The fake driver copies with memcpy under one lock: small sizes, same code paths.
     bench map --pages 32 --rounds 3
-    bench step --slots 4 --steps 40 --max-tokens 1024 --compute-us 200
+    bench step --slots 4 --steps 40 --max-tokens 1024 --compute-us 200 --churn-every 8 --device-work-mib 1
     bench swap --requests 2 --tokens 128 --rounds 1
 else
     bench map --pages 256 --rounds 7
-    bench step --slots 64 --steps 300 --max-tokens 4096
+    bench step --slots 64 --steps 300 --max-tokens 4096 --churn-every 16 --device-work-mib 256
     bench swap --requests 8 --tokens 1024 --rounds 3
 fi
 if [ "$FAKE" -eq 1 ]; then

@@ -43,9 +43,6 @@ TESTS=(
 if [ -f tests/cuda_gpu.rs ]; then
     TESTS+=("kvvm test:cuda_gpu|--include-ignored --test-threads=1")
 fi
-if [ -f capi/tests/ffi_abi.rs ]; then
-    TESTS+=("kvvm-capi test:ffi_abi|--test-threads=1")
-fi
 
 rm -rf "$BUNDLE"
 mkdir -p "$BUNDLE"/bin "$BUNDLE"/lib "$BUNDLE"/tests "$BUNDLE"/python "$BUNDLE"/scripts/gpu

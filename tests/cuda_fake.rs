@@ -69,7 +69,6 @@ fn assert_driver_error(e: &Error, op: BackendOp, code: u32, function: &str, name
     }
 }
 
-
 /// The permissions of the process mapping containing `addr`, from /proc/self/maps.
 fn prot_at(addr: u64) -> Option<String> {
     let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
@@ -191,13 +190,13 @@ fn map_sets_access_once_per_run_and_pages_alias() {
     let mut buf = vec![0u8; G];
     // SAFETY: `r2` is mapped read/write and `buf` is writable for `G` bytes; the backend made
     // the primary context current on this thread.
-    unsafe { result::memcpy_dtoh(buf.as_mut_ptr().cast(), r2.addr, G) }.unwrap();
+    unsafe { result::mem::memcpy_dtoh(buf.as_mut_ptr().cast(), r2.addr, G) }.unwrap();
     assert!(holds(buf.as_ptr() as u64, G, 1));
 
     // The driver's rules, which the fake enforces: no unmapping part of one mapping ...
     for len in [G / 2, G + G / 2] {
         // SAFETY: the call is refused before anything is unmapped.
-        let e = unsafe { result::mem_unmap(r.addr, len) }.unwrap_err();
+        let e = unsafe { result::mem::unmap(r.addr, len) }.unwrap_err();
         assert_eq!(e.code(), Some(CUDA_ERROR_INVALID_VALUE), "{e}");
     }
     // ... and no mapping over a mapping, which the backend reports with the driver's name.
@@ -336,12 +335,12 @@ fn pinned_buffers_and_async_copies() {
     assert!(s.live("pending") > 0);
     let event = done2.event().expect("a CUDA completion has an event") as usize as CUevent;
     // SAFETY: the event lives as long as `done2`.
-    assert!(!unsafe { result::event_query(event) }.unwrap());
-    let stream = result::stream_create(CU_STREAM_NON_BLOCKING).unwrap();
+    assert!(!unsafe { result::event::query(event) }.unwrap());
+    let stream = result::stream::create(CU_STREAM_NON_BLOCKING).unwrap();
     // SAFETY: `stream` was just created and `event` is live.
-    unsafe { result::stream_wait_event(stream, event, 0) }.unwrap();
+    unsafe { result::stream::wait_event(stream, event, 0) }.unwrap();
     // SAFETY: `stream` is live.
-    assert!(!unsafe { result::stream_query(stream) }.unwrap());
+    assert!(!unsafe { result::stream::query(stream) }.unwrap());
     assert!(
         holds(c.addr(), len, 0),
         "copied before the device got to it"
@@ -350,8 +349,8 @@ fn pinned_buffers_and_async_copies() {
     assert!(done2.poll().unwrap());
     // SAFETY: `stream` is live and owned here; it is not used after being destroyed.
     unsafe {
-        assert!(result::stream_query(stream).unwrap());
-        result::stream_destroy(stream).unwrap();
+        assert!(result::stream::query(stream).unwrap());
+        result::stream::destroy(stream).unwrap();
     }
     assert!(holds(c.addr(), len, 33));
 
@@ -373,8 +372,8 @@ fn pinned_buffers_and_async_copies() {
     // SAFETY: `v` is readable for `G` bytes and `r` is mapped read/write; the fake runs the copy
     // before returning (nothing is held), and the stream is synchronized before `v` goes.
     unsafe {
-        result::memcpy_htod_async(r.addr, v.as_ptr().cast(), G, std::ptr::null_mut()).unwrap();
-        result::stream_synchronize(std::ptr::null_mut()).unwrap();
+        result::mem::memcpy_htod_async(r.addr, v.as_ptr().cast(), G, std::ptr::null_mut()).unwrap();
+        result::stream::synchronize(std::ptr::null_mut()).unwrap();
     }
     assert_eq!(s.live("pageable_async"), before + 1);
     drop(v);
@@ -662,9 +661,9 @@ fn the_fake_kernel_runs_in_stream_order_and_catches_races() {
     let b = backend();
     let (r, pages) = mapped(&b, 1);
     let h = b.alloc_host(G).unwrap();
-    let caller = result::stream_create(CU_STREAM_NON_BLOCKING).unwrap();
-    let copier = result::stream_create(CU_STREAM_NON_BLOCKING).unwrap();
-    let event = result::event_create(kvvm_sys::CU_EVENT_DISABLE_TIMING).unwrap();
+    let caller = result::stream::create(CU_STREAM_NON_BLOCKING).unwrap();
+    let copier = result::stream::create(CU_STREAM_NON_BLOCKING).unwrap();
+    let event = result::event::create(kvvm_sys::CU_EVENT_DISABLE_TIMING).unwrap();
     s.set_async(true);
     s.set_delays(50, 0, 7);
     let (stale, busy, faults, kernels) = (
@@ -676,7 +675,7 @@ fn the_fake_kernel_runs_in_stream_order_and_catches_races() {
     let down = |stream| {
         // SAFETY: `r` is mapped and `h` pinned; both outlive the synchronization below.
         unsafe {
-            result::memcpy_dtoh_async(
+            result::mem::memcpy_dtoh_async(
                 std::ptr::with_exposed_provenance_mut(h.addr() as usize),
                 r.addr,
                 G,
@@ -693,8 +692,8 @@ fn the_fake_kernel_runs_in_stream_order_and_catches_races() {
     down(copier);
     // SAFETY: both streams are live.
     unsafe {
-        result::stream_synchronize(copier).unwrap();
-        result::stream_synchronize(caller).unwrap();
+        result::stream::synchronize(copier).unwrap();
+        result::stream::synchronize(caller).unwrap();
     }
     assert_eq!(
         s.live("stale_reads"),
@@ -715,9 +714,9 @@ fn the_fake_kernel_runs_in_stream_order_and_catches_races() {
     unsafe {
         let mut k = FakeKernel::writes(r.addr, G, 0x6b, 20_000);
         let mut params = [(&raw mut k).cast::<std::ffi::c_void>()];
-        result::launch_kernel(
+        result::module::launch_kernel(
             (s.kernel_function)(),
-            result::LaunchConfig {
+            result::module::LaunchConfig {
                 grid: (1, 1, 1),
                 block: (1, 1, 1),
                 shared_mem_bytes: 0,
@@ -726,12 +725,12 @@ fn the_fake_kernel_runs_in_stream_order_and_catches_races() {
             &mut params,
         )
         .unwrap();
-        result::event_record(event, caller).unwrap();
-        result::stream_wait_event(copier, event, 0).unwrap();
+        result::event::record(event, caller).unwrap();
+        result::stream::wait_event(copier, event, 0).unwrap();
     }
     down(copier);
     // SAFETY: `copier` is live.
-    unsafe { result::stream_synchronize(copier) }.unwrap();
+    unsafe { result::stream::synchronize(copier) }.unwrap();
     assert_eq!(s.live("stale_reads"), stale + 1);
     // SAFETY: `h` is pinned memory of `G` bytes no copy uses any more.
     let got = unsafe { std::slice::from_raw_parts(h.addr() as usize as *const u8, G) };
@@ -751,18 +750,18 @@ fn the_fake_kernel_runs_in_stream_order_and_catches_races() {
         "the busy unmap was not reported"
     );
     // SAFETY: `caller` is live.
-    let e = unsafe { result::stream_synchronize(caller) }.unwrap_err();
+    let e = unsafe { result::stream::synchronize(caller) }.unwrap_err();
     assert!(e.to_string().contains("CUDA_ERROR_ILLEGAL_ADDRESS"), "{e}");
     assert_eq!(s.live("kernel_faults"), faults + 1);
     assert_eq!(s.live("kernels"), kernels + 3);
     // Sticky: the stream stays failed; other streams are unaffected.
     // SAFETY: streams and event are live and idle; each is destroyed once.
     unsafe {
-        assert!(result::stream_query(caller).is_err());
-        assert!(result::stream_query(copier).unwrap());
-        result::event_destroy(event).unwrap();
-        result::stream_destroy(caller).unwrap();
-        result::stream_destroy(copier).unwrap();
+        assert!(result::stream::query(caller).is_err());
+        assert!(result::stream::query(copier).unwrap());
+        result::event::destroy(event).unwrap();
+        result::stream::destroy(caller).unwrap();
+        result::stream::destroy(copier).unwrap();
     }
     release_all(&b, pages);
     b.free_reservation(r).unwrap();
@@ -1167,7 +1166,7 @@ fn a_stream_waiting_on_a_swap_in_event_sees_every_token() {
         out.wait().unwrap();
         let copy = out.copy();
 
-        let stream = result::stream_create(CU_STREAM_NON_BLOCKING).unwrap();
+        let stream = result::stream::create(CU_STREAM_NON_BLOCKING).unwrap();
         s.set_async(true);
         for _ in 0..4 {
             s.hold(true);
@@ -1181,17 +1180,17 @@ fn a_stream_waiting_on_a_swap_in_event_sees_every_token() {
             // ranges are mapped by `swap_in` and stay mapped until the slot is freed after the
             // stream is synchronized; `h` is a pinned buffer of `len` bytes read only after that.
             unsafe {
-                result::stream_wait_event(stream, event, 0).unwrap();
+                result::stream::wait_event(stream, event, 0).unwrap();
                 let mut at = h.addr();
                 for r in &ranges {
                     let dst = std::ptr::with_exposed_provenance_mut(at as usize);
-                    result::memcpy_dtoh_async(dst, r.addr, r.len, stream).unwrap();
+                    result::mem::memcpy_dtoh_async(dst, r.addr, r.len, stream).unwrap();
                     at += r.len as u64;
                 }
             }
             s.hold(false);
             // SAFETY: `stream` is live.
-            unsafe { result::stream_synchronize(stream) }.unwrap();
+            unsafe { result::stream::synchronize(stream) }.unwrap();
             t.wait().unwrap();
             verify(&cache, slot, 7, tokens);
             let mut at = h.addr();
@@ -1212,7 +1211,7 @@ fn a_stream_waiting_on_a_swap_in_event_sees_every_token() {
         }
         s.set_async(false);
         // SAFETY: `stream` is idle and not used afterwards.
-        unsafe { result::stream_destroy(stream) }.unwrap();
+        unsafe { result::stream::destroy(stream) }.unwrap();
         swap.release(copy).unwrap();
         drop(swap);
         drop(cache);

@@ -97,18 +97,24 @@ fn both_ways(name: &str, case: impl Fn(&Session, Layout, Option<CUstream>, CUstr
     // Initializes the driver and makes the device's context current on this thread.
     let anchor = CudaBackend::with_zero_page(0, false).unwrap();
     s.set_async(true);
-    for (round, layout) in [Layout::Interleaved, Layout::PerLayer].into_iter().enumerate() {
+    for (round, layout) in [Layout::Interleaved, Layout::PerLayer]
+        .into_iter()
+        .enumerate()
+    {
         for fenced in [true, false] {
             s.set_delays(100, 3000, 17 + round as u32 * 2 + u32::from(fenced));
-            let caller = result::stream_create(CU_STREAM_NON_BLOCKING).unwrap();
+            let caller = result::stream::create(CU_STREAM_NON_BLOCKING).unwrap();
             let before = races(&s);
             let ok = case(&s, layout, fenced.then_some(caller), caller);
             // SAFETY: `caller` is live; synchronizing lets every kernel finish (it may report
             // the kernel's illegal access, which the detectors count).
-            let synced = unsafe { result::stream_synchronize(caller) };
+            let synced = unsafe { result::stream::synchronize(caller) };
             let after = races(&s);
             if fenced {
-                assert_eq!(after, before, "{name}, {layout:?}, fenced: the fake saw a race");
+                assert_eq!(
+                    after, before,
+                    "{name}, {layout:?}, fenced: the fake saw a race"
+                );
                 synced.unwrap();
                 assert!(ok, "{name}, {layout:?}, fenced: wrong bytes");
             } else {
@@ -118,7 +124,7 @@ fn both_ways(name: &str, case: impl Fn(&Session, Layout, Option<CUstream>, CUstr
                 );
             }
             // SAFETY: idle (synchronized) and not used again.
-            unsafe { result::stream_destroy(caller) }.unwrap();
+            unsafe { result::stream::destroy(caller) }.unwrap();
         }
     }
     drop(anchor);
@@ -161,7 +167,7 @@ fn swap_out_copies_what_the_callers_kernels_wrote_and_unmaps_after_them() {
             true
         };
         // SAFETY: `caller` is live; wait for the kernels before the cache goes.
-        let _ = unsafe { result::stream_synchronize(caller) };
+        let _ = unsafe { result::stream::synchronize(caller) };
         swap.release(out.copy()).unwrap();
         drop(swap);
         drop(cache);
@@ -179,7 +185,9 @@ fn reclaiming_a_freed_slot_waits_for_the_callers_kernels() {
         cache.set_compute_stream(stream.map(|p| p.expose_provenance() as u64));
         let a = cache.alloc_slot().unwrap();
         let other = cache.alloc_slot().unwrap();
-        let tokens = cache.geometry().tokens_in(per_slot / cache.geometry().buffers);
+        let tokens = cache
+            .geometry()
+            .tokens_in(per_slot / cache.geometry().buffers);
         cache.ensure(a, tokens).unwrap();
         let ranges = cache.slot_ranges(a, tokens).unwrap();
         set(&ranges, 0x33);
@@ -189,7 +197,7 @@ fn reclaiming_a_freed_slot_waits_for_the_callers_kernels() {
         cache.ensure(other, tokens).unwrap();
         let ok = stream.is_none() || cache.stats().reclaimed_pages > 0;
         // SAFETY: `caller` is live.
-        let _ = unsafe { result::stream_synchronize(caller) };
+        let _ = unsafe { result::stream::synchronize(caller) };
         cache.free_slot(other).unwrap();
         drop(cache);
         ok
@@ -245,11 +253,14 @@ fn a_swap_in_is_consumed_in_stream_order() {
     // sees every swapped-in byte, in both layouts, under random delays.
     let s = session!();
     s.set_async(true);
-    for (k, layout) in [Layout::Interleaved, Layout::PerLayer].into_iter().enumerate() {
+    for (k, layout) in [Layout::Interleaved, Layout::PerLayer]
+        .into_iter()
+        .enumerate()
+    {
         s.set_delays(100, 2000, 5 + k as u32);
         let b = Arc::new(CudaBackend::new(0).unwrap());
         let cache = cache_on(&b, layout, 64);
-        let caller = result::stream_create(CU_STREAM_NON_BLOCKING).unwrap();
+        let caller = result::stream::create(CU_STREAM_NON_BLOCKING).unwrap();
         cache.set_compute_stream(Some(caller.expose_provenance() as u64));
         let swap = SwapEngine::new(
             cache.clone(),
@@ -286,7 +297,7 @@ fn a_swap_in_is_consumed_in_stream_order() {
             }
             s.hold(false);
             // SAFETY: `caller` is live.
-            unsafe { result::stream_synchronize(caller) }.unwrap();
+            unsafe { result::stream::synchronize(caller) }.unwrap();
             assert!(
                 seen.iter().all(|v| v.iter().all(|&x| x == 0x44)),
                 "{layout:?}: the kernel ran before the swap-in's copies"
@@ -298,7 +309,7 @@ fn a_swap_in_is_consumed_in_stream_order() {
         drop(swap);
         drop(cache);
         // SAFETY: idle and not used again.
-        unsafe { result::stream_destroy(caller) }.unwrap();
+        unsafe { result::stream::destroy(caller) }.unwrap();
     }
     s.finish();
 }
@@ -315,7 +326,7 @@ fn unmapped_ranges_read_zeros_on_the_fake_and_cost_driver_calls() {
     // SAFETY: `h` is a pinned buffer of `G` bytes; the source is reserved and reads as zeros.
     unsafe {
         std::ptr::write_bytes(h.addr() as usize as *mut u8, 0x5a, G);
-        result::memcpy_dtoh(
+        result::mem::memcpy_dtoh(
             std::ptr::with_exposed_provenance_mut(h.addr() as usize),
             r.addr + G as u64,
             G,
@@ -327,7 +338,7 @@ fn unmapped_ranges_read_zeros_on_the_fake_and_cost_driver_calls() {
     assert!(got.iter().all(|&x| x == 0), "an unmapped range reads zeros");
     // Writes to it are refused (a kernel writing there faults).
     // SAFETY: `h` is readable; the destination is read-only: the fake refuses the copy.
-    assert!(unsafe { result::memcpy_htod(r.addr, h.addr() as usize as *const _, G) }.is_err());
+    assert!(unsafe { result::mem::memcpy_htod(r.addr, h.addr() as usize as *const _, G) }.is_err());
     let pages: Vec<_> = (0..2).map(|_| zero.create_page(G).unwrap()).collect();
     zero.map(r.addr, &[&pages[0], &pages[1]]).unwrap();
     let after_map = zero.driver_calls();
@@ -353,7 +364,7 @@ fn unmapped_ranges_read_zeros_on_the_fake_and_cost_driver_calls() {
     );
     // A kernel reading the unmapped range reads zeros; one writing it faults.
     s.set_async(true);
-    let stream = result::stream_create(CU_STREAM_NON_BLOCKING).unwrap();
+    let stream = result::stream::create(CU_STREAM_NON_BLOCKING).unwrap();
     let mut buf = vec![7u8; G];
     let mut k = FakeKernel::reads(r.addr, G, 0);
     k.read_out = buf.as_mut_ptr();
@@ -361,16 +372,16 @@ fn unmapped_ranges_read_zeros_on_the_fake_and_cost_driver_calls() {
     // SAFETY: `stream` is live and `buf` outlives the synchronization.
     unsafe {
         s.launch(stream, &k);
-        result::stream_synchronize(stream).unwrap();
+        result::stream::synchronize(stream).unwrap();
     }
     assert!(buf.iter().all(|&x| x == 0));
     // SAFETY: as above.
     unsafe { s.launch(stream, &FakeKernel::writes(r.addr, G, 1, 0)) };
     // SAFETY: `stream` is live.
-    assert!(unsafe { result::stream_synchronize(stream) }.is_err());
+    assert!(unsafe { result::stream::synchronize(stream) }.is_err());
     assert_eq!(s.live("kernel_faults"), faults + 1);
     // SAFETY: idle, not used again.
-    unsafe { result::stream_destroy(stream) }.unwrap();
+    unsafe { result::stream::destroy(stream) }.unwrap();
     for p in pages {
         zero.release_page(p).map_err(|(_, e)| e).unwrap();
     }

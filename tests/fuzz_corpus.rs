@@ -23,6 +23,7 @@ fn config(layout: Layout, lookahead: usize, faults: bool, budget_pages: usize) -
         max_slots: 4,
         max_tokens: 199,
         budget_pages,
+        zero_page: true,
     }
 }
 
@@ -198,6 +199,7 @@ fn seeds() -> Vec<(String, FuzzInput)> {
                 max_slots: 1,
                 max_tokens: 1,
                 budget_pages: 4,
+                zero_page: true,
             },
             ops: vec![Op::Alloc { hint: 1 }, Op::Decode { by: 1 }, Op::Reclaim],
         },

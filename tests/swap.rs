@@ -1562,3 +1562,28 @@ fn failure_after_early_release_restores_the_slot() {
         rig.finish();
     }
 }
+
+#[test]
+fn host_memory_reserved_up_front_is_used_by_later_swaps() {
+    // `reserve_host` allocates the host arena before any swap (outside the engine's lock), so
+    // the swaps themselves allocate no host memory; it stays within the host budget.
+    for layout in LAYOUTS {
+        let rig = Rig::new(layout, 4, 64, 1 << 20);
+        let budget = rig.swap().config().host_budget_bytes;
+        let held = rig.swap().reserve_host(u64::MAX).unwrap();
+        assert!(held <= budget && held > 0, "{held} of {budget}");
+        let allocs = rig.cache.backend().op(BackendOp::AllocHost).calls;
+        let a = rig.request(40, 3);
+        let t = rig.swap().swap_out(a).unwrap();
+        t.wait().unwrap();
+        let b = rig.resume(t.copy(), 3, 40);
+        rig.check(b, 3, 40);
+        assert_eq!(
+            rig.cache.backend().op(BackendOp::AllocHost).calls,
+            allocs,
+            "a swap allocated host memory"
+        );
+        assert_eq!(rig.swap().reserve_host(u64::MAX).unwrap(), held);
+        rig.finish();
+    }
+}

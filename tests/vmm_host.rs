@@ -201,7 +201,10 @@ fn unmapped_range_reads_zeros_with_the_zero_page() {
     assert_eq!(prot_at(r.addr).as_deref(), Some("r--p"));
     // SAFETY: as above; the range is unmapped and reads as zeros.
     let after = unsafe { std::slice::from_raw_parts(r.addr as usize as *const u8, PAGE) };
-    assert!(after.iter().all(|&x| x == 0), "an unmapped range reads zeros");
+    assert!(
+        after.iter().all(|&x| x == 0),
+        "an unmapped range reads zeros"
+    );
     assert_eq!(
         access_in_child(r.addr, true),
         Err(nix::sys::signal::Signal::SIGSEGV)

@@ -287,6 +287,23 @@ pub extern "C" fn kvvm_cache_shrink(cache: kvvm_cache, slot: u32, tokens: u64) -
     })
 }
 
+/// Sets the caller's compute stream: a `CUstream` as a plain integer (torch:
+/// `stream.cuda_stream`; 0 is the legacy default stream). Swap-out copies and every unmap are
+/// ordered after the work queued on it before the call that needs them (see docs/ordering.md);
+/// without it kvvm orders after the legacy default stream. The host backend ignores it.
+///
+/// Thread-safe.
+///
+/// # Errors
+/// `KVVM_STATUS_INVALID_HANDLE`.
+#[no_mangle]
+pub extern "C" fn kvvm_cache_set_stream(cache: kvvm_cache, stream: u64) -> kvvm_status {
+    guard(|| {
+        cache_of(cache)?.set_compute_stream(Some(stream));
+        Ok(())
+    })
+}
+
 /// Writes the live tokens of an allocated slot to `*tokens`.
 ///
 /// Thread-safe.

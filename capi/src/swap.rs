@@ -213,6 +213,34 @@ pub unsafe extern "C" fn kvvm_swap_out(
     })
 }
 
+/// `kvvm_swap_out`, with the copies ordered after the caller's CUDA event `event` (a `CUevent`
+/// as a plain integer, e.g. torch's `event.cuda_event`, recorded after the kernels that write the
+/// slot) instead of after the cache's stream: they start once the event, as recorded at this
+/// call, has completed. The host backend ignores the event.
+///
+/// Thread-safe; may block while the in-flight limit is reached.
+///
+/// # Errors
+/// As `kvvm_swap_out`; a backend error for an invalid event.
+///
+/// # Safety
+/// `out_ticket` is null or points to a writable `kvvm_ticket`.
+#[no_mangle]
+pub unsafe extern "C" fn kvvm_swap_out_after(
+    swap: kvvm_swap,
+    slot: u32,
+    event: u64,
+    out_ticket: *mut kvvm_ticket,
+) -> kvvm_status {
+    guard(|| {
+        let s = swap_of(swap)?;
+        // SAFETY: per this function's contract.
+        let o = unsafe { out(out_ticket, "out_ticket") }?;
+        register_ticket(s.swap_out_after(kvvm::SlotId::new(slot), event)?, o);
+        Ok(())
+    })
+}
+
 /// Starts copying host copy `copy` back into `slot`, which must be allocated and empty (e.g.
 /// from `kvvm_cache_alloc_slot_for`). Writes the ticket to `*out_ticket`; the slot must not be
 /// used until it completes. The host copy stays valid afterwards (a later swap-out of the slot

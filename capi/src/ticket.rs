@@ -70,6 +70,22 @@ pub unsafe extern "C" fn kvvm_ticket_event(ticket: kvvm_ticket, event: *mut u64)
     })
 }
 
+/// Makes the caller's CUDA stream `stream` (a `CUstream` as a plain integer, e.g. torch's
+/// `stream.cuda_stream`; 0 is the legacy default stream) wait on the device for the transfer's
+/// copies: kernels enqueued on it afterwards may use a swapped-in slot in stream order, without
+/// the host waiting. Calls that change the slot still wait on the host until the ticket is
+/// done. On the host backend (no streams) this waits for the copies.
+///
+/// Thread-safe.
+///
+/// # Errors
+/// `KVVM_STATUS_INVALID_HANDLE`; a backend error (e.g. an invalid stream); on the host backend,
+/// the transfer's own error.
+#[no_mangle]
+pub extern "C" fn kvvm_ticket_stream_wait(ticket: kvvm_ticket, stream: u64) -> kvvm_status {
+    guard(|| Ok(registry::get_ticket(ticket.id)?.stream_wait(stream)?))
+}
+
 /// Writes the id of the host copy the transfer reads or writes to `*copy`.
 ///
 /// Thread-safe.

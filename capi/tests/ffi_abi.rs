@@ -281,3 +281,75 @@ fn versioned_struct_sizes() {
     assert_eq!(sc.struct_size, KVVM_SWAP_CONFIG_SIZE_V1);
     assert_eq!(kvvm_cache_free(h), kvvm_status::KVVM_STATUS_OK);
 }
+
+#[test]
+fn stream_ordering_calls_on_the_host_backend() {
+    // Streams and events are plain integers; the host backend has none, so the calls succeed
+    // and order nothing (a stream wait waits for the copies), and the bytes make the round trip.
+    let c = small_config();
+    let cache = create(&c);
+    assert_eq!(
+        kvvm_cache_set_stream(cache, 0x1234),
+        kvvm_status::KVVM_STATUS_OK
+    );
+    assert_eq!(
+        kvvm_cache_set_stream(kvvm_cache::default(), 0),
+        kvvm_status::KVVM_STATUS_INVALID_HANDLE
+    );
+    let mut slot = 0u32;
+    // SAFETY: valid locals.
+    let st = unsafe { kvvm_cache_alloc_slot(cache, &mut slot) };
+    assert_eq!(st, kvvm_status::KVVM_STATUS_OK);
+    assert_eq!(
+        kvvm_cache_ensure(cache, slot, 40),
+        kvvm_status::KVVM_STATUS_OK
+    );
+    let row = bytes(7, 2 * 32 * 4);
+    // SAFETY: `row` holds a whole row (2 heads of 32 f32).
+    let st = unsafe { kvvm_cache_write_row(cache, slot, 39, 1, 1, row.as_ptr(), row.len()) };
+    assert_eq!(st, kvvm_status::KVVM_STATUS_OK, "{}", last_error());
+    let mut sc = kvvm_swap_config::default();
+    let mut swap = kvvm_swap::default();
+    let mut t = kvvm_ticket::default();
+    let mut copy = 0u64;
+    // SAFETY: valid locals.
+    unsafe {
+        kvvm_swap_config_init(&mut sc);
+        assert_eq!(
+            kvvm_swap_create(cache, &sc, &mut swap),
+            kvvm_status::KVVM_STATUS_OK
+        );
+        let st = kvvm_swap_out_after(swap, slot, 0xdead, &mut t);
+        assert_eq!(st, kvvm_status::KVVM_STATUS_OK, "{}", last_error());
+        assert_eq!(kvvm_ticket_copy(t, &mut copy), kvvm_status::KVVM_STATUS_OK);
+    }
+    assert_eq!(kvvm_ticket_wait(t), kvvm_status::KVVM_STATUS_OK);
+    assert_eq!(kvvm_ticket_free(t), kvvm_status::KVVM_STATUS_OK);
+    // SAFETY: valid locals.
+    unsafe {
+        assert_eq!(
+            kvvm_cache_alloc_slot(cache, &mut slot),
+            kvvm_status::KVVM_STATUS_OK
+        );
+        assert_eq!(
+            kvvm_swap_in(swap, copy, slot, &mut t),
+            kvvm_status::KVVM_STATUS_OK
+        );
+    }
+    assert_eq!(kvvm_ticket_stream_wait(t, 0), kvvm_status::KVVM_STATUS_OK);
+    // The slot's bookkeeping completes with the ticket (calls on the slot wait for it).
+    assert_eq!(kvvm_ticket_wait(t), kvvm_status::KVVM_STATUS_OK);
+    let mut back = vec![0u8; row.len()];
+    // SAFETY: `back` holds a whole row.
+    let st = unsafe { kvvm_cache_read_row(cache, slot, 39, 1, 1, back.as_mut_ptr(), back.len()) };
+    assert_eq!(st, kvvm_status::KVVM_STATUS_OK, "{}", last_error());
+    assert_eq!(back, row);
+    assert_eq!(
+        kvvm_ticket_stream_wait(kvvm_ticket::default(), 0),
+        kvvm_status::KVVM_STATUS_INVALID_HANDLE
+    );
+    assert_eq!(kvvm_ticket_wait(t), kvvm_status::KVVM_STATUS_OK);
+    assert_eq!(kvvm_ticket_free(t), kvvm_status::KVVM_STATUS_OK);
+    assert_eq!(kvvm_swap_free(swap), kvvm_status::KVVM_STATUS_OK);
+    assert_eq!(kvvm_cache_free(cache), kvvm_status::KVVM_STATUS_OK);
+}

@@ -272,24 +272,88 @@ fn median(mut v: Vec<f64>) -> f64 {
     v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
 
+/// Driver calls per page of one map and one unmap of `pages` single-page calls, through a CUDA
+/// backend with or without the zero page: `(map, unmap)` as `{cuMemMap, cuMemUnmap,
+/// cuMemSetAccess}` counts.
+fn cuda_calls_per_page(
+    b: &kvvm::vmm::cuda::CudaBackend,
+    pages: usize,
+    page: usize,
+) -> Result<(serde_json::Value, serde_json::Value)> {
+    let r = b.reserve(pages * page)?;
+    let handles: Vec<_> = (0..pages)
+        .map(|_| b.create_page(page))
+        .collect::<Result<_>>()?;
+    let c0 = b.driver_calls();
+    for (i, h) in handles.iter().enumerate() {
+        b.map(r.addr + (i * page) as u64, &[h])?;
+    }
+    let c1 = b.driver_calls();
+    for i in 0..pages {
+        b.unmap(r.addr + (i * page) as u64, page)?;
+    }
+    let c2 = b.driver_calls();
+    for h in handles {
+        b.release_page(h).map_err(|(_, e)| e)?;
+    }
+    b.free_reservation(r)?;
+    let per = |a: kvvm::vmm::cuda::DriverCalls, b: kvvm::vmm::cuda::DriverCalls| {
+        let n = pages.max(1) as f64;
+        serde_json::json!({
+            "cuMemMap": (b.mem_map - a.mem_map) as f64 / n,
+            "cuMemUnmap": (b.mem_unmap - a.mem_unmap) as f64 / n,
+            "cuMemSetAccess": (b.mem_set_access - a.mem_set_access) as f64 / n,
+        })
+    };
+    Ok((per(c0, c1), per(c1, c2)))
+}
+
 fn bench_map(a: MapArgs) -> Result<()> {
-    let backend = kvvm::vmm::open(&kvvm::vmm::BackendConfig {
+    let config = kvvm::vmm::BackendConfig {
         host_granularity: a
             .page_size
             .min(a.backend.host_granularity)
             .max(kvvm::vmm::host::os_page_size()),
         ..a.backend.config()
+    };
+    let backend = kvvm::vmm::open(&config)?;
+    // The same backend without the zero page behind unmapped ranges: its cost per map + unmap.
+    let plain = kvvm::vmm::open(&kvvm::vmm::BackendConfig {
+        choice: match backend.kind() {
+            kvvm::vmm::BackendKind::Host => kvvm::vmm::BackendChoice::Host,
+            kvvm::vmm::BackendKind::Cuda => kvvm::vmm::BackendChoice::Cuda,
+        },
+        zero_page: false,
+        ..config.clone()
     })?;
     let page = a.page_size;
-    // Interleave the two so that drift in the machine's state affects both alike.
+    // Interleave them so that drift in the machine's state affects all alike.
     let mut kv = Vec::new();
+    let mut kv_plain = Vec::new();
     let mut raw = Vec::new();
     for _ in 0..a.rounds {
         kv.extend(backend_map_round(&*backend, a.pages, page, 1)?);
+        kv_plain.extend(backend_map_round(&*plain, a.pages, page, 1)?);
         if backend.kind() == kvvm::vmm::BackendKind::Host {
             raw.extend(raw_map_round(a.pages, page, 1)?);
         }
     }
+    drop(plain);
+    let kvvm_plain_ns = median(kv_plain);
+    let cuda_calls = if backend.kind() == kvvm::vmm::BackendKind::Cuda {
+        let mut by_mode = serde_json::Map::new();
+        for zero in [true, false] {
+            let b = kvvm::vmm::cuda::CudaBackend::with_zero_page(config.device, zero)?;
+            let (map, unmap) = cuda_calls_per_page(&b, a.pages.min(64), page)?;
+            by_mode.insert(
+                if zero { "zero_page" } else { "no_zero_page" }.into(),
+                serde_json::json!({ "map": map, "unmap": unmap }),
+            );
+        }
+        Some(serde_json::Value::Object(by_mode))
+    } else {
+        None
+    };
     let ((va_map, va_unmap), (run_map, run_unmap)) =
         pattern_rounds(&*backend, a.pages, page, a.rounds)?;
     let va_ns = va_map + va_unmap;
@@ -319,11 +383,22 @@ fn bench_map(a: MapArgs) -> Result<()> {
                 "kvvm_run_map_ns_per_page": run_map,
                 "kvvm_run_unmap_ns_per_page": run_unmap,
                 "vattention_over_kvvm_run": va_ns / run_ns,
+                "zero_page": config.zero_page,
+                "kvvm_no_zero_page_ns_per_page": kvvm_plain_ns,
+                "zero_page_cost_ns_per_page": kvvm_ns - kvvm_plain_ns,
+                "cuda_calls_per_page": cuda_calls,
             })
         );
     } else {
         println!("bench map: {} pages of {} bytes, map + unmap one page per call, median of {} rounds ({} backend)", a.pages, page, a.rounds, backend.kind());
-        println!("  kvvm backend   {kvvm_ns:>10.0} ns/page");
+        println!("  kvvm backend   {kvvm_ns:>10.0} ns/page (zero page behind unmapped ranges)");
+        println!(
+            "  without it     {kvvm_plain_ns:>10.0} ns/page (zero page costs {:.0} ns/page)",
+            kvvm_ns - kvvm_plain_ns
+        );
+        if let Some(c) = &cuda_calls {
+            println!("  CUDA driver calls per page (map, unmap): {c}");
+        }
         println!("  raw syscalls   {raw_ns:>10.0} ns/page");
         println!("  ratio          {ratio:>10.3}  (target <= 1.25)");
         println!(
@@ -368,11 +443,87 @@ pub struct StepArgs {
     /// Background mapper lookahead in steps.
     #[arg(long, default_value_t = 8)]
     lookahead: usize,
+    /// Every this many steps the longest request finishes and a new one starts in its slot
+    /// (`shrink` to 0 tokens: its pages are unmapped once the compute stream's work queued so
+    /// far has run); 0: requests never finish.
+    #[arg(long, default_value_t = 0)]
+    churn_every: usize,
+    /// CUDA: device work per step on the cache's compute stream, a device-to-device copy of this
+    /// many MiB (the GPU stays busy like a decode step's kernels, so fences are pending when
+    /// pages are unmapped); 0: none.
+    #[arg(long, default_value_t = 64)]
+    device_work_mib: usize,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
     #[command(flatten)]
     backend: BackendArgs,
+}
+
+/// Simulated device work on a compute stream of its own (CUDA): a copy between two device
+/// buffers per step. Freed (after the stream is synchronized) when dropped.
+struct DeviceWork {
+    stream: kvvm_sys::CUstream,
+    bufs: [u64; 2],
+    bytes: usize,
+}
+
+impl DeviceWork {
+    /// `None` on the host backend or for 0 bytes. The device's context must be current (the
+    /// CUDA backend makes it current on the thread that opened it).
+    fn new(kind: BackendKind, mib: usize) -> Result<Option<Self>> {
+        if kind != BackendKind::Cuda || mib == 0 {
+            return Ok(None);
+        }
+        let bytes = mib << 20;
+        let drv = |e| kvvm::vmm::cuda::driver_error(BackendOp::Copy, e);
+        let stream =
+            kvvm_sys::result::stream::create(kvvm_sys::CU_STREAM_NON_BLOCKING).map_err(drv)?;
+        let mut w = DeviceWork {
+            stream,
+            bufs: [0, 0],
+            bytes,
+        };
+        for b in &mut w.bufs {
+            *b = kvvm_sys::result::mem::alloc(bytes).map_err(drv)?;
+        }
+        Ok(Some(w))
+    }
+
+    fn stream(&self) -> u64 {
+        self.stream.expose_provenance() as u64
+    }
+
+    /// Enqueues one step's work.
+    fn step(&self) -> Result<()> {
+        // SAFETY: both buffers are this value's allocations of `bytes` bytes, alive until it is
+        // dropped after synchronizing the stream, which is its own.
+        unsafe {
+            kvvm_sys::result::mem::memcpy_dtod_async(
+                self.bufs[1],
+                self.bufs[0],
+                self.bytes,
+                self.stream,
+            )
+        }
+        .map_err(|e| kvvm::vmm::cuda::driver_error(BackendOp::Copy, e))
+    }
+}
+
+impl Drop for DeviceWork {
+    fn drop(&mut self) {
+        // SAFETY: the stream and buffers are this value's; the stream is synchronized before
+        // the buffers it uses are freed, and each is released once.
+        unsafe {
+            let _ = kvvm_sys::result::stream::synchronize(self.stream);
+            for b in self.bufs {
+                if b != 0 {
+                    let _ = kvvm_sys::result::mem::free(b);
+                }
+            }
+            let _ = kvvm_sys::result::stream::destroy(self.stream);
+        }
+    }
 }
 
 #[derive(Debug, Default, serde::Serialize)]
@@ -387,6 +538,10 @@ struct StepRun {
     pages_mapped: usize,
     backend_calls: u64,
     foreground_calls: u64,
+    deferred_unmaps: u64,
+    deferred_unmap_mean_ns: u64,
+    deferred_unmap_max_ns: u64,
+    fence_waits: u64,
 }
 
 fn step_run(a: &StepArgs, layout: Layout, lookahead: usize) -> Result<StepRun> {
@@ -408,7 +563,12 @@ fn step_run(a: &StepArgs, layout: Layout, lookahead: usize) -> Result<StepRun> {
     cfg.lookahead_steps = lookahead;
     let g = kvvm::Geometry::new(&cfg, backend.granularity())?;
     cfg.budget_bytes = (g.pages_per_slot * g.buffers * a.slots * g.page_size) as u64;
+    let kind = backend.kind();
     let cache = KvCache::with_backend(cfg, backend)?;
+    let work = DeviceWork::new(kind, a.device_work_mib)?;
+    if let Some(w) = &work {
+        cache.set_compute_stream(Some(w.stream()));
+    }
     let per_page = g.tokens_in(1).max(1);
     // Stagger the requests so that they cross page boundaries at different steps, as in a real
     // batch of requests with different prompt lengths.
@@ -423,13 +583,30 @@ fn step_run(a: &StepArgs, layout: Layout, lookahead: usize) -> Result<StepRun> {
     let calls0 = cache.backend().total_calls();
     let fg0 = cache.backend().foreground_calls();
     let mut lat = Vec::with_capacity(a.steps);
-    for _ in 0..a.steps {
+    // A finished request's slot, idle until the next churn point, where a new request starts
+    // in it (so the step after the shrink does not wait for the slot's deferred unmap).
+    let mut idle: Option<(SlotId, usize)> = None;
+    for n in 0..a.steps {
+        if a.churn_every > 0 && n > 0 && n % a.churn_every == 0 {
+            if let Some((s, _)) = idle.take() {
+                tokens.push((s, 0));
+            }
+            // The longest request finishes: its pages go once the work queued so far has run.
+            if let Some(k) = (0..tokens.len()).max_by_key(|&k| tokens[k].1) {
+                let t = tokens.swap_remove(k);
+                cache.shrink(t.0, 0)?;
+                idle = Some(t);
+            }
+        }
         for t in tokens.iter_mut() {
             t.1 = (t.1 + 1).min(a.max_tokens);
         }
         let start = Instant::now();
         cache.step(&tokens)?;
         lat.push(start.elapsed().as_nanos() as u64);
+        if let Some(w) = &work {
+            w.step()?;
+        }
         if a.compute_us > 0 {
             // Busy-wait, as a serving engine's host thread does while it waits for the GPU
             // (CUDA's default synchronization spins); sleeping would measure wake-up latency.
@@ -440,6 +617,7 @@ fn step_run(a: &StepArgs, layout: Layout, lookahead: usize) -> Result<StepRun> {
         }
     }
     cache.quiesce();
+    drop(work);
     lat.sort_unstable();
     let stats = cache.stats();
     Ok(StepRun {
@@ -453,6 +631,13 @@ fn step_run(a: &StepArgs, layout: Layout, lookahead: usize) -> Result<StepRun> {
         pages_mapped: stats.pool.in_use,
         backend_calls: cache.backend().total_calls() - calls0,
         foreground_calls: cache.backend().foreground_calls() - fg0,
+        deferred_unmaps: stats.deferred_unmaps,
+        deferred_unmap_mean_ns: stats
+            .deferred_unmap_wait_ns
+            .checked_div(stats.deferred_unmaps)
+            .unwrap_or(0),
+        deferred_unmap_max_ns: stats.deferred_unmap_max_wait_ns,
+        fence_waits: stats.fence_waits,
     })
 }
 
@@ -493,6 +678,16 @@ fn bench_step(a: StepArgs) -> Result<()> {
                 asy.mapper_batches,
                 asy.mapper_notified
             );
+            if a.churn_every > 0 {
+                println!(
+                    "  {:<12} deferred unmaps {} (mean wait for their fence {} ns, max {} ns), host waits for a fence {}",
+                    layout.name(),
+                    asy.deferred_unmaps,
+                    asy.deferred_unmap_mean_ns,
+                    asy.deferred_unmap_max_ns,
+                    asy.fence_waits
+                );
+            }
             println!(
                 "  {:<12} async p99 / inline p99 = {:.3} (target <= 0.1)",
                 layout.name(),
@@ -520,6 +715,10 @@ fn bench_step(a: StepArgs) -> Result<()> {
                 "mapper_notified": asy.mapper_notified,
                 "inline_foreground_calls": inline.foreground_calls,
                 "p99_ratio": asy.p99_ns as f64 / inline.p99_ns.max(1) as f64,
+                "deferred_unmaps": asy.deferred_unmaps,
+                "deferred_unmap_mean_ns": asy.deferred_unmap_mean_ns,
+                "deferred_unmap_max_ns": asy.deferred_unmap_max_ns,
+                "fence_waits": asy.fence_waits,
             }),
         );
     }
@@ -530,6 +729,7 @@ fn bench_step(a: StepArgs) -> Result<()> {
         top.insert("steps".into(), a.steps.into());
         top.insert("compute_us".into(), a.compute_us.into());
         top.insert("lookahead".into(), a.lookahead.into());
+        top.insert("churn_every".into(), a.churn_every.into());
         top.extend(results);
         println!("{}", serde_json::Value::Object(top));
     }

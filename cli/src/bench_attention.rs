@@ -202,7 +202,7 @@ fn time_gpu(
     let mut run = || -> Result<f64> {
         let t = Instant::now();
         launch().map_err(kernel_error)?;
-        kvvm_sys::result::ctx_synchronize()?;
+        kvvm_sys::result::ctx::synchronize()?;
         Ok(t.elapsed().as_secs_f64() * 1e6)
     };
     for _ in 0..warmup {

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use clap::Args;
-use kvvm::vmm::{Backend, BackendKind, Completion, CopyKind, CopyRegion, HostBuffer};
+use kvvm::vmm::{Backend, BackendKind, CopyKind, CopyRegion, HostBuffer};
 use kvvm::{ByteRange, CacheConfig, Kv, KvCache, Layout, SlotId};
 use kvvm::{Error, Result};
 use kvvm::{SwapConfig, SwapEngine, SwapStats, SwapTicket};
@@ -185,14 +185,10 @@ impl Bench {
         }
         let t0 = Instant::now();
         for regions in &plans {
-            let mut pending: Vec<Box<dyn Completion>> = Vec::with_capacity(regions.len());
-            for r in regions {
-                // SAFETY: as in `limit`; the blocks of one request are disjoint.
-                pending.push(unsafe { self.backend.copy_async(kind, std::slice::from_ref(r)) }?);
-            }
-            for c in pending {
-                c.wait()?;
-            }
+            // As vLLM swaps: one copy call per block (the CUDA backend issues one
+            // cuMemcpyAsync per region) and one event for the whole transfer.
+            // SAFETY: as in `limit`; the blocks of one request are disjoint.
+            unsafe { self.backend.copy_async(kind, regions) }?.wait()?;
         }
         Ok(gbps(self.total_bytes(), t0.elapsed().as_secs_f64()))
     }
@@ -296,6 +292,54 @@ impl Phases {
             unmap_ms: ms(a.unmap_ns, b.unmap_ns),
         }
     }
+}
+
+/// The verification pattern of byte `j` of range `k` of request `i`.
+fn pattern(i: usize, k: usize, j: usize) -> u8 {
+    ((i * 131 + k * 17 + j / 4096) as u8) ^ (j as u8)
+}
+
+/// Writes (`write`) or checks the verification pattern of request `i` in `ranges`; returns the
+/// number of bytes checked. CUDA ranges are written and read back with synchronous copies.
+fn pattern_io(kind: BackendKind, i: usize, ranges: &[ByteRange], write: bool) -> Result<u64> {
+    let drv = |e| kvvm::vmm::cuda::driver_error(kvvm::vmm::BackendOp::Copy, e);
+    let mut checked = 0u64;
+    for (k, r) in ranges.iter().enumerate() {
+        let want: Vec<u8> = (0..r.len).map(|j| pattern(i, k, j)).collect();
+        if write {
+            if kind == BackendKind::Host {
+                // SAFETY: the range holds live tokens of a resident slot (mapped read/write),
+                // which nobody else uses during the benchmark.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(want.as_ptr(), r.addr as usize as *mut u8, r.len)
+                };
+            } else {
+                // SAFETY: as above, device memory; `want` is readable for `r.len` bytes.
+                unsafe { kvvm_sys::result::mem::memcpy_htod(r.addr, want.as_ptr().cast(), r.len) }
+                    .map_err(drv)?;
+            }
+            continue;
+        }
+        let mut got = vec![0u8; r.len];
+        if kind == BackendKind::Host {
+            // SAFETY: as above, for reading.
+            unsafe {
+                std::ptr::copy_nonoverlapping(r.addr as usize as *const u8, got.as_mut_ptr(), r.len)
+            };
+        } else {
+            // SAFETY: as above; `got` is writable for `r.len` bytes.
+            unsafe { kvvm_sys::result::mem::memcpy_dtoh(got.as_mut_ptr().cast(), r.addr, r.len) }
+                .map_err(drv)?;
+        }
+        if let Some(j) = (0..r.len).find(|&j| got[j] != want[j]) {
+            return Err(Error::InvalidArgument(format!(
+                "wrong output: request {i}, range {k}, byte {j}: read {:#x}, wrote {:#x} before the swap round trip",
+                got[j], want[j]
+            )));
+        }
+        checked += r.len as u64;
+    }
+    Ok(checked)
 }
 
 /// Writes a byte pattern into every token of `range` (host backend), populating its pages.
@@ -404,6 +448,17 @@ pub fn run(args: SwapArgs) -> Result<()> {
             )));
         }
     }
+    // Verification: a distinct pattern per request, one more swap-out and swap-in through the
+    // engine, every byte read back (from the device on CUDA) and compared.
+    let kind = backend.kind();
+    for (i, &s) in bench.slots.iter().enumerate() {
+        pattern_io(kind, i, &cache.slot_ranges(s, args.tokens)?, true)?;
+    }
+    bench.coarse(&swap)?;
+    let mut verified = 0u64;
+    for (i, &s) in bench.slots.iter().enumerate() {
+        verified += pattern_io(kind, i, &cache.slot_ranges(s, args.tokens)?, false)?;
+    }
     let [coarse_out, coarse_in, fine_out, fine_in, limit_out, limit_in, chunked_out, chunked_in] =
         best;
     // The limit is the faster direction of the plain copy; the coarse figure compared with it
@@ -433,6 +488,7 @@ pub fn run(args: SwapArgs) -> Result<()> {
             "limit_in_gbps": limit_in,
             "phases_out": phases_out,
             "phases_in": phases_in,
+            "verified_bytes": verified,
         });
         println!("{v}");
     } else {

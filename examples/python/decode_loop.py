@@ -56,8 +56,8 @@ def main():
     for r in requests:
         check(r)
     st = cache.stats()
-    print(f"after {STEPS} steps: {st['allocated_slots']} slots, {st['live_bytes']} live bytes, "
-          f"{st['mapped_bytes']} mapped bytes")
+    print(f"after {STEPS} steps: {st.allocated_slots} slots, {st.live_bytes} live bytes, "
+          f"{st.mapped_bytes} mapped bytes")
 
     with kvvm.SwapEngine(cache, host_budget_bytes=64 << 20) as swap:
         with swap.swap_out(slots[2]) as t:

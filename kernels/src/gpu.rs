@@ -12,7 +12,7 @@ use std::ffi::c_void;
 
 use half::{bf16, f16};
 use kvvm_sys::result as cu;
-use kvvm_sys::{CUdevice, CUdeviceptr, CUfunction, CUmodule, CUstream};
+use kvvm_sys::{CUdeviceptr, CUfunction, CUmodule, CUstream, PrimaryContext};
 
 use crate::cpu::{check_paged, check_strided};
 use crate::cuda::{self, HEAD_DIMS, MAX_GROUP, THREADS};
@@ -32,8 +32,9 @@ const DTYPES: [DType; 3] = [DType::F16, DType::BF16, DType::F32];
 /// primary context retained by [`GpuKernels::load`].
 #[derive(Debug)]
 pub struct GpuKernels {
-    dev: CUdevice,
-    ctx: kvvm_sys::CUcontext,
+    /// The device's primary context: fields drop after `Drop::drop` has unloaded the modules,
+    /// so the context is released last.
+    ctx: PrimaryContext,
     arch: String,
     nvrtc_version: (i32, i32),
     code: cuda::CodeKind,
@@ -52,17 +53,15 @@ impl GpuKernels {
     /// [`KernelError::Cuda`] if the driver or device is unavailable or a module cannot be loaded;
     /// [`KernelError::Nvrtc`] if compilation fails.
     pub fn load(ordinal: i32) -> Result<Self, KernelError> {
-        cu::init()?;
-        let dev = cu::device_get(ordinal)?;
+        let ctx = PrimaryContext::retain(ordinal)?;
+        let dev = ctx.device();
         let major =
-            cu::device_attribute(dev, kvvm_sys::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?;
+            cu::device::attribute(dev, kvvm_sys::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?;
         let minor =
-            cu::device_attribute(dev, kvvm_sys::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?;
+            cu::device::attribute(dev, kvvm_sys::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?;
         let arch = format!("compute_{major}{minor}");
         let nvrtc_version = cuda::nvrtc_available()?;
-        let ctx = cu::primary_ctx_retain(dev)?;
         let mut this = GpuKernels {
-            dev,
             ctx,
             arch,
             nvrtc_version,
@@ -71,9 +70,8 @@ impl GpuKernels {
             strided: [std::ptr::null_mut(); 3],
             paged: [std::ptr::null_mut(); 3],
         };
-        // From here on, Drop releases the context and unloads whatever was loaded.
-        // SAFETY: `ctx` was just retained and is live.
-        unsafe { cu::ctx_set_current(ctx) }?;
+        // From here on, Drop unloads whatever was loaded, then the context is released.
+        this.ctx.make_current()?;
         for (name, _) in cuda::SOURCES {
             let image = cuda::compile_for_device(name, major, minor)?;
             tracing::info!(
@@ -86,7 +84,7 @@ impl GpuKernels {
             this.code = image.kind;
             // SAFETY: `image.bytes` is a complete cubin (whose ELF headers give its size) or
             // NUL-terminated PTX, alive for the call.
-            let module = unsafe { cu::module_load_data(image.bytes.as_ptr().cast()) }?;
+            let module = unsafe { cu::module::load_data(image.bytes.as_ptr().cast()) }?;
             this.modules.push(module);
             for d in DTYPES {
                 let (slot, entry) = if name.contains("strided") {
@@ -96,7 +94,7 @@ impl GpuKernels {
                 };
                 // SAFETY: `module` is live (owned by `this`, unloaded only in Drop, after which the
                 // function handles are gone too).
-                *slot = unsafe { cu::module_get_function(module, &entry) }?;
+                *slot = unsafe { cu::module::get_function(module, &entry) }?;
             }
         }
         Ok(this)
@@ -108,8 +106,7 @@ impl GpuKernels {
     ///
     /// [`KernelError::Cuda`].
     pub fn make_current(&self) -> Result<(), KernelError> {
-        // SAFETY: `ctx` is retained by this value until it drops, so it is live.
-        unsafe { cu::ctx_set_current(self.ctx) }?;
+        self.ctx.make_current()?;
         Ok(())
     }
 
@@ -135,10 +132,8 @@ impl Drop for GpuKernels {
             // SAFETY: each module was loaded by `load`, is unloaded once, and launches through
             // this value are synchronous with respect to its lifetime (the safe helpers
             // synchronize; the unsafe launchers require the caller to finish first).
-            let _ = unsafe { cu::module_unload(m) };
+            let _ = unsafe { cu::module::unload(m) };
         }
-        // SAFETY: balances the retain in `load` (which created this value only after retaining).
-        let _ = unsafe { cu::primary_ctx_release(self.dev) };
     }
 }
 
@@ -175,7 +170,7 @@ impl DeviceBuffer {
     pub fn alloc(bytes: usize) -> Result<Self, KernelError> {
         let bytes = bytes.max(1);
         Ok(Self {
-            ptr: cu::mem_alloc(bytes)?,
+            ptr: cu::mem::alloc(bytes)?,
             bytes,
         })
     }
@@ -191,7 +186,7 @@ impl DeviceBuffer {
         if bytes > 0 {
             // SAFETY: `data` is readable for `bytes` bytes; the allocation is at least that large
             // and owned by `buf`.
-            unsafe { cu::memcpy_htod(buf.ptr, data.as_ptr().cast::<c_void>(), bytes) }?;
+            unsafe { cu::mem::memcpy_htod(buf.ptr, data.as_ptr().cast::<c_void>(), bytes) }?;
         }
         Ok(buf)
     }
@@ -212,7 +207,7 @@ impl DeviceBuffer {
         if bytes > 0 {
             // SAFETY: `out` is writable for `bytes` bytes and exclusively borrowed; the device
             // range lies inside this allocation; `T` accepts any bit pattern (sealed POD types).
-            unsafe { cu::memcpy_dtoh(out.as_mut_ptr().cast::<c_void>(), self.ptr, bytes) }?;
+            unsafe { cu::mem::memcpy_dtoh(out.as_mut_ptr().cast::<c_void>(), self.ptr, bytes) }?;
         }
         Ok(())
     }
@@ -232,7 +227,7 @@ impl Drop for DeviceBuffer {
     fn drop(&mut self) {
         // SAFETY: `ptr` came from mem_alloc, is freed once, and the safe helpers synchronize
         // before their buffers drop.
-        let _ = unsafe { cu::mem_free(self.ptr) };
+        let _ = unsafe { cu::mem::free(self.ptr) };
     }
 }
 
@@ -320,7 +315,7 @@ fn geometry(
     q_heads: usize,
     kv_heads: usize,
     head_dim: usize,
-) -> Result<kvvm_sys::result::LaunchConfig, KernelError> {
+) -> Result<kvvm_sys::result::module::LaunchConfig, KernelError> {
     if kv_heads == 0 || q_heads == 0 || q_heads % kv_heads != 0 {
         return Err(KernelError::HeadsNotDivisible { q_heads, kv_heads });
     }
@@ -341,7 +336,7 @@ fn geometry(
         .ok_or_else(|| KernelError::InvalidParameter(format!("batch {batch} exceeds 65535")))?;
     let grid_x = u32::try_from(kv_heads)
         .map_err(|_| KernelError::InvalidParameter("kv_heads exceeds u32".into()))?;
-    Ok(kvvm_sys::result::LaunchConfig {
+    Ok(kvvm_sys::result::module::LaunchConfig {
         grid: (grid_x, grid_y, 1),
         block: (THREADS, 1, 1),
         shared_mem_bytes: 0,
@@ -417,7 +412,7 @@ pub unsafe fn launch_strided(
     // SAFETY: `f` is a live function of `kernels`' modules; `params` has one pointer per kernel
     // parameter (16, matching KVVM_STRIDED_ENTRY's types: 6 pointers, 3 ints, 6 long longs, 1
     // float), each alive for this call; the caller guarantees the memory contract.
-    unsafe { cu::launch_kernel(f, cfg, stream, &mut params) }?;
+    unsafe { cu::module::launch_kernel(f, cfg, stream, &mut params) }?;
     Ok(())
 }
 
@@ -475,7 +470,7 @@ pub unsafe fn launch_paged(
     // SAFETY: `f` is a live function of `kernels`' modules; `params` has one pointer per kernel
     // parameter (12, matching KVVM_PAGED_ENTRY: 6 pointers, 5 ints, 1 float), each alive for this
     // call; the caller guarantees the memory contract.
-    unsafe { cu::launch_kernel(f, cfg, stream, &mut params) }?;
+    unsafe { cu::module::launch_kernel(f, cfg, stream, &mut params) }?;
     Ok(())
 }
 
@@ -559,7 +554,7 @@ pub fn decode_attention_strided_gpu<T: KvElement + DevicePod>(
     // shapes, slots and lengths; `out` is a separate allocation; we synchronize before the
     // buffers drop.
     unsafe { launch_strided(kernels, &launch, std::ptr::null_mut()) }?;
-    cu::ctx_synchronize()?;
+    cu::ctx::synchronize()?;
     let mut out = vec![0f32; q.len()];
     out_dev.download(&mut out)?;
     Ok(out)
@@ -609,7 +604,7 @@ pub fn decode_attention_paged_gpu<T: KvElement + DevicePod>(
     // needed block id < num_blocks, lengths within the table), `out` separate, synchronized before
     // drop.
     unsafe { launch_paged(kernels, &launch, std::ptr::null_mut()) }?;
-    cu::ctx_synchronize()?;
+    cu::ctx::synchronize()?;
     let mut out = vec![0f32; q.len()];
     out_dev.download(&mut out)?;
     Ok(out)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import threading
 from pathlib import Path
 
 c_u8, c_u16, c_u32, c_i32 = ctypes.c_uint8, ctypes.c_uint16, ctypes.c_uint32, ctypes.c_int32
@@ -243,32 +244,79 @@ _SIGNATURES = {
 }
 
 
-def _candidates() -> list[Path]:
-    env = os.environ.get("KVVM_LIBRARY")
-    if env:
-        return [Path(env)]
+# Ordering with the caller's CUDA streams (docs/ordering.md): streams and events are plain
+# integers. Kept apart from the table above.
+_SIGNATURES.update({
+    "kvvm_cache_set_stream": (status, [CacheHandle, c_u64]),
+    "kvvm_swap_out_after": (status, [SwapHandle, c_u32, c_u64, P(TicketHandle)]),
+    "kvvm_ticket_stream_wait": (status, [TicketHandle, c_u64]),
+})
+
+
+_lock = threading.Lock()
+_loaded: "ctypes.CDLL | None" = None
+_loaded_path: "Path | None" = None
+
+
+def _bundled() -> list[Path]:
+    """The library a wheel or ``pip install`` put inside the package (``kvvm/libkvvm*.so``)."""
+    return sorted(Path(__file__).resolve().parent.glob("libkvvm*.so"))
+
+
+def _repository_builds() -> list[Path]:
+    """``target/{release,debug}/libkvvm.so`` of the source checkout this file lives in."""
     root = Path(__file__).resolve().parents[2]
     target = Path(os.environ.get("CARGO_TARGET_DIR", root / "target"))
-    return [target / "release" / "libkvvm.so", target / "debug" / "libkvvm.so"]
+    found = [p for p in (target / "release" / "libkvvm.so", target / "debug" / "libkvvm.so")
+             if p.is_file()]
+    return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
 
 
 def find_library() -> Path:
-    """The shared library to load: ``$KVVM_LIBRARY``, else the newest of the repository's
-    ``target/{release,debug}/libkvvm.so``."""
-    found = [p for p in _candidates() if p.is_file()]
-    if not found:
-        tried = ", ".join(str(p) for p in _candidates())
-        raise OSError(
-            f"libkvvm.so not found (tried {tried}); build it with `cargo build` "
-            "or set KVVM_LIBRARY to its path"
-        )
-    return max(found, key=lambda p: p.stat().st_mtime)
+    """The shared library to load: the one bundled in the package, else ``$KVVM_LIBRARY``, else
+    the newest of the source checkout's ``target/{release,debug}/libkvvm.so``."""
+    bundled = _bundled()
+    if bundled:
+        return bundled[0]
+    env = os.environ.get("KVVM_LIBRARY")
+    if env:
+        if not Path(env).is_file():
+            raise OSError(f"KVVM_LIBRARY={env} is not a file")
+        return Path(env)
+    built = _repository_builds()
+    if built:
+        return built[0]
+    raise OSError(
+        "libkvvm.so not found: the package has no bundled library (install it with "
+        "`pip install ./python` from a kvvm checkout), KVVM_LIBRARY is not set, and there is no "
+        "target/{release,debug}/libkvvm.so next to this source tree (`cargo build`)"
+    )
 
 
 def load(path: Path | None = None) -> ctypes.CDLL:
+    """Opens a library and declares the C ABI's signatures on it."""
     lib = ctypes.CDLL(str(path or find_library()))
     for name, (restype, argtypes) in _SIGNATURES.items():
         f = getattr(lib, name)
         f.restype = restype
         f.argtypes = argtypes
     return lib
+
+
+def get() -> ctypes.CDLL:
+    """The process's library, loaded on first use (thread-safe)."""
+    global _loaded, _loaded_path
+    lib = _loaded
+    if lib is not None:
+        return lib
+    with _lock:
+        if _loaded is None:
+            path = find_library()
+            _loaded = load(path)
+            _loaded_path = path
+        return _loaded
+
+
+def loaded_path() -> "Path | None":
+    """The path of the loaded library, None before the first use."""
+    return _loaded_path

@@ -178,7 +178,7 @@ def test_swap_round_trip_keeps_the_bytes():
                 got = np.from_dlpack(cache.view(layer, kv, slot=s2))
                 np.testing.assert_array_equal(got, pattern(7, 90, layer, kv == "v"))
         st = swap.stats()
-        assert st["transfers"] == 2 and st["bytes_in"] == st["bytes_out"] > 0
+        assert st.transfers == 2 and st.bytes_in == st.bytes_out > 0
         swap.release(copy)
         with pytest.raises(kvvm.InvalidArgumentError, match="does not exist"):
             swap.release(copy)
@@ -189,10 +189,10 @@ def test_stats_and_ranges():
         s = cache.alloc_slot()
         cache.ensure(s, 100)
         st = cache.stats()
-        assert st["allocated_slots"] == 1
-        assert st["live_bytes"] == 100 * 3 * 2 * 2 * 32 * 4
+        assert st.allocated_slots == 1
+        assert st.live_bytes == 100 * 3 * 2 * 2 * 32 * 4
         ranges = cache.slot_ranges(s, 100)
-        assert len(ranges) == 1 and ranges[0][1] == st["live_bytes"]
+        assert len(ranges) == 1 and ranges[0][1] == st.live_bytes
         assert kvvm.version().count(".") == 2
 
 
@@ -224,7 +224,7 @@ def test_slot_objects():
             cache.tokens(slot_id)  # freed on leaving the block
         with pytest.raises(kvvm.InvalidArgumentError, match="max_tokens"):
             cache.slot(100000)
-        assert cache.stats()["allocated_slots"] == 0  # the failed slot was freed again
+        assert cache.stats().allocated_slots == 0  # the failed slot was freed again
 
 
 def _mapped(addr):
@@ -240,7 +240,7 @@ def test_memory_goes_away_with_the_last_tensor():
     cache = make_cache()
     s = cache.alloc_slot()
     cache.ensure(s, 8)
-    addr = cache.layer_view(0, "k")["data"]
+    addr = cache.layer_view(0, "k").data
     view = cache.view(0, "k", slot=s)
     x = np.from_dlpack(view)
     unconsumed = view.__dlpack__(max_version=(1, 0))  # never handed to a consumer

@@ -10,7 +10,12 @@ per-layer: plain [tokens, kv_heads, head_dim] buffers), this check
    slot and of the whole batch), so the bytes really live in the cache;
 3. runs ``torch.nn.functional.scaled_dot_product_attention`` on the views as they are (only
    permuted, never made contiguous) for one decode query per slot, and compares the result with
-   a float64 reference and with SDPA on contiguous copies.
+   a float64 reference and with SDPA on contiguous copies;
+4. stream-ordered swapping (docs/ordering.md): with torch's current stream registered
+   (``cache.set_stream``), a kernel writes a slot's K/V and the slot is swapped out at once (the
+   copy waits for the kernel on the device), swapped back into another slot, and SDPA reads it on
+   the stream right after ``ticket.stream_wait(stream)``, without the host waiting; the output
+   must match the reference.
 
 Usage: ``KVVM_LIBRARY=target/release/libkvvm.so PYTHONPATH=python
 python3 scripts/gpu/torch_dlpack_check.py [--backend cuda|host] [--dtype f16|bf16|f32]
@@ -142,6 +147,73 @@ def check_layout(kvvm, torch, layout: str, args, device) -> dict:
     return result
 
 
+def check_stream_ordered(kvvm, torch, layout: str, args, device) -> dict:
+    """Swap-out ordered after a kernel that writes the slot, and a swap-in consumed by SDPA in
+    stream order (no host synchronization between enqueueing and the SDPA)."""
+    import torch.nn.functional as F
+
+    tdtype = {"f16": torch.float16, "bf16": torch.bfloat16, "f32": torch.float32}[args.dtype]
+    result = {"layout": f"stream-ordered {layout}", "slots": [], "ok": True}
+    host = args.backend == "host"
+    n = 300
+    cache = kvvm.Cache(
+        layers=LAYERS, kv_heads=KV_HEADS, head_dim=HEAD_DIM, dtype=args.dtype, layout=layout,
+        max_slots=MAX_SLOTS, max_tokens=MAX_TOKENS, budget_bytes=1 << 30,
+        backend=args.backend, host_granularity=(64 << 10) if host else 0, lookahead_steps=0,
+    )
+    swap = kvvm.SwapEngine(cache, chunk_bytes=1 << 20)
+    try:
+        stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
+        if stream is not None:
+            cache.set_stream(stream)
+        gen = torch.Generator(device="cpu").manual_seed(99)
+        ref = {kv: torch.randn(n, KV_HEADS, HEAD_DIM, generator=gen).to(dtype=tdtype)
+               for kv in ("k", "v")}
+        # Whole-batch views, exported once: later reads need no call into the library.
+        batch = {kv: torch.from_dlpack(cache.view(LAYER, kv)) for kv in ("k", "v")}
+        src = cache.alloc_slot(n)
+        cache.ensure(src, n)
+        # The "kernel" writing the KV: an asynchronous copy on the stream, from device memory.
+        staged = {kv: ref[kv].to(device=device) for kv in ("k", "v")}
+        if stream is not None:
+            torch.cuda.synchronize(device)
+            torch.cuda._sleep(50_000_000)  # the stream stays busy: the write lands late
+        for kv in ("k", "v"):
+            batch[kv][src, :n].copy_(staged[kv], non_blocking=True)
+        out = swap.swap_out(src)  # no synchronization: the copy waits for the write
+        out.wait()
+        dst = cache.alloc_slot(n)
+        t = swap.swap_in(out.copy, dst)
+        t.stream_wait(stream if stream is not None else 0)
+        q = torch.randn(1, KV_HEADS, 1, HEAD_DIM, generator=gen).to(device=device, dtype=tdtype)
+        k4 = batch["k"][dst, :n].permute(1, 0, 2).unsqueeze(0)
+        v4 = batch["v"][dst, :n].permute(1, 0, 2).unsqueeze(0)
+        got = F.scaled_dot_product_attention(q, k4, v4)  # enqueued right after the wait
+        if stream is not None:
+            torch.cuda.synchronize(device)
+        t.wait()
+        kd = ref["k"].double().permute(1, 0, 2)
+        vd = ref["v"].double().permute(1, 0, 2)
+        w = torch.softmax(q.double().cpu()[0] @ kd.transpose(1, 2) / HEAD_DIM**0.5, dim=-1)
+        want = (w @ vd).unsqueeze(0)
+        err = rel_err(got.cpu(), want)
+        row = {"slot": dst, "tokens": n, "rel_err_vs_reference": err,
+               "rel_err_vs_contiguous": err, "ok": err < TOLERANCE[args.dtype]}
+        result["slots"].append(row)
+        result["ok"] = row["ok"]
+        swap.release(out.copy)
+        cache.free_slot(dst)
+        del batch, k4, v4
+    except Exception as e:  # recorded, so that the other layout still runs
+        result["ok"] = False
+        result["error"] = f"{type(e).__name__}: {e}"
+        result["traceback"] = traceback.format_exc()
+    finally:
+        swap.close()
+        cache.close()
+    return result
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--backend", choices=("cuda", "host"), default="cuda")
@@ -167,7 +239,8 @@ def main() -> int:
         "kvvm": kvvm.version(),
         "backend": args.backend,
         "dtype": args.dtype,
-        "layouts": [check_layout(kvvm, torch, layout, args, device) for layout in LAYOUTS],
+        "layouts": [check_layout(kvvm, torch, layout, args, device) for layout in LAYOUTS]
+        + [check_stream_ordered(kvvm, torch, layout, args, device) for layout in LAYOUTS],
     }
     results["ok"] = all(r["ok"] for r in results["layouts"])
     for r in results["layouts"]:

@@ -17,10 +17,10 @@ pub use config::{
 };
 use grow::{attach, MapFailure, Work};
 use slot::Slot;
-use unmapper::{AfterUnmap, UnmapQueue};
 pub(crate) use hooks::PendingPages;
 pub use slot::SlotId;
 pub use stats::CacheStats;
+use unmapper::{AfterUnmap, UnmapQueue};
 pub use view::{ByteRange, Device, Kv, TensorView};
 
 use crate::error::{Error, Result};
@@ -159,6 +159,22 @@ impl KvCache {
     ///
     /// # Errors
     /// [`Error::InvalidConfig`] for an impossible configuration; the backend's errors.
+    ///
+    /// # Examples
+    /// ```
+    /// use kvvm::{CacheConfig, DType, KvCache};
+    /// use kvvm::vmm::{BackendChoice, BackendConfig};
+    ///
+    /// let config = CacheConfig::new(2, 2, 64) // layers, KV heads, head dim
+    ///     .with_dtype(DType::F32)
+    ///     .with_max_slots(4)
+    ///     .with_max_tokens(1024)
+    ///     .with_budget_bytes(16 << 20)
+    ///     .with_backend(BackendConfig { choice: BackendChoice::Host, ..Default::default() });
+    /// let cache = KvCache::new(config)?;
+    /// assert_eq!(cache.geometry().max_slots, 4);
+    /// # Ok::<(), kvvm::Error>(())
+    /// ```
     pub fn new(config: CacheConfig) -> Result<Self> {
         let backend = crate::vmm::open(&config.backend)?;
         Self::with_backend(config, backend)
@@ -247,20 +263,12 @@ impl KvCache {
     /// and its unmaps; `None` falls back to the legacy default stream. See `docs/ordering.md`.
     /// The host backend has no streams and ignores it.
     pub fn set_compute_stream(&self, stream: Option<u64>) {
-        *self
-            .shared
-            .stream
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = stream;
+        *self.shared.stream.lock().unwrap_or_else(|p| p.into_inner()) = stream;
     }
 
     /// The compute stream set by [`KvCache::set_compute_stream`] or the configuration.
     pub fn compute_stream(&self) -> Option<u64> {
-        *self
-            .shared
-            .stream
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        *self.shared.stream.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// A fence after the work queued so far on the compute stream (`None` on the host backend).
@@ -303,6 +311,22 @@ impl KvCache {
     ///
     /// # Errors
     /// [`Error::SlotsExhausted`] when every slot is allocated.
+    ///
+    /// # Examples
+    /// ```
+    /// # use kvvm::{CacheConfig, KvCache, Kv, SlotId};
+    /// # use kvvm::vmm::{BackendChoice, BackendConfig};
+    /// # let host = BackendConfig { choice: BackendChoice::Host, host_granularity: 64 << 10, ..Default::default() };
+    /// # let cache = KvCache::new(CacheConfig::new(2, 2, 64).with_max_slots(4).with_max_tokens(1024)
+    /// #     .with_budget_bytes(16 << 20).with_backend(host))?;
+    /// let a = cache.alloc_slot_for(300)?;
+    /// cache.ensure(a, 300)?;
+    /// cache.free_slot(a)?; // its pages stay mapped
+    /// let b = cache.alloc_slot_for(200)?; // prefers the slot that still has pages
+    /// assert_eq!(a, b);
+    /// assert!(cache.capacity(b)? >= 200);
+    /// # Ok::<(), kvvm::Error>(())
+    /// ```
     pub fn alloc_slot_for(&self, tokens: usize) -> Result<SlotId> {
         let want = self
             .shared
@@ -335,6 +359,20 @@ impl KvCache {
     ///
     /// # Errors
     /// [`Error::InvalidArgument`] if the slot is out of range or not allocated.
+    ///
+    /// # Examples
+    /// ```
+    /// # use kvvm::{CacheConfig, KvCache, Kv, SlotId};
+    /// # use kvvm::vmm::{BackendChoice, BackendConfig};
+    /// # let host = BackendConfig { choice: BackendChoice::Host, host_granularity: 64 << 10, ..Default::default() };
+    /// # let cache = KvCache::new(CacheConfig::new(2, 2, 64).with_max_slots(4).with_max_tokens(1024)
+    /// #     .with_budget_bytes(16 << 20).with_backend(host))?;
+    /// let s = cache.alloc_slot()?;
+    /// cache.free_slot(s)?;
+    /// assert!(!cache.is_allocated(s));
+    /// assert!(matches!(cache.free_slot(s), Err(kvvm::Error::SlotNotAllocated { .. })));
+    /// # Ok::<(), kvvm::Error>(())
+    /// ```
     pub fn free_slot(&self, slot: SlotId) -> Result<()> {
         let sh = &*self.shared;
         // The caller's kernels queued so far may still read the slot: its pages are reclaimed
@@ -357,6 +395,21 @@ impl KvCache {
     /// [`Error::InvalidArgument`] for a bad slot or `tokens > max_tokens`; [`Error::Grow`] naming
     /// the slot and the missing pages when the budget or the backend cannot supply them. On error
     /// nothing changed.
+    ///
+    /// # Examples
+    /// ```
+    /// # use kvvm::{CacheConfig, KvCache, Kv, SlotId};
+    /// # use kvvm::vmm::{BackendChoice, BackendConfig};
+    /// # let host = BackendConfig { choice: BackendChoice::Host, host_granularity: 64 << 10, ..Default::default() };
+    /// # let cache = KvCache::new(CacheConfig::new(2, 2, 64).with_max_slots(4).with_max_tokens(1024)
+    /// #     .with_budget_bytes(16 << 20).with_backend(host))?;
+    /// let s = cache.alloc_slot()?;
+    /// cache.ensure(s, 100)?; // prefill
+    /// assert_eq!(cache.tokens(s)?, 100);
+    /// assert!(cache.ensure(s, 5000).is_err()); // beyond max_tokens: nothing changed
+    /// assert_eq!(cache.tokens(s)?, 100);
+    /// # Ok::<(), kvvm::Error>(())
+    /// ```
     pub fn ensure(&self, slot: SlotId, tokens: usize) -> Result<()> {
         self.step(&[(slot, tokens)])
     }
@@ -367,6 +420,22 @@ impl KvCache {
     /// # Errors
     /// As [`KvCache::ensure`]; the error names the first slot that could not be served. On error
     /// no slot changed.
+    ///
+    /// # Examples
+    /// ```
+    /// # use kvvm::{CacheConfig, KvCache, Kv, SlotId};
+    /// # use kvvm::vmm::{BackendChoice, BackendConfig};
+    /// # let host = BackendConfig { choice: BackendChoice::Host, host_granularity: 64 << 10, ..Default::default() };
+    /// # let cache = KvCache::new(CacheConfig::new(2, 2, 64).with_max_slots(4).with_max_tokens(1024)
+    /// #     .with_budget_bytes(16 << 20).with_backend(host))?;
+    /// let (a, b) = (cache.alloc_slot()?, cache.alloc_slot()?);
+    /// cache.step(&[(a, 10), (b, 20)])?;
+    /// for t in 11..50 {
+    ///     cache.step(&[(a, t), (b, t + 10)])?; // one decode step: one token each
+    /// }
+    /// assert_eq!((cache.tokens(a)?, cache.tokens(b)?), (49, 59));
+    /// # Ok::<(), kvvm::Error>(())
+    /// ```
     pub fn step(&self, batch: &[(SlotId, usize)]) -> Result<()> {
         self.shared.grow(batch)
     }
@@ -377,6 +446,21 @@ impl KvCache {
     /// [`Error::InvalidArgument`] for a bad slot; a backend error if unmapping fails, in which case
     /// the slot holds `min(tokens, current)` tokens and the pages that could not be unmapped stay
     /// mapped to it (nothing leaks).
+    ///
+    /// # Examples
+    /// ```
+    /// # use kvvm::{CacheConfig, KvCache, Kv, SlotId};
+    /// # use kvvm::vmm::{BackendChoice, BackendConfig};
+    /// # let host = BackendConfig { choice: BackendChoice::Host, host_granularity: 64 << 10, ..Default::default() };
+    /// # let cache = KvCache::new(CacheConfig::new(2, 2, 64).with_max_slots(4).with_max_tokens(1024)
+    /// #     .with_budget_bytes(16 << 20).with_backend(host))?;
+    /// let s = cache.alloc_slot()?;
+    /// cache.ensure(s, 900)?;
+    /// cache.shrink(s, 10)?; // e.g. a rejected speculative draft, or a cut conversation
+    /// assert_eq!(cache.tokens(s)?, 10);
+    /// assert!(cache.capacity(s)? < 900);
+    /// # Ok::<(), kvvm::Error>(())
+    /// ```
     pub fn shrink(&self, slot: SlotId, tokens: usize) -> Result<()> {
         let sh = &*self.shared;
         // Kernels queued so far may still read the pages beyond `tokens`: they are unmapped
@@ -510,6 +594,21 @@ impl KvCache {
     /// # Errors
     /// [`Error::InvalidArgument`] if anything is out of range, the slot is free, or the token is
     /// not below [`KvCache::tokens`].
+    ///
+    /// # Examples
+    /// ```
+    /// # use kvvm::{CacheConfig, KvCache, Kv, SlotId};
+    /// # use kvvm::vmm::{BackendChoice, BackendConfig};
+    /// # let host = BackendConfig { choice: BackendChoice::Host, host_granularity: 64 << 10, ..Default::default() };
+    /// # let cache = KvCache::new(CacheConfig::new(2, 2, 64).with_max_slots(4).with_max_tokens(1024)
+    /// #     .with_budget_bytes(16 << 20).with_backend(host))?;
+    /// let s = cache.alloc_slot()?;
+    /// cache.ensure(s, 8)?;
+    /// let r = cache.row(s, 7, 1, Kv::V)?; // 2 heads × 64 elements of f16
+    /// assert_eq!(r.len, 2 * 64 * 2);
+    /// assert!(matches!(cache.row(s, 8, 1, Kv::V), Err(kvvm::Error::TokenNotLive { .. })));
+    /// # Ok::<(), kvvm::Error>(())
+    /// ```
     pub fn row(&self, slot: SlotId, token: usize, layer: usize, kv: Kv) -> Result<ByteRange> {
         let live = self.tokens(slot)?;
         if token >= live {
@@ -523,6 +622,21 @@ impl KvCache {
     }
 
     /// A snapshot of the statistics.
+    ///
+    /// # Examples
+    /// ```
+    /// # use kvvm::{CacheConfig, KvCache, Kv, SlotId};
+    /// # use kvvm::vmm::{BackendChoice, BackendConfig};
+    /// # let host = BackendConfig { choice: BackendChoice::Host, host_granularity: 64 << 10, ..Default::default() };
+    /// # let cache = KvCache::new(CacheConfig::new(2, 2, 64).with_max_slots(4).with_max_tokens(1024)
+    /// #     .with_budget_bytes(16 << 20).with_backend(host))?;
+    /// let s = cache.alloc_slot()?;
+    /// cache.ensure(s, 100)?;
+    /// let st = cache.stats();
+    /// assert_eq!(st.allocated_slots, 1);
+    /// assert!(st.mapped_bytes >= st.live_bytes && st.live_bytes > 0);
+    /// # Ok::<(), kvvm::Error>(())
+    /// ```
     pub fn stats(&self) -> CacheStats {
         let sh = &*self.shared;
         let g = &sh.geometry;
@@ -651,7 +765,11 @@ impl Drop for Shared {
         // unmapped: wait for every slot's fence and for one recorded now.
         if slots.iter().any(|s| s.pages.iter().any(|p| !p.is_empty())) {
             let now = self.fence_now();
-            for f in slots.iter().filter_map(|s| s.fence.as_ref()).chain(now.as_ref()) {
+            for f in slots
+                .iter()
+                .filter_map(|s| s.fence.as_ref())
+                .chain(now.as_ref())
+            {
                 if let Err(e) = f.wait() {
                     tracing::warn!("waiting for a fence at drop failed: {e}");
                 }

@@ -2,10 +2,10 @@
 
 use crate::vmm::PageHandle;
 
-/// A slot of a [`KvCache`]: one request's contiguous region in every buffer, `0..max_slots`.
+/// A slot of a [`KvCache`](crate::KvCache): one request's contiguous region in every buffer, `0..max_slots`.
 ///
 /// The index is the slot's position in the batch dimension of the views
-/// ([`KvCache::layer_view`]), so an engine may use it as the row of its batch tensors.
+/// ([`KvCache::layer_view`](crate::KvCache::layer_view)), so an engine may use it as the row of its batch tensors.
 ///
 /// ```
 /// use kvvm::SlotId;

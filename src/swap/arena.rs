@@ -133,6 +133,13 @@ impl Arena {
     /// The backend's error; nothing changed.
     pub(crate) fn grow(&mut self, backend: &dyn Backend, len: usize) -> Result<()> {
         let buf = backend.alloc_host(len)?;
+        self.add_block(buf);
+        Ok(())
+    }
+
+    /// Adds a block allocated by the caller (outside any lock) from [`Backend::alloc_host`].
+    pub(crate) fn add_block(&mut self, buf: HostBuffer) {
+        let len = buf.len();
         let block = Block {
             free: BTreeMap::from([(0, buf.len())]),
             buf,
@@ -142,7 +149,6 @@ impl Arena {
             Some(i) => self.blocks[i] = Some(block),
             None => self.blocks.push(Some(block)),
         }
-        Ok(())
     }
 
     /// Bytes held by blocks that hold no extent.

@@ -424,6 +424,42 @@ impl SwapEngine {
         Ok(engine)
     }
 
+    /// Allocates host memory (pinned on CUDA) for host copies now, up to `bytes` and within the
+    /// host budget, in blocks of at least 64 MiB, so that later swaps do not allocate it
+    /// (`cuMemHostAlloc` costs milliseconds per GiB). The allocation runs outside the engine's
+    /// lock; swaps may go on meanwhile. Returns the bytes the engine now holds.
+    ///
+    /// # Errors
+    /// A backend error when host memory cannot be allocated; what was allocated before it stays.
+    pub fn reserve_host(&self, bytes: u64) -> Result<u64> {
+        let inner = &*self.inner;
+        let budget = inner.config.host_budget_bytes;
+        let want = bytes.min(budget);
+        loop {
+            let held = inner.lock().arena.reserved();
+            if held >= want {
+                return Ok(held);
+            }
+            let len = (want - held).clamp(arena::MIN_BLOCK as u64, 1 << 30);
+            let len = usize::try_from(len.min(budget - held)).unwrap_or(usize::MAX);
+            let len = len / arena::ALIGN * arena::ALIGN;
+            if len == 0 {
+                return Ok(held);
+            }
+            let buf = inner.backend().alloc_host(len)?;
+            let mut st = inner.lock();
+            if st.arena.reserved() + len as u64 > budget {
+                // A swap grew the arena meanwhile: give this block back.
+                drop(st);
+                if let Err((_, e)) = inner.backend().free_host(buf) {
+                    tracing::warn!("freeing a surplus host block failed: {e}");
+                }
+                return Ok(inner.lock().arena.reserved());
+            }
+            st.arena.add_block(buf);
+        }
+    }
+
     /// The cache this engine swaps for.
     pub fn cache(&self) -> &Arc<KvCache> {
         &self.inner.cache
@@ -466,6 +502,24 @@ impl SwapEngine {
     /// evictable copy; a backend error when host memory cannot be allocated or the copy cannot
     /// be submitted. The slot and any host copy are then as they were. A copy that fails later
     /// is reported by the ticket, with the same guarantee.
+    ///
+    /// # Examples
+    /// ```
+    /// # use std::sync::Arc;
+    /// # use kvvm::{CacheConfig, KvCache, SwapConfig, SwapEngine};
+    /// # use kvvm::vmm::{BackendChoice, BackendConfig};
+    /// # let host = BackendConfig { choice: BackendChoice::Host, host_granularity: 64 << 10, ..Default::default() };
+    /// # let cache = Arc::new(KvCache::new(CacheConfig::new(2, 2, 64).with_max_slots(4).with_max_tokens(1024)
+    /// #     .with_budget_bytes(16 << 20).with_backend(host))?);
+    /// # let swap = SwapEngine::new(cache.clone(), SwapConfig { host_budget_bytes: 16 << 20, ..Default::default() })?;
+    /// let s = cache.alloc_slot()?;
+    /// cache.ensure(s, 300)?;
+    /// let out = swap.swap_out(s)?; // returns at once; the copy runs in the background
+    /// out.wait()?; // or poll(); or, on CUDA, make a stream wait on out.event()
+    /// assert!(!cache.is_allocated(s)); // the slot's pages went back to the pool
+    /// assert_eq!(swap.host_tokens(out.copy())?, 300);
+    /// # Ok::<(), kvvm::Error>(())
+    /// ```
     pub fn swap_out(&self, slot: SlotId) -> Result<SwapTicket> {
         self.swap_out_fenced(slot, None)
     }
@@ -708,6 +762,24 @@ impl SwapEngine {
     /// [`Error::InvalidArgument`] for an unknown, released or evicted copy, or a slot that is not
     /// allocated or not empty; [`Error::Grow`] when the pages cannot be mapped; a backend error
     /// when the copy cannot be submitted. The slot and the copy are then as they were.
+    ///
+    /// # Examples
+    /// ```
+    /// # use std::sync::Arc;
+    /// # use kvvm::{CacheConfig, KvCache, SwapConfig, SwapEngine};
+    /// # use kvvm::vmm::{BackendChoice, BackendConfig};
+    /// # let host = BackendConfig { choice: BackendChoice::Host, host_granularity: 64 << 10, ..Default::default() };
+    /// # let cache = Arc::new(KvCache::new(CacheConfig::new(2, 2, 64).with_max_slots(4).with_max_tokens(1024)
+    /// #     .with_budget_bytes(16 << 20).with_backend(host))?);
+    /// # let swap = SwapEngine::new(cache.clone(), SwapConfig { host_budget_bytes: 16 << 20, ..Default::default() })?;
+    /// let s = cache.alloc_slot()?;
+    /// cache.ensure(s, 300)?;
+    /// let copy = { let t = swap.swap_out(s)?; t.wait()?; t.copy() };
+    /// let into = cache.alloc_slot_for(300)?; // any empty slot
+    /// swap.swap_in(copy, into)?.wait()?;
+    /// assert_eq!(cache.tokens(into)?, 300);
+    /// # Ok::<(), kvvm::Error>(())
+    /// ```
     pub fn swap_in(&self, copy: HostCopyId, slot: SlotId) -> Result<SwapTicket> {
         let inner = &*self.inner;
         inner.enter();

@@ -577,6 +577,8 @@ impl FuzzInput {
             max_slots: 1 + usize::from(slots % 6),
             max_tokens: 1 + 2 * usize::from(tokens),
             budget_pages: 4 + usize::from(budget % 61),
+            // Both modes of the host backend's unmapped ranges (zeros, or no access).
+            zero_page: flags & 0x20 == 0,
         };
         let mut ops = Vec::new();
         if let Ok(iter) = u.arbitrary_iter::<Op>() {
@@ -597,7 +599,8 @@ impl FuzzInput {
         let c = &self.config;
         let flags = u8::from(c.layout == Layout::PerLayer)
             | (u8::from(c.faults) << 1)
-            | ((c.lookahead.min(7) as u8) << 2);
+            | ((c.lookahead.min(7) as u8) << 2)
+            | (u8::from(!c.zero_page) << 5);
         let mut out = vec![
             flags,
             (c.max_slots.clamp(1, 6) - 1) as u8,

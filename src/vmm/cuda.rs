@@ -26,8 +26,9 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use kvvm_sys::result;
+use kvvm_sys::{Bound, PrimaryContext};
 use kvvm_sys::{
-    CUcontext, CUdevice, CUevent, CUmemAccessDesc, CUmemAllocationProp, CUstream, DriverError,
+    CUevent, CUmemAccessDesc, CUmemAllocationProp, CUstream, DriverError,
     CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED, CU_EVENT_BLOCKING_SYNC,
     CU_EVENT_DISABLE_TIMING, CU_MEMHOSTALLOC_PORTABLE, CU_MEM_ACCESS_FLAGS_PROT_READ,
     CU_MEM_ALLOC_GRANULARITY_MINIMUM, CU_MEM_LOCATION_TYPE_DEVICE, CU_STREAM_CAPTURE_MODE_RELAXED,
@@ -63,61 +64,9 @@ pub fn driver_error(op: BackendOp, e: DriverError) -> Error {
     }
 }
 
-/// The retained primary context of one device. Released when the last owner (the backend or
-/// one of its completions) is dropped.
-#[derive(Debug)]
-struct Context {
-    device: CUdevice,
-    ctx: CUcontext,
-}
-
-// SAFETY: a CUcontext is a driver handle, not thread-affine data; the driver API may be called
-// with it from any thread (it is made current per call by `bind`).
-unsafe impl Send for Context {}
-// SAFETY: as above; `Context` has no interior mutability of its own.
-unsafe impl Sync for Context {}
-
-impl Drop for Context {
-    fn drop(&mut self) {
-        // SAFETY: this balances the one cuDevicePrimaryCtxRetain made in `CudaBackend::new`; every
-        // user of the context holds the `Arc` that is being dropped last here.
-        let _ = unsafe { result::primary_ctx_release(self.device) };
-    }
-}
-
-/// Restores the calling thread's previous context when dropped.
-struct Bound {
-    restore: Option<CUcontext>,
-}
-
-impl Drop for Bound {
-    fn drop(&mut self) {
-        if let Some(prev) = self.restore.take() {
-            // SAFETY: `prev` was current on this thread when `bind` ran and this thread did not
-            // destroy it since (only kvvm calls ran in between).
-            let _ = unsafe { result::ctx_set_current(prev) };
-        }
-    }
-}
-
-impl Context {
-    /// Makes this context current on the calling thread until the returned guard drops.
-    fn bind(&self) -> std::result::Result<Bound, DriverError> {
-        let current = result::ctx_get_current()?;
-        if current == self.ctx {
-            return Ok(Bound { restore: None });
-        }
-        // SAFETY: `self.ctx` is retained for as long as `self` lives.
-        unsafe { result::ctx_set_current(self.ctx)? };
-        // A thread that had no context keeps ours: that is harmless and saves the next call.
-        Ok(Bound {
-            restore: (!current.is_null()).then_some(current),
-        })
-    }
-
-    fn bind_for(&self, op: BackendOp) -> Result<Bound> {
-        self.bind().map_err(|e| driver_error(op, e))
-    }
+/// Binds the backend's context for one backend call.
+fn bind_for(ctx: &PrimaryContext, op: BackendOp) -> Result<Bound> {
+    ctx.bind().map_err(|e| driver_error(op, e))
 }
 
 /// A stream owned by the backend.
@@ -152,7 +101,7 @@ struct CallCounters {
 /// The CUDA virtual-memory backend for one device. See the [module documentation](self).
 #[derive(Debug)]
 pub struct CudaBackend {
-    ctx: Arc<Context>,
+    ctx: Arc<PrimaryContext>,
     /// The physical zero page mapped read-only behind every unmapped page (`None`: off).
     zero: Option<u64>,
     /// Where fences made from a caller's event are recorded (it waits on the event first).
@@ -186,34 +135,32 @@ impl CudaBackend {
     /// As [`CudaBackend::new`]; a driver error if the zero page cannot be created.
     pub fn with_zero_page(device: i32, zero_page: bool) -> Result<Self> {
         result::init()?;
-        let count = result::device_count()?;
+        let count = result::device::count()?;
         if device < 0 || device >= count {
             return Err(Error::InvalidConfig(format!(
                 "CUDA device {device} does not exist: {count} device(s) visible \
                  (check CUDA_VISIBLE_DEVICES)"
             )));
         }
-        let dev = result::device_get(device)?;
-        let name = result::device_name(dev)?;
-        let vmm =
-            result::device_attribute(dev, CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED)?;
+        let dev = result::device::get(device)?;
+        let name = result::device::name(dev)?;
+        let vmm = result::device::attribute(
+            dev,
+            CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED,
+        )?;
         if vmm == 0 {
             return Err(Error::Unsupported(format!(
                 "CUDA device {device} ({name}) does not support virtual memory management \
                  (CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED is 0)"
             )));
         }
-        let total_memory = result::device_total_mem(dev)? as u64;
-        let raw = result::primary_ctx_retain(dev)?;
+        let total_memory = result::device::total_mem(dev)? as u64;
         // From here on, dropping `ctx` (or the backend) releases the primary context.
-        let ctx = Arc::new(Context {
-            device: dev,
-            ctx: raw,
-        });
+        let ctx = Arc::new(PrimaryContext::retain(device)?);
         let bound = ctx.bind()?;
         let prop = CUmemAllocationProp::pinned_device(dev);
         let granularity =
-            result::mem_get_allocation_granularity(&prop, CU_MEM_ALLOC_GRANULARITY_MINIMUM)?;
+            result::mem::get_allocation_granularity(&prop, CU_MEM_ALLOC_GRANULARITY_MINIMUM)?;
         if granularity == 0 {
             return Err(Error::Unsupported(format!(
                 "CUDA device {device} ({name}) reports an allocation granularity of 0"
@@ -234,10 +181,10 @@ impl CudaBackend {
         };
         for _ in 0..COPY_STREAMS {
             // On error, `backend` is dropped, which destroys the streams made so far.
-            let s = result::stream_create(CU_STREAM_NON_BLOCKING)?;
+            let s = result::stream::create(CU_STREAM_NON_BLOCKING)?;
             backend.streams.push(Stream(s));
         }
-        backend.fence_stream = Some(Stream(result::stream_create(CU_STREAM_NON_BLOCKING)?));
+        backend.fence_stream = Some(Stream(result::stream::create(CU_STREAM_NON_BLOCKING)?));
         if zero_page {
             backend.zero = Some(backend.make_zero_page()?);
         }
@@ -248,31 +195,31 @@ impl CudaBackend {
     /// Creates one page of zeros (mapped once, read/write, to be cleared).
     fn make_zero_page(&self) -> Result<u64> {
         let g = self.granularity;
-        let prop = CUmemAllocationProp::pinned_device(self.ctx.device);
+        let prop = CUmemAllocationProp::pinned_device(self.ctx.device());
         let handle =
-            result::mem_create(g, &prop, 0).map_err(|e| driver_error(BackendOp::CreatePage, e))?;
+            result::mem::create(g, &prop, 0).map_err(|e| driver_error(BackendOp::CreatePage, e))?;
         let cleared = (|| -> std::result::Result<(), DriverError> {
-            let va = result::mem_address_reserve(g, g, 0, 0)?;
+            let va = result::mem::address_reserve(g, g, 0, 0)?;
             let zeros = vec![0u8; g];
             // SAFETY: `va` is a fresh reservation of one granule, `handle` a fresh page of that
             // size; the page is mapped, written through a synchronous copy from `zeros` (alive
             // for the call) and unmapped before the reservation is freed.
             let r = unsafe {
-                result::mem_map(va, g, 0, handle, 0).and_then(|()| {
-                    let access = [CUmemAccessDesc::read_write_device(self.ctx.device)];
-                    let r = result::mem_set_access(va, g, &access)
-                        .and_then(|()| result::memcpy_htod(va, zeros.as_ptr().cast(), g));
-                    let u = result::mem_unmap(va, g);
+                result::mem::map(va, g, 0, handle, 0).and_then(|()| {
+                    let access = [CUmemAccessDesc::read_write_device(self.ctx.device())];
+                    let r = result::mem::set_access(va, g, &access)
+                        .and_then(|()| result::mem::memcpy_htod(va, zeros.as_ptr().cast(), g));
+                    let u = result::mem::unmap(va, g);
                     r.and(u)
                 })
             };
             // SAFETY: the reservation is whole and nothing is mapped in it any more.
-            let f = unsafe { result::mem_address_free(va, g) };
+            let f = unsafe { result::mem::address_free(va, g) };
             r.and(f)
         })();
         if let Err(e) = cleared {
             // SAFETY: the page was created above and is mapped nowhere.
-            let _ = unsafe { result::mem_release(handle) };
+            let _ = unsafe { result::mem::release(handle) };
             return Err(driver_error(BackendOp::CreatePage, e));
         }
         Ok(handle)
@@ -301,7 +248,7 @@ impl CudaBackend {
             self.calls.mem_map.fetch_add(1, Ordering::Relaxed);
             // SAFETY: `[va+off, +g)` lies in a reservation of this backend and is unmapped (the
             // callers' contract); the zero page is live for the backend's life and `g` bytes.
-            if let Err(e) = unsafe { result::mem_map(va + off as u64, g, 0, zero, 0) } {
+            if let Err(e) = unsafe { result::mem::map(va + off as u64, g, 0, zero, 0) } {
                 self.rollback_map(va, off);
                 return Err(e);
             }
@@ -310,13 +257,13 @@ impl CudaBackend {
         let access = [CUmemAccessDesc {
             location: kvvm_sys::CUmemLocation {
                 type_: CU_MEM_LOCATION_TYPE_DEVICE,
-                id: self.ctx.device,
+                id: self.ctx.device(),
             },
             flags: CU_MEM_ACCESS_FLAGS_PROT_READ,
         }];
         self.calls.mem_set_access.fetch_add(1, Ordering::Relaxed);
         // SAFETY: `[va, va+len)` consists of the zero-page mappings made just above.
-        if let Err(e) = unsafe { result::mem_set_access(va, len, &access) } {
+        if let Err(e) = unsafe { result::mem::set_access(va, len, &access) } {
             self.rollback_map(va, len);
             return Err(e);
         }
@@ -366,7 +313,7 @@ impl CudaBackend {
         self.calls.mem_unmap.fetch_add(1, Ordering::Relaxed);
         // SAFETY: `[va, va+len)` consists of whole mappings made by the failing `map` call, which
         // has not returned them to anyone.
-        if let Err(e) = unsafe { result::mem_unmap(va, len) } {
+        if let Err(e) = unsafe { result::mem::unmap(va, len) } {
             tracing::error!("rolling back a failed map: cuMemUnmap({va:#x}, {len}) failed: {e}");
         }
     }
@@ -378,16 +325,16 @@ impl Drop for CudaBackend {
         for s in self.streams.drain(..) {
             // SAFETY: the stream was created by this backend and is destroyed once; work still
             // queued on it completes before the driver releases it.
-            let _ = unsafe { result::stream_destroy(s.0) };
+            let _ = unsafe { result::stream::destroy(s.0) };
         }
         if let Some(s) = self.fence_stream.take() {
             // SAFETY: as above.
-            let _ = unsafe { result::stream_destroy(s.0) };
+            let _ = unsafe { result::stream::destroy(s.0) };
         }
         if let Some(z) = self.zero.take() {
             // SAFETY: the zero page was created by this backend and is released once; the driver
             // defers the release while reservations still map it.
-            let _ = unsafe { result::mem_release(z) };
+            let _ = unsafe { result::mem::release(z) };
         }
         let left = self.reservations().len();
         if left > 0 {
@@ -425,13 +372,13 @@ impl Backend for CudaBackend {
 
     fn reserve(&self, len: usize) -> Result<VaRange> {
         check_multiple("reservation", len, self.granularity)?;
-        let _bound = self.ctx.bind_for(BackendOp::Reserve)?;
-        let addr = result::mem_address_reserve(len, self.granularity, 0, 0)
+        let _bound = bind_for(&self.ctx, BackendOp::Reserve)?;
+        let addr = result::mem::address_reserve(len, self.granularity, 0, 0)
             .map_err(|e| driver_error(BackendOp::Reserve, e))?;
         if let Some(zero) = self.zero {
             if let Err(e) = self.map_zeros(zero, addr, len) {
                 // SAFETY: the reservation was made above and nothing is mapped in it.
-                let _ = unsafe { result::mem_address_free(addr, len) };
+                let _ = unsafe { result::mem::address_free(addr, len) };
                 return Err(driver_error(BackendOp::Reserve, e));
             }
         }
@@ -459,28 +406,25 @@ impl Backend for CudaBackend {
                 )))
             }
         }
-        let outcome = self
-            .ctx
-            .bind_for(BackendOp::FreeReservation)
-            .and_then(|_bound| {
-                if self.zero.is_some() {
-                    self.calls.mem_unmap.fetch_add(1, Ordering::Relaxed);
-                    // SAFETY: the trait contract makes the caller unmap its pages first, so the
-                    // range holds only zero-page mappings made by this backend.
-                    unsafe { result::mem_unmap(range.addr, range.len) }
-                        .map_err(|e| driver_error(BackendOp::FreeReservation, e))?;
+        let outcome = bind_for(&self.ctx, BackendOp::FreeReservation).and_then(|_bound| {
+            if self.zero.is_some() {
+                self.calls.mem_unmap.fetch_add(1, Ordering::Relaxed);
+                // SAFETY: the trait contract makes the caller unmap its pages first, so the
+                // range holds only zero-page mappings made by this backend.
+                unsafe { result::mem::unmap(range.addr, range.len) }
+                    .map_err(|e| driver_error(BackendOp::FreeReservation, e))?;
+            }
+            // SAFETY: the range is a whole reservation made by this backend (checked above);
+            // nothing is mapped in it any more.
+            let r = unsafe { result::mem::address_free(range.addr, range.len) }
+                .map_err(|e| driver_error(BackendOp::FreeReservation, e));
+            if r.is_err() {
+                if let Some(zero) = self.zero {
+                    let _ = self.map_zeros(zero, range.addr, range.len);
                 }
-                // SAFETY: the range is a whole reservation made by this backend (checked above);
-                // nothing is mapped in it any more.
-                let r = unsafe { result::mem_address_free(range.addr, range.len) }
-                    .map_err(|e| driver_error(BackendOp::FreeReservation, e));
-                if r.is_err() {
-                    if let Some(zero) = self.zero {
-                        let _ = self.map_zeros(zero, range.addr, range.len);
-                    }
-                }
-                r
-            });
+            }
+            r
+        });
         if outcome.is_err() {
             self.reservations().insert(range.addr, range.len);
         }
@@ -489,21 +433,21 @@ impl Backend for CudaBackend {
 
     fn create_page(&self, size: usize) -> Result<PageHandle> {
         check_multiple("page", size, self.granularity)?;
-        let _bound = self.ctx.bind_for(BackendOp::CreatePage)?;
-        let prop = CUmemAllocationProp::pinned_device(self.ctx.device);
-        let handle = result::mem_create(size, &prop, 0)
+        let _bound = bind_for(&self.ctx, BackendOp::CreatePage)?;
+        let prop = CUmemAllocationProp::pinned_device(self.ctx.device());
+        let handle = result::mem::create(size, &prop, 0)
             .map_err(|e| driver_error(BackendOp::CreatePage, e))?;
         Ok(PageHandle::from_raw(handle, size))
     }
 
     fn release_page(&self, page: PageHandle) -> std::result::Result<(), (PageHandle, Error)> {
-        let bound = match self.ctx.bind_for(BackendOp::ReleasePage) {
+        let bound = match bind_for(&self.ctx, BackendOp::ReleasePage) {
             Ok(b) => b,
             Err(e) => return Err((page, e)),
         };
         // SAFETY: `PageHandle` is neither Copy nor Clone and only this backend creates CUDA page
         // handles, so `page` is the unique owner of this allocation handle and it is released once.
-        let outcome = unsafe { result::mem_release(page.raw()) };
+        let outcome = unsafe { result::mem::release(page.raw()) };
         drop(bound);
         outcome.map_err(|e| (page, driver_error(BackendOp::ReleasePage, e)))
     }
@@ -520,7 +464,7 @@ impl Backend for CudaBackend {
             })?;
         }
         self.check_range("mapping", va, total)?;
-        let _bound = self.ctx.bind_for(BackendOp::Map)?;
+        let _bound = bind_for(&self.ctx, BackendOp::Map)?;
         // Puts the zero page back behind the range after a failure (best effort).
         let restore_zeros = || {
             if let Some(zero) = self.zero {
@@ -533,7 +477,8 @@ impl Backend for CudaBackend {
             self.calls.mem_unmap.fetch_add(1, Ordering::Relaxed);
             // SAFETY: the range lies in a reservation of this backend and is unmapped by the
             // trait's contract, so it holds only the zero page's read-only mappings.
-            unsafe { result::mem_unmap(va, total) }.map_err(|e| driver_error(BackendOp::Map, e))?;
+            unsafe { result::mem::unmap(va, total) }
+                .map_err(|e| driver_error(BackendOp::Map, e))?;
         }
         let mut offset: usize = 0;
         for p in pages {
@@ -544,17 +489,17 @@ impl Backend for CudaBackend {
             // the driver validates the handle, so a foreign or released handle gives an error
             // (or maps meaningless bytes), and the offset 0 + size is within a page of `size`
             // bytes.
-            if let Err(e) = unsafe { result::mem_map(at, p.size(), 0, p.raw(), 0) } {
+            if let Err(e) = unsafe { result::mem::map(at, p.size(), 0, p.raw(), 0) } {
                 self.rollback_map(va, offset);
                 restore_zeros();
                 return Err(driver_error(BackendOp::Map, e));
             }
             offset += p.size();
         }
-        let access = [CUmemAccessDesc::read_write_device(self.ctx.device)];
+        let access = [CUmemAccessDesc::read_write_device(self.ctx.device())];
         self.calls.mem_set_access.fetch_add(1, Ordering::Relaxed);
         // SAFETY: `[va, va+total)` was mapped by this call just above and is not yet in use.
-        if let Err(e) = unsafe { result::mem_set_access(va, total, &access) } {
+        if let Err(e) = unsafe { result::mem::set_access(va, total, &access) } {
             self.rollback_map(va, total);
             restore_zeros();
             return Err(driver_error(BackendOp::Map, e));
@@ -564,11 +509,11 @@ impl Backend for CudaBackend {
 
     fn unmap(&self, va: u64, len: usize) -> Result<()> {
         self.check_range("unmapping", va, len)?;
-        let _bound = self.ctx.bind_for(BackendOp::Unmap)?;
+        let _bound = bind_for(&self.ctx, BackendOp::Unmap)?;
         self.calls.mem_unmap.fetch_add(1, Ordering::Relaxed);
         // SAFETY: the range lies in a reservation of this backend; the trait's contract makes it
         // whole mappings made by `map` that no kernel or copy still uses.
-        unsafe { result::mem_unmap(va, len) }.map_err(|e| driver_error(BackendOp::Unmap, e))?;
+        unsafe { result::mem::unmap(va, len) }.map_err(|e| driver_error(BackendOp::Unmap, e))?;
         if let Some(zero) = self.zero {
             // The pages are gone either way; without the zero page the range faults on access
             // instead of reading zeros, which is logged, not an error of this call.
@@ -585,14 +530,14 @@ impl Backend for CudaBackend {
                 "a host buffer of 0 bytes cannot be allocated".into(),
             ));
         }
-        let _bound = self.ctx.bind_for(BackendOp::AllocHost)?;
-        let p = result::mem_host_alloc(len, CU_MEMHOSTALLOC_PORTABLE)
+        let _bound = bind_for(&self.ctx, BackendOp::AllocHost)?;
+        let p = result::mem::host_alloc(len, CU_MEMHOSTALLOC_PORTABLE)
             .map_err(|e| driver_error(BackendOp::AllocHost, e))?;
         Ok(HostBuffer::from_raw(p.expose_provenance() as u64, len))
     }
 
     fn free_host(&self, buf: HostBuffer) -> std::result::Result<(), (HostBuffer, Error)> {
-        let bound = match self.ctx.bind_for(BackendOp::FreeHost) {
+        let bound = match bind_for(&self.ctx, BackendOp::FreeHost) {
             Ok(b) => b,
             Err(e) => return Err((buf, e)),
         };
@@ -600,7 +545,7 @@ impl Backend for CudaBackend {
         // SAFETY: `HostBuffer` is neither Copy nor Clone and CUDA host buffers come only from
         // `alloc_host`, so `buf` uniquely owns this pinned allocation; the trait's contract says no
         // copy is in flight on it.
-        let outcome = unsafe { result::mem_free_host(p) };
+        let outcome = unsafe { result::mem::free_host(p) };
         drop(bound);
         outcome.map_err(|e| (buf, driver_error(BackendOp::FreeHost, e)))
     }
@@ -625,49 +570,50 @@ impl Backend for CudaBackend {
     }
 
     fn synchronize(&self) -> Result<()> {
-        let _bound = self.ctx.bind_for(BackendOp::Synchronize)?;
-        result::ctx_synchronize().map_err(|e| driver_error(BackendOp::Synchronize, e))
+        let _bound = bind_for(&self.ctx, BackendOp::Synchronize)?;
+        result::ctx::synchronize().map_err(|e| driver_error(BackendOp::Synchronize, e))
     }
 
     fn record_fence(&self, stream: u64) -> Result<Option<Arc<dyn Fence>>> {
-        let _bound = self.ctx.bind_for(BackendOp::Copy)?;
-        let stream = std::ptr::with_exposed_provenance_mut(stream as usize);
+        let _bound = bind_for(&self.ctx, BackendOp::Copy)?;
+        let stream: CUstream = std::ptr::with_exposed_provenance_mut(stream as usize);
         Ok(Some(self.new_fence(|event| {
             // SAFETY: `event` was just created in this context; the caller names a live stream
-            // (a destroyed one gives the driver's error, not undefined behaviour, for handles the
-            // driver still tracks).
-            unsafe { result::event_record(event, stream) }
+            // (a destroyed one gives the driver's error for handles the driver still tracks).
+            unsafe { result::event::record(event, stream) }
         })?))
     }
 
     fn fence_after_event(&self, event: u64) -> Result<Option<Arc<dyn Fence>>> {
-        let _bound = self.ctx.bind_for(BackendOp::Copy)?;
+        let _bound = bind_for(&self.ctx, BackendOp::Copy)?;
         let Some(fs) = self.fence_stream.as_ref().map(|s| s.0) else {
-            return Err(Error::Unsupported("the CUDA backend has no fence stream".into()));
+            return Err(Error::Unsupported(
+                "the CUDA backend has no fence stream".into(),
+            ));
         };
         let theirs: CUevent = std::ptr::with_exposed_provenance_mut(event as usize);
         Ok(Some(self.new_fence(|ours| {
             // SAFETY: `fs` is this backend's stream; the caller names a live event. The fence
             // stream waits for the caller's event as recorded now, then records ours.
             unsafe {
-                result::stream_wait_event(fs, theirs, 0)?;
-                result::event_record(ours, fs)
+                result::stream::wait_event(fs, theirs, 0)?;
+                result::event::record(ours, fs)
             }
         })?))
     }
 
     fn stream_wait_event(&self, stream: u64, event: u64) -> Result<()> {
-        let _bound = self.ctx.bind_for(BackendOp::Copy)?;
+        let _bound = bind_for(&self.ctx, BackendOp::Copy)?;
         let stream: CUstream = std::ptr::with_exposed_provenance_mut(stream as usize);
         let event: CUevent = std::ptr::with_exposed_provenance_mut(event as usize);
         // SAFETY: the caller names a live stream, and `event` is one of this backend's events
         // (a ticket's or a fence's, alive while the caller holds it).
-        unsafe { result::stream_wait_event(stream, event, 0) }
+        unsafe { result::stream::wait_event(stream, event, 0) }
             .map_err(|e| driver_error(BackendOp::Copy, e))
     }
 
     fn prepare_thread(&self) {
-        if let Err(e) = self.ctx.bind().map(std::mem::forget) {
+        if let Err(e) = self.ctx.make_current() {
             tracing::warn!("binding the CUDA context on a kvvm thread failed: {e}");
         }
         match kvvm_sys::driver() {
@@ -690,11 +636,11 @@ impl CudaBackend {
         &self,
         record: impl FnOnce(CUevent) -> std::result::Result<(), DriverError>,
     ) -> Result<Arc<dyn Fence>> {
-        let event = result::event_create(CU_EVENT_DISABLE_TIMING | CU_EVENT_BLOCKING_SYNC)
+        let event = result::event::create(CU_EVENT_DISABLE_TIMING | CU_EVENT_BLOCKING_SYNC)
             .map_err(|e| driver_error(BackendOp::Copy, e))?;
         if let Err(e) = record(event) {
             // SAFETY: the event was created above, never recorded, and is not used again.
-            let _ = unsafe { result::event_destroy(event) };
+            let _ = unsafe { result::event::destroy(event) };
             return Err(driver_error(BackendOp::Copy, e));
         }
         Ok(Arc::new(CudaCompletion {
@@ -715,7 +661,7 @@ impl CudaBackend {
         after: Option<&dyn Fence>,
     ) -> Result<Box<dyn Completion>> {
         let op = BackendOp::Copy;
-        let _bound = self.ctx.bind_for(op)?;
+        let _bound = bind_for(&self.ctx, op)?;
         let i = self.next_stream.fetch_add(1, Ordering::Relaxed) % self.streams.len().max(1);
         let Some(stream) = self.streams.get(i).map(|s| s.0) else {
             return Err(Error::Unsupported(
@@ -726,7 +672,7 @@ impl CudaBackend {
             if let Some(f) = after {
                 let event: CUevent = std::ptr::with_exposed_provenance_mut(f.event() as usize);
                 // SAFETY: `stream` is ours; the fence keeps its event alive for this call.
-                unsafe { result::stream_wait_event(stream, event, 0)? };
+                unsafe { result::stream::wait_event(stream, event, 0)? };
             }
             for r in regions.iter().filter(|r| r.len > 0) {
                 match kind {
@@ -735,26 +681,26 @@ impl CudaBackend {
                         // SAFETY: the caller guarantees (copy_async's contract) that `src` is
                         // readable host memory and `dst` mapped, writable device memory for `len`
                         // bytes until the completion reports done; `stream` is ours and live.
-                        unsafe { result::memcpy_htod_async(r.dst, src, r.len, stream)? }
+                        unsafe { result::mem::memcpy_htod_async(r.dst, src, r.len, stream)? }
                     }
                     CopyKind::DeviceToHost => {
                         let dst = std::ptr::with_exposed_provenance_mut::<c_void>(r.dst as usize);
                         // SAFETY: as above, with `dst` writable host memory and `src` mapped,
                         // readable device memory.
-                        unsafe { result::memcpy_dtoh_async(dst, r.src, r.len, stream)? }
+                        unsafe { result::mem::memcpy_dtoh_async(dst, r.src, r.len, stream)? }
                     }
                     CopyKind::DeviceToDevice => {
                         // SAFETY: as above, both ranges mapped device memory.
-                        unsafe { result::memcpy_dtod_async(r.dst, r.src, r.len, stream)? }
+                        unsafe { result::mem::memcpy_dtod_async(r.dst, r.src, r.len, stream)? }
                     }
                 }
             }
             // Blocking sync: `Completion::wait` sleeps instead of spinning a core.
-            let event = result::event_create(CU_EVENT_DISABLE_TIMING | CU_EVENT_BLOCKING_SYNC)?;
+            let event = result::event::create(CU_EVENT_DISABLE_TIMING | CU_EVENT_BLOCKING_SYNC)?;
             // SAFETY: `event` was just created in this context and `stream` is ours.
-            if let Err(e) = unsafe { result::event_record(event, stream) } {
+            if let Err(e) = unsafe { result::event::record(event, stream) } {
                 // SAFETY: the event was created above, never recorded, and is not used again.
-                let _ = unsafe { result::event_destroy(event) };
+                let _ = unsafe { result::event::destroy(event) };
                 return Err(e);
             }
             Ok(event)
@@ -768,7 +714,7 @@ impl CudaBackend {
                 // Copies enqueued before the failure still read and write the caller's memory;
                 // wait for them so that nothing is in flight once the error is returned.
                 // SAFETY: `stream` is ours and live.
-                if let Err(sync) = unsafe { result::stream_synchronize(stream) } {
+                if let Err(sync) = unsafe { result::stream::synchronize(stream) } {
                     tracing::error!("synchronizing after a failed copy submission: {sync}");
                 }
                 Err(driver_error(op, e))
@@ -782,7 +728,7 @@ impl CudaBackend {
 struct CudaCompletion {
     event: CUevent,
     /// Keeps the context (and so the event) alive even if the backend is dropped first.
-    ctx: Arc<Context>,
+    ctx: Arc<PrimaryContext>,
 }
 
 // SAFETY: a CUevent is a driver handle usable from any thread; querying and synchronizing one
@@ -793,15 +739,15 @@ unsafe impl Sync for CudaCompletion {}
 
 impl Completion for CudaCompletion {
     fn poll(&self) -> Result<bool> {
-        let _bound = self.ctx.bind_for(BackendOp::Copy)?;
+        let _bound = bind_for(&self.ctx, BackendOp::Copy)?;
         // SAFETY: the event is live until this completion is dropped.
-        unsafe { result::event_query(self.event) }.map_err(|e| driver_error(BackendOp::Copy, e))
+        unsafe { result::event::query(self.event) }.map_err(|e| driver_error(BackendOp::Copy, e))
     }
 
     fn wait(&self) -> Result<()> {
-        let _bound = self.ctx.bind_for(BackendOp::Copy)?;
+        let _bound = bind_for(&self.ctx, BackendOp::Copy)?;
         // SAFETY: the event is live until this completion is dropped.
-        unsafe { result::event_synchronize(self.event) }
+        unsafe { result::event::synchronize(self.event) }
             .map_err(|e| driver_error(BackendOp::Copy, e))
     }
 
@@ -827,7 +773,7 @@ impl Drop for CudaCompletion {
         let bound = self.ctx.bind();
         // SAFETY: the event was created for this completion and is destroyed once, here; the
         // driver defers the release if the recorded work is still pending.
-        let _ = unsafe { result::event_destroy(self.event) };
+        let _ = unsafe { result::event::destroy(self.event) };
         drop(bound);
     }
 }
@@ -939,9 +885,10 @@ mod gpu_tests {
             // SAFETY: both ranges are mapped read/write by this test; the host buffers are
             // valid for the lengths given.
             unsafe {
-                result::memcpy_htod(r1.addr, src.as_ptr().cast(), 2 * g).unwrap();
-                result::memcpy_dtoh(alias.as_mut_ptr().cast(), r2.addr, g).unwrap();
-                result::memcpy_dtoh(second.as_mut_ptr().cast(), r1.addr + g as u64, g).unwrap();
+                result::mem::memcpy_htod(r1.addr, src.as_ptr().cast(), 2 * g).unwrap();
+                result::mem::memcpy_dtoh(alias.as_mut_ptr().cast(), r2.addr, g).unwrap();
+                result::mem::memcpy_dtoh(second.as_mut_ptr().cast(), r1.addr + g as u64, g)
+                    .unwrap();
             }
         }
         assert!(alias[..] == src[..g], "alias mapping shows different bytes");
@@ -968,7 +915,7 @@ mod gpu_tests {
         {
             let _bound = b.ctx.bind().unwrap();
             // SAFETY: r2 is mapped read/write again; `second` is valid for `g` bytes.
-            unsafe { result::memcpy_dtoh(second.as_mut_ptr().cast(), r2.addr, g).unwrap() };
+            unsafe { result::mem::memcpy_dtoh(second.as_mut_ptr().cast(), r2.addr, g).unwrap() };
         }
         assert!(second[..] == src[g..], "page contents lost across unmap");
         b.unmap(r2.addr, g).unwrap();

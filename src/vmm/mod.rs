@@ -442,16 +442,18 @@ pub fn open(config: &BackendConfig) -> Result<Arc<dyn Backend>> {
             config.device,
             config.zero_page,
         )?)),
-        BackendChoice::Auto => match cuda::CudaBackend::with_zero_page(config.device, config.zero_page) {
-            Ok(b) => Ok(Arc::new(b)),
-            Err(e) => {
-                tracing::debug!("CUDA backend unavailable ({e}); using the host backend");
-                open(&BackendConfig {
-                    choice: BackendChoice::Host,
-                    ..config.clone()
-                })
+        BackendChoice::Auto => {
+            match cuda::CudaBackend::with_zero_page(config.device, config.zero_page) {
+                Ok(b) => Ok(Arc::new(b)),
+                Err(e) => {
+                    tracing::debug!("CUDA backend unavailable ({e}); using the host backend");
+                    open(&BackendConfig {
+                        choice: BackendChoice::Host,
+                        ..config.clone()
+                    })
+                }
             }
-        },
+        }
     }
 }
 

@@ -16,12 +16,14 @@
 
 #![warn(missing_docs)]
 
+mod context;
 mod driver;
 mod error;
 pub mod nvrtc;
 pub mod result;
 pub mod types;
 
+pub use context::{Bound, PrimaryContext};
 pub use driver::{driver, libcuda_candidates, Driver, LIBCUDA_ENV, LIBCUDA_NAMES};
 pub use error::{error_name, DriverError};
 pub use nvrtc::{nvrtc, Nvrtc};

@@ -18,7 +18,9 @@ pub fn build() -> Result<Option<PathBuf>, String> {
                 .ancestors()
                 .map(|d| d.join("tests/fixtures/fakecuda.c"))
                 .find(|p| p.exists())
-                .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fakecuda.c"))
+                .unwrap_or_else(|| {
+                    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fakecuda.c")
+                })
         });
     let text = std::fs::read(&src).map_err(|e| format!("reading {}: {e}", src.display()))?;
     // `CC` may carry arguments (`ccache cc`, `cc -fsanitize=address`); they are part of the key.

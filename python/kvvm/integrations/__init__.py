@@ -1,0 +1,1 @@
+"""Integrations of kvvm with model libraries (imported on demand)."""
