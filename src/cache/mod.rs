@@ -16,8 +16,8 @@ pub use config::{
     CacheConfig, DType, Geometry, Layout, ModelShape, MAX_SLOTS, MAX_VIRTUAL_BYTES, PRESETS,
 };
 use grow::{attach, MapFailure, Work};
-use slot::Slot;
 pub(crate) use hooks::PendingPages;
+use slot::Slot;
 pub use slot::SlotId;
 pub use stats::CacheStats;
 use unmapper::{AfterUnmap, UnmapQueue};
