@@ -179,8 +179,16 @@ impl Timers {
 /// read once the ticket is complete, or, on CUDA, by work that a stream orders after
 /// [`SwapTicket::event`] with `cuStreamWaitEvent`.
 ///
-/// A transfer finishes when its copy completes: a swap-out then (and never before) unmaps the
-/// slot's pages, returns them to the pool and frees the slot; a swap-in gives the slot its tokens.
+/// Page management is pipelined with the copies. A swap-out submits one copy per chunk and, as
+/// the chunks complete in order (and after its fence), unmaps the pages wholly under the
+/// completed chunks while later chunks still copy; a page that a chunk boundary cuts is unmapped
+/// only once both chunks are done. When the last chunk completes, the rest is unmapped, every
+/// page returns to the pool and the slot is freed; until then the slot stays allocated and busy.
+/// If a later chunk fails, the pages released early are mapped back (their contents survive
+/// unmapping), so the slot is as it was. On the host backend a swap-in maps each chunk's pages
+/// on the staging thread just before populating and copying that chunk (the first chunk's in
+/// `swap_in` itself); elsewhere `swap_in` maps every page before submitting. A swap-in gives
+/// the slot its tokens when its last copy completes.
 /// The finishing work runs in whichever comes first of [`SwapTicket::poll`] / [`SwapTicket::wait`]
 /// and the engine's completion thread, so a caller that never polls leaks nothing; dropping the
 /// engine waits for every transfer in flight and finishes it.
@@ -190,7 +198,11 @@ impl Timers {
 /// A copy that fails (at submission or at completion) or pages that cannot be mapped leave the
 /// slot as it was (still allocated, every token intact; after a failed swap-in, still empty) and
 /// the host copy as it was; the error is returned by `swap_out` / `swap_in` (submission) or by the
-/// ticket (completion).
+/// ticket (completion; on the host backend also a swap-in whose later chunks' pages cannot be
+/// mapped, and after a failed swap-in the slot may hold some of those pages, without tokens).
+/// One case is not covered: a swap-out whose later chunk fails *and* whose early-released pages
+/// cannot be mapped back after several attempts logs an error and loses those pages' tokens
+/// from the slot (their bytes are in the host copy, which the failed transfer drops).
 ///
 /// # Host memory and KV reuse
 ///
@@ -760,7 +772,9 @@ impl SwapEngine {
     ///
     /// # Errors
     /// [`Error::InvalidArgument`] for an unknown, released or evicted copy, or a slot that is not
-    /// allocated or not empty; [`Error::Grow`] when the pages cannot be mapped; a backend error
+    /// allocated or not empty; [`Error::Grow`] when the pages cannot be mapped (on the host
+    /// backend, pages beyond the first chunk's are mapped later and such an error reaches the
+    /// ticket); a backend error
     /// when the copy cannot be submitted. The slot and the copy are then as they were.
     ///
     /// # Examples
