@@ -39,6 +39,7 @@
 
 mod cache;
 mod error;
+mod fork;
 mod kind;
 // The page pool is internal; the `testing` feature opens it for the backend-contract tests.
 #[cfg(feature = "testing")]
@@ -53,11 +54,19 @@ mod worker;
 
 pub use cache::{
     ByteRange, CacheConfig, CacheStats, DType, Device, Geometry, Kv, KvCache, Layout, ModelShape,
-    SlotId, TensorView, MAX_SLOTS, MAX_VIRTUAL_BYTES, PRESETS,
+    SlotId, TensorView, MAX_LAYERS, MAX_PAGE_LISTS, MAX_SLOTS, MAX_VIRTUAL_BYTES, PRESETS,
 };
 pub use error::{Error, Result};
 pub use pool::PoolStats;
 pub use swap::{HostCopyId, SwapConfig, SwapEngine, SwapStats, SwapTicket};
+
+/// The fork generation of this process: 0 in the process that first used kvvm, one more in the
+/// child of every `fork()` after that. kvvm objects made in an older generation were inherited
+/// from a parent process: in the child their calls fail with [`Error::InvalidArgument`] and
+/// dropping them only forgets them (the parent's pages are never touched).
+pub fn fork_generation() -> u64 {
+    fork::generation()
+}
 
 /// The Rust examples of `README.md`, compiled and run as doctests.
 #[cfg(doctest)]

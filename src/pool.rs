@@ -14,6 +14,7 @@
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use crate::error::{Error, Result};
+use crate::fork::ForkGuard;
 use crate::vmm::{Backend, PageHandle};
 use crate::worker::Worker;
 
@@ -28,23 +29,28 @@ pub struct PoolConfig {
     pub create_all: bool,
     /// The background thread keeps at least this many free pages (within the budget).
     pub low_watermark: usize,
-    /// Free pages above this many are released back to the system.
+    /// Free pages above this many are released back to the system (not with `create_all`).
     pub high_watermark: usize,
     /// Run the background refill/trim thread. Without it, pages are created on demand and
     /// trimmed inline in [`PagePool::give_back`].
     pub background: bool,
 }
 
+/// Free pages a pool keeps for reuse by default; more are released to the system (a free page
+/// holds memory that no mapping shows, so the free list must not grow with the budget).
+pub const DEFAULT_HIGH_WATERMARK: usize = 64;
+
 impl PoolConfig {
     /// A pool of `budget_bytes` with pages of `page_size`, default watermarks (low 4 pages, high
-    /// unlimited: pages are kept for reuse) and the background thread on.
+    /// [`DEFAULT_HIGH_WATERMARK`] pages: a bounded number of free pages is kept for reuse, the
+    /// rest goes back to the system) and the background thread on.
     pub fn with_budget(page_size: usize, budget_bytes: u64) -> Self {
         PoolConfig {
             page_size,
             budget_bytes,
             create_all: false,
             low_watermark: 4,
-            high_watermark: usize::MAX,
+            high_watermark: DEFAULT_HIGH_WATERMARK,
             background: true,
         }
     }
@@ -114,7 +120,8 @@ impl Inner {
     }
 
     fn needs_trim(&self, s: &State) -> bool {
-        s.free.len() > self.config.high_watermark
+        // Pages created up front are meant to be kept.
+        !self.config.create_all && s.free.len() > self.config.high_watermark
     }
 
     /// Releases one free page (the lock is dropped during the call). Returns false if there was
@@ -190,6 +197,8 @@ impl Inner {
 pub struct PagePool {
     inner: Arc<Inner>,
     worker: Option<Worker>,
+    /// The process the pool belongs to (see [`crate::fork`]).
+    fork: ForkGuard,
 }
 
 impl PagePool {
@@ -215,6 +224,11 @@ impl PagePool {
                 config.budget_bytes, config.page_size
             )));
         }
+        crate::vmm::host::check_budget(
+            backend.info().usable_memory,
+            config.page_size,
+            config.budget_bytes,
+        )?;
         let inner = Arc::new(Inner {
             backend,
             budget_pages,
@@ -237,6 +251,7 @@ impl PagePool {
         let mut pool = PagePool {
             inner,
             worker: None,
+            fork: ForkGuard::new(),
         };
         if pool.inner.config.create_all {
             pool.prefill(budget_pages)?;
@@ -280,6 +295,7 @@ impl PagePool {
     /// The backend error of the first creation that failed; pages created before stay in the
     /// pool.
     pub fn prefill(&self, pages: usize) -> Result<()> {
+        self.fork.check("page pool")?;
         let inner = &*self.inner;
         let mut s = inner.lock();
         while s.free.len() < pages && s.live + s.creating < inner.budget_pages {
@@ -312,6 +328,7 @@ impl PagePool {
     /// [`Error::BudgetExhausted`] if free pages plus the remaining budget cannot supply `n`; the
     /// backend's error if creating a page fails. The pool is unchanged in both cases.
     pub fn acquire(&self, n: usize) -> Result<Vec<PageHandle>> {
+        self.fork.check("page pool")?;
         if n == 0 {
             return Ok(Vec::new());
         }
@@ -377,7 +394,7 @@ impl PagePool {
     /// Free pages above the high watermark are released: by the background thread, or here when
     /// it does not run.
     pub fn give_back(&self, pages: Vec<PageHandle>) {
-        if pages.is_empty() {
+        if pages.is_empty() || self.fork.inherited() {
             return;
         }
         let inner = &*self.inner;
@@ -405,6 +422,7 @@ impl PagePool {
     /// # Errors
     /// The backend's error if a release fails; that page stays free in the pool.
     pub fn trim(&self, keep: usize) -> Result<usize> {
+        self.fork.check("page pool")?;
         let inner = &*self.inner;
         let mut released = 0;
         let mut s = inner.lock();
@@ -433,6 +451,10 @@ impl PagePool {
 
 impl Drop for PagePool {
     fn drop(&mut self) {
+        if self.fork.inherited() {
+            // The free pages are the parent's too (shared memfd): a child releases nothing.
+            return;
+        }
         self.inner.lock().shutdown = true;
         self.inner.work.notify_all();
         if let Some(mut w) = self.worker.take() {

@@ -9,12 +9,15 @@
 use std::thread::JoinHandle;
 
 use crate::error::{Error, Result};
+use crate::fork::ForkGuard;
 
 /// A named background thread, joined on [`Worker::join`] or when dropped.
 #[derive(Debug)]
 pub(crate) struct Worker {
     name: &'static str,
     handle: Option<JoinHandle<()>>,
+    /// In a forked child the thread does not exist: it is forgotten, never joined.
+    fork: ForkGuard,
 }
 
 impl Worker {
@@ -33,12 +36,18 @@ impl Worker {
         Ok(Worker {
             name,
             handle: Some(handle),
+            fork: ForkGuard::new(),
         })
     }
 
     /// Waits for the thread to end (the owner must have signalled it to stop). Idempotent.
     pub(crate) fn join(&mut self) {
         if let Some(h) = self.handle.take() {
+            if self.fork.inherited() {
+                // The thread stayed in the parent process: joining it here would wait forever.
+                std::mem::forget(h);
+                return;
+            }
             if h.join().is_err() {
                 tracing::error!("kvvm background thread {} panicked", self.name);
             }

@@ -119,6 +119,9 @@ impl<'a> Owner<'a> {
                         r.tokens = t;
                     }
                 }
+                for &(k, _) in items {
+                    self.fits(self.reqs[k].slot)?;
+                }
                 Ok(true)
             }
             Err(Error::Grow { source, .. })
@@ -148,6 +151,20 @@ impl<'a> Owner<'a> {
             .shrink(r.slot, tokens)
             .map_err(|e| format!("shrink {} to {tokens}: {e}", r.slot))?;
         r.tokens = r.tokens.min(tokens);
+        let slot = r.slot;
+        self.fits(slot)
+    }
+
+    /// `tokens <= capacity` for one of this thread's slots (others change only its mapped-ahead
+    /// pages: the mapper adds, reclamation never goes below the tokens).
+    fn fits(&self, slot: SlotId) -> Result<(), String> {
+        let t = self.cache.tokens(slot).map_err(|e| e.to_string())?;
+        let c = self.cache.capacity(slot).map_err(|e| e.to_string())?;
+        if t > c {
+            return Err(format!(
+                "slot {slot} holds {t} tokens but its pages hold {c}"
+            ));
+        }
         Ok(())
     }
 
@@ -163,6 +180,7 @@ impl<'a> Owner<'a> {
                     r.slot, r.tokens
                 ));
             }
+            self.fits(r.slot)?;
             // SAFETY: this thread owns the slot and it holds `r.tokens` tokens.
             unsafe { verify_tokens(self.cache, r.slot, r.generation, r.tokens)? };
         }

@@ -173,6 +173,25 @@ fn seeds() -> Vec<(String, FuzzInput)> {
                 );
             }
         }
+        // A shrink whose second unmap fails leaves the slot uneven; growing it with the pool
+        // short unmaps the surplus first, which fails too: the growth reports the backend's
+        // failure, not an exhausted budget (found by the `per_layer_faults` model test).
+        add(
+            "fault-surplus-unmap",
+            config(layout, 0, true, 16),
+            vec![
+                Alloc { hint: 199 },
+                Ensure { k: 0, tokens: 199 },
+                Fault { kind: 1, nth: 1 },
+                Shrink { k: 0, tokens: 0 },
+                Alloc { hint: 0 },
+                Ensure { k: 1, tokens: 128 },
+                Fault { kind: 1, nth: 0 },
+                Ensure { k: 0, tokens: 128 },
+                Ensure { k: 0, tokens: 128 },
+                Decode { by: 3 },
+            ],
+        );
         // Faults while the mapper maps ahead.
         add(
             "fault-mapper",

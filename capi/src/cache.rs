@@ -264,10 +264,14 @@ pub unsafe extern "C" fn kvvm_cache_step(
             // SAFETY: non-null and valid for `n` entries per the contract.
             unsafe { std::slice::from_raw_parts(batch, n) }
         };
-        let v = entries
-            .iter()
-            .map(|e| Ok((SlotId::new(e.slot), to_usize(e.tokens, "tokens")?)))
-            .collect::<FfiResult<Vec<_>>>()?;
+        // `n` comes from the caller: an allocation that fails is an error, not an abort.
+        let mut v = Vec::new();
+        v.try_reserve_exact(entries.len()).map_err(|_| {
+            FfiError::arg(format!("a batch of {n} entries is too large to process"))
+        })?;
+        for e in entries {
+            v.push((SlotId::new(e.slot), to_usize(e.tokens, "tokens")?));
+        }
         Ok(c.step(&v)?)
     })
 }

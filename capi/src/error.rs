@@ -1,9 +1,10 @@
 //! The boundary: errors as a status and a thread-local message, the panic guard every export
 //! runs in, and the pointer helpers.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::ffi::{c_char, CStr};
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Once;
 
 use kvvm::Error;
 
@@ -52,9 +53,56 @@ pub(crate) fn set_last_error(message: String) {
     LAST_ERROR.with(|l| *l.borrow_mut() = message);
 }
 
+thread_local! {
+    /// How many boundary calls this thread is inside (the panic hook stays quiet then).
+    static IN_BOUNDARY: Cell<u32> = const { Cell::new(0) };
+    /// Where the last panic inside the boundary happened (kept for the error message).
+    static PANIC_AT: RefCell<Option<String>> = const { RefCell::new(None) };
+}
+
+/// Installs, once, a panic hook that prints nothing for a panic inside the boundary (the host
+/// program's stderr is not kvvm's to write; the message goes to `kvvm_last_error`) and hands
+/// every other panic to the hook that was there before.
+fn install_quiet_hook() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if IN_BOUNDARY.with(Cell::get) > 0 {
+                let at = info
+                    .location()
+                    .map(|l| format!("{}:{}", l.file(), l.line()));
+                PANIC_AT.with(|p| *p.borrow_mut() = at);
+            } else {
+                previous(info);
+            }
+        }));
+    });
+}
+
+/// Leaves the boundary when dropped (also when unwinding).
+struct Inside;
+
+impl Inside {
+    fn enter() -> Self {
+        install_quiet_hook();
+        IN_BOUNDARY.with(|d| d.set(d.get() + 1));
+        Inside
+    }
+}
+
+impl Drop for Inside {
+    fn drop(&mut self) {
+        IN_BOUNDARY.with(|d| d.set(d.get().saturating_sub(1)));
+    }
+}
+
 /// Runs `f` inside the panic boundary, storing the message of a failure.
 pub(crate) fn guard(f: impl FnOnce() -> FfiResult) -> kvvm_status {
-    match catch_unwind(AssertUnwindSafe(f)) {
+    let inside = Inside::enter();
+    let r = catch_unwind(AssertUnwindSafe(f));
+    drop(inside);
+    match r {
         Ok(Ok(())) => kvvm_status::KVVM_STATUS_OK,
         Ok(Err(e)) => {
             set_last_error(e.message);
@@ -66,7 +114,11 @@ pub(crate) fn guard(f: impl FnOnce() -> FfiResult) -> kvvm_status {
                 .map(|s| s.to_string())
                 .or_else(|| payload.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "unknown panic".into());
-            set_last_error(format!("internal panic: {what}"));
+            let at = PANIC_AT.with(|p| p.borrow_mut().take());
+            set_last_error(match at {
+                Some(at) => format!("internal panic: {what} (at {at})"),
+                None => format!("internal panic: {what}"),
+            });
             kvvm_status::KVVM_STATUS_PANIC
         }
     }

@@ -12,7 +12,10 @@
 //!   its results through out-pointers. Enumerations passed in (dtype, layout, backend, K/V) are
 //!   plain integers, checked on input.
 //! - A failing call stores a message in a thread-local buffer, read with [`kvvm_last_error`].
-//! - Every export runs inside `catch_unwind`: a panic becomes [`kvvm_status::KVVM_STATUS_PANIC`].
+//! - Every export runs inside `catch_unwind`: a panic becomes [`kvvm_status::KVVM_STATUS_PANIC`],
+//!   prints nothing on stderr, and leaves its message and location in `kvvm_last_error`.
+//! - In a child process after `fork()`, handles made in the parent fail with
+//!   `KVVM_STATUS_INVALID_ARGUMENT`, and freeing them only forgets them.
 //! - Structs that may grow (`kvvm_config`, `kvvm_stats`, `kvvm_swap_config`) start with a
 //!   `struct_size` field that the caller sets to `sizeof` the struct it was compiled with.
 #![allow(non_camel_case_types)]
@@ -94,8 +97,57 @@ mod tests {
         let n = unsafe { kvvm_last_error(buf.as_mut_ptr(), buf.len()) };
         // SAFETY: NUL-terminated by kvvm_last_error.
         let msg = unsafe { CStr::from_ptr(buf.as_ptr()) }.to_string_lossy();
-        assert_eq!(msg, "internal panic: boom 42");
+        assert!(msg.starts_with("internal panic: boom 42 (at "), "{msg}");
+        assert!(msg.contains(".rs:"), "{msg}");
         assert_eq!(n, msg.len());
+    }
+
+    /// A panic caught at the boundary writes nothing on the host program's stderr (the message
+    /// is in `kvvm_last_error`). Checked in a child process whose stderr is a pipe.
+    #[test]
+    fn panics_inside_the_boundary_print_nothing() {
+        let mut fds = [0 as libc::c_int; 2];
+        // SAFETY: `fds` holds two ints for pipe() to fill.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        // SAFETY: the child only redirects stderr, runs the boundary and exits with `_exit`.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            // SAFETY: plain descriptor calls on descriptors this process owns.
+            unsafe {
+                libc::dup2(fds[1], 2);
+                libc::close(fds[0]);
+            }
+            let s = guard(|| panic!("quiet please"));
+            let mut buf = [0 as c_char; 128];
+            // SAFETY: `buf` holds 128 bytes.
+            unsafe { kvvm_last_error(buf.as_mut_ptr(), buf.len()) };
+            // SAFETY: NUL-terminated by kvvm_last_error.
+            let msg = unsafe { CStr::from_ptr(buf.as_ptr()) }.to_string_lossy();
+            let ok = s == kvvm_status::KVVM_STATUS_PANIC && msg.contains("quiet please");
+            // SAFETY: ends the child at once.
+            unsafe { libc::_exit(if ok { 0 } else { 1 }) };
+        }
+        // SAFETY: closes the parent's copy of the write end.
+        unsafe { libc::close(fds[1]) };
+        let mut out = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            // SAFETY: `chunk` is valid for 4096 bytes.
+            let n = unsafe { libc::read(fds[0], chunk.as_mut_ptr().cast(), chunk.len()) };
+            if n <= 0 {
+                break;
+            }
+            out.extend_from_slice(&chunk[..n as usize]);
+        }
+        let mut status = 0;
+        // SAFETY: waits for the child forked above.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "{status}"
+        );
+        assert!(out.is_empty(), "stderr: {}", String::from_utf8_lossy(&out));
     }
 
     #[test]

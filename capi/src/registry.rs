@@ -26,17 +26,28 @@ pub(crate) enum Object {
 }
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
-static OBJECTS: Mutex<BTreeMap<u64, Object>> = Mutex::new(BTreeMap::new());
+/// Objects by id, with the fork generation (see [`kvvm::fork_generation`]) they were made in.
+static OBJECTS: Mutex<BTreeMap<u64, (u64, Object)>> = Mutex::new(BTreeMap::new());
 
-fn objects() -> MutexGuard<'static, BTreeMap<u64, Object>> {
+fn objects() -> MutexGuard<'static, BTreeMap<u64, (u64, Object)>> {
     OBJECTS.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Registers an object and returns its new id (never 0).
 pub(crate) fn insert(o: Object) -> u64 {
     let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
-    objects().insert(id, o);
+    objects().insert(id, (kvvm::fork_generation(), o));
     id
+}
+
+fn inherited(kind: &str, id: u64) -> FfiError {
+    FfiError::new(
+        kvvm_status::KVVM_STATUS_INVALID_ARGUMENT,
+        format!(
+            "{kind} handle {id} was created in the parent process; after fork() it cannot be \
+             used in the child (create a new one there)"
+        ),
+    )
 }
 
 fn invalid(kind: &str, id: u64) -> FfiError {
@@ -55,20 +66,37 @@ fn invalid(kind: &str, id: u64) -> FfiError {
 
 /// Looks up an object, checking its kind with `pick`.
 pub(crate) fn get<T>(id: u64, kind: &str, pick: impl FnOnce(&Object) -> Option<T>) -> FfiResult<T> {
-    let found = objects().get(&id).and_then(pick);
-    found.ok_or_else(|| invalid(kind, id))
+    let generation = kvvm::fork_generation();
+    let map = objects();
+    let (made, o) = map.get(&id).ok_or_else(|| invalid(kind, id))?;
+    if *made != generation {
+        return Err(inherited(kind, id));
+    }
+    pick(o).ok_or_else(|| invalid(kind, id))
 }
 
 /// Removes an object of the kind `pick` accepts and returns it (dropped by the caller outside
-/// the registry lock: dropping a cache joins its mapper thread).
-pub(crate) fn remove<T>(id: u64, kind: &str, pick: impl Fn(&Object) -> Option<T>) -> FfiResult<T> {
+/// the registry lock: dropping a cache joins its mapper thread); `None` when the object was
+/// inherited from a parent process and is forgotten instead.
+pub(crate) fn remove<T>(
+    id: u64,
+    kind: &str,
+    pick: impl Fn(&Object) -> Option<T>,
+) -> FfiResult<Option<T>> {
+    let generation = kvvm::fork_generation();
     let mut map = objects();
-    let v = map
+    let (made, v) = map
         .get(&id)
-        .and_then(&pick)
+        .and_then(|(made, o)| pick(o).map(|v| (*made, v)))
         .ok_or_else(|| invalid(kind, id))?;
     map.remove(&id);
-    Ok(v)
+    if made != generation {
+        // Freeing an inherited handle in the child only forgets it: the objects' drops do
+        // nothing there either, and the parent's pages stay as they are.
+        std::mem::forget(v);
+        return Ok(None);
+    }
+    Ok(Some(v))
 }
 
 /// The cache with handle `id`.

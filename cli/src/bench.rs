@@ -309,6 +309,11 @@ fn cuda_calls_per_page(
 }
 
 fn bench_map(a: MapArgs) -> Result<()> {
+    if a.rounds == 0 || a.pages == 0 {
+        return Err(Error::InvalidArgument(
+            "--rounds and --pages must be positive".into(),
+        ));
+    }
     let config = kvvm::vmm::BackendConfig {
         host_granularity: a
             .page_size
@@ -327,6 +332,15 @@ fn bench_map(a: MapArgs) -> Result<()> {
         ..config.clone()
     })?;
     let page = a.page_size;
+    if backend.kind() == kvvm::vmm::BackendKind::Host {
+        // The kvvm pages and the baseline's memfd exist at the same time.
+        crate::check_host_memory(
+            "bench map",
+            (a.pages as u64)
+                .checked_mul(page as u64)
+                .and_then(|b| b.checked_mul(2)),
+        )?;
+    }
     // Interleave them so that drift in the machine's state affects all alike.
     let mut kv = Vec::new();
     let mut kv_plain = Vec::new();

@@ -121,6 +121,11 @@ pub fn run(a: AttentionArgs) -> Result<()> {
             DType::F32 => gpu_bench::<f32>(&kernels, &cfg, name)?,
         }
     } else {
+        // K and V of every layer, in three arrangements, in host memory.
+        let kv = [a.layers, a.batch, a.context, a.kv_heads, a.head_dim, 2, 3]
+            .iter()
+            .try_fold(dtype.size() as u64, |acc, &v| acc.checked_mul(v as u64));
+        crate::check_host_memory("bench attention", kv)?;
         let r = bench_attention(&cfg).map_err(kernel_error)?;
         Report {
             device: format!("cpu ({} threads)", r.threads),

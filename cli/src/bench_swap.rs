@@ -361,11 +361,27 @@ pub fn run(args: SwapArgs) -> Result<()> {
     config.layout = args.layout;
     config.lookahead_steps = 0;
     let g = kvvm::Geometry::new(&config, backend.granularity())?;
-    config.budget_bytes = (g.pages_for(args.tokens) * g.buffers * g.page_size * args.requests)
-        as u64
-        + (g.buffers * g.page_size) as u64;
+    config.budget_bytes = (g.pages_for(args.tokens) as u64)
+        .checked_mul(g.buffers as u64)
+        .and_then(|v| v.checked_mul(g.page_size as u64))
+        .and_then(|v| v.checked_mul(args.requests as u64))
+        .and_then(|v| v.checked_add((g.buffers * g.page_size) as u64))
+        .ok_or_else(|| Error::InvalidArgument("bench swap: the sizes overflow".into()))?;
+    let request_bytes = (args.tokens as u64).checked_mul(g.bytes_per_token() as u64);
+    // Host copies, staging buffers and, on the host backend, the device pages are host memory.
+    let host_bytes = request_bytes.and_then(|r| {
+        let copies = r.checked_mul(args.requests as u64)?.checked_add(64 << 20)?;
+        let staging = r.checked_mul(args.requests.min(STAGING_BUFFERS) as u64)?;
+        let device = if backend.kind() == BackendKind::Host {
+            config.budget_bytes
+        } else {
+            0
+        };
+        copies.checked_add(staging)?.checked_add(device)
+    });
+    crate::check_host_memory("bench swap", host_bytes)?;
+    let request_bytes = request_bytes.unwrap_or(u64::MAX);
     let cache = Arc::new(KvCache::with_backend(config, backend.clone())?);
-    let request_bytes = (args.tokens * g.bytes_per_token()) as u64;
     let swap = SwapEngine::new(
         cache.clone(),
         SwapConfig {

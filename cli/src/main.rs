@@ -85,6 +85,8 @@ fn info(args: InfoArgs) -> kvvm::Result<()> {
             "budget_bytes": budget,
             "max_map_count": info.max_map_count,
             "map_headroom": info.map_headroom,
+            "usable_memory": info.usable_memory,
+            "memory_accounting": memory_note(info.kind),
             "cuda": cuda_status,
             "version": env!("CARGO_PKG_VERSION"),
         });
@@ -103,9 +105,46 @@ fn info(args: InfoArgs) -> kvvm::Result<()> {
             (Some(max), Some(h)) => println!("vm.max_map_count {max} (headroom {h} mappings)"),
             _ => println!("vm.max_map_count not applicable"),
         }
+        if let Some(u) = info.usable_memory {
+            println!("usable memory    {u} bytes (MemAvailable, memory cgroup limit)");
+        }
         println!("cuda             {cuda_status}");
+        println!("memory           {}", memory_note(info.kind));
     }
     Ok(())
+}
+
+/// Where kvvm's memory shows in the usual accounting.
+fn memory_note(kind: vmm::BackendKind) -> &'static str {
+    match kind {
+        vmm::BackendKind::Host => {
+            "host pages live in a memfd named kvvm-arena: they count in the memory cgroup \
+             (memory.current) and in Shmem of /proc/meminfo, but in the process's RSS only where \
+             mapped and touched; see them with `ls -l /proc/PID/fd | grep kvvm-arena` and \
+             `grep kvvm-arena /proc/PID/smaps` (docs/ffi.md, Memory)"
+        }
+        vmm::BackendKind::Cuda => {
+            "device pages count in the GPU's memory (nvidia-smi); pinned host copies of the swap \
+             engine in the process's RSS"
+        }
+    }
+}
+
+/// Refuses, before a benchmark starts, a run whose sizes need more host memory than this
+/// process may use (`MemAvailable` and the memory cgroup limit): `bytes` is `None` when the
+/// sizes overflow.
+pub fn check_host_memory(what: &str, bytes: Option<u64>) -> kvvm::Result<()> {
+    let usable = vmm::host::HostMemory::read().usable();
+    match bytes {
+        Some(b) if b <= usable => Ok(()),
+        Some(b) => Err(kvvm::Error::InvalidArgument(format!(
+            "{what} needs {b} bytes of host memory, more than this process may use ({usable} \
+             bytes: MemAvailable and the memory cgroup limit)"
+        ))),
+        None => Err(kvvm::Error::InvalidArgument(format!(
+            "{what}: the sizes overflow"
+        ))),
+    }
 }
 
 fn main() {

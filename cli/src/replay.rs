@@ -7,7 +7,7 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use kvvm::{DType, Layout, ModelShape};
 use kvvm_replay::{
-    self as replay, AllocatorKind, Error, ReplayConfig, Result, SchedConfig, StepModel,
+    self as replay, AllocatorKind, Error, GpuProfile, ReplayConfig, Result, SchedConfig, StepModel,
 };
 
 use crate::BackendArgs;
@@ -60,17 +60,110 @@ pub struct ReplayArgs {
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
-    /// Write an SVG plot of memory use over time per allocator.
+    /// Write an SVG plot: memory over time, TTFT and TBT distributions, per allocator.
     #[arg(long)]
     plot: Option<PathBuf>,
+    /// GPU profile of the step-time model: h100-pcie5, h200 or a100 (docs/replay.md gives
+    /// every constant's source).
+    #[arg(long, default_value = "h100-pcie5")]
+    gpu: String,
+    /// A profile file (`key = value` lines, as --print-profile prints) whose keys replace the
+    /// --gpu profile's: measured constants.
+    #[arg(long)]
+    profile: Option<PathBuf>,
+    /// Print the GPU profile and the step model derived for --model, then exit.
+    #[arg(long)]
+    print_profile: bool,
+    /// Replay only these allocators (comma-separated names, in this order).
+    #[arg(long, value_delimiter = ',')]
+    allocators: Vec<String>,
     #[command(flatten)]
     backend: BackendArgs,
+}
+
+/// The GPU profile of `--gpu`, with `--profile`'s keys applied.
+fn gpu_profile(args: &ReplayArgs) -> Result<GpuProfile> {
+    let mut gpu = GpuProfile::named(&args.gpu)?;
+    if let Some(path) = &args.profile {
+        let name = path.display().to_string();
+        let meta = std::fs::metadata(path)
+            .map_err(|e| Error::Input(format!("{}: cannot read: {e}", replay::quote(&name))))?;
+        if meta.len() > 1 << 20 {
+            return Err(Error::Input(format!(
+                "{}: larger than 1 MiB, not a profile",
+                replay::quote(&name)
+            )));
+        }
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::Input(format!("{}: cannot read: {e}", replay::quote(&name))))?;
+        gpu.apply_text(&name, &text)?;
+    }
+    Ok(gpu)
 }
 
 pub fn run(args: ReplayArgs) -> Result<()> {
     if args.limit == 0 {
         return Err(Error::InvalidArgument("--limit must be positive".into()));
     }
+    if !(args.fair_quantum.is_finite() && args.fair_quantum >= 0.0) {
+        return Err(Error::InvalidArgument(format!(
+            "--fair-quantum must be a finite number of seconds >= 0, got {}",
+            args.fair_quantum
+        )));
+    }
+    if !(args.speed.is_finite() && args.speed > 0.0) {
+        return Err(Error::InvalidArgument(format!(
+            "--speed must be a positive finite number, got {}",
+            args.speed
+        )));
+    }
+    let model = ModelShape::preset(&args.model)?;
+    let gpu = gpu_profile(&args)?;
+    let step = StepModel::new(&gpu, &model, args.dtype)?;
+    if args.print_profile {
+        print!("{}{}", gpu.to_text(), step.to_text());
+        return Ok(());
+    }
+    let mut allocators = match args.layout {
+        Some(l) => AllocatorKind::ALL
+            .into_iter()
+            .filter(|k| !matches!(k, AllocatorKind::Kvvm(x) if *x != l))
+            .collect(),
+        None => AllocatorKind::ALL.to_vec(),
+    };
+    if !args.allocators.is_empty() {
+        allocators = args
+            .allocators
+            .iter()
+            .map(|s| AllocatorKind::parse(s.trim()))
+            .collect::<Result<Vec<_>>>()?;
+    }
+    // The plot's file is checked before the replay (which may take minutes): created now,
+    // written at the end.
+    if let Some(p) = &args.plot {
+        std::fs::File::create(p).map_err(|e| {
+            Error::Input(format!(
+                "{}: cannot write the plot: {e}",
+                replay::quote(&p.display().to_string())
+            ))
+        })?;
+    }
+    let result = run_with(&args, model, step, allocators);
+    if result.is_err() {
+        if let Some(p) = &args.plot {
+            // The replay failed: no empty plot is left behind.
+            let _ = std::fs::remove_file(p);
+        }
+    }
+    result
+}
+
+fn run_with(
+    args: &ReplayArgs,
+    model: ModelShape,
+    step: StepModel,
+    allocators: Vec<AllocatorKind>,
+) -> Result<()> {
     let trace = replay::read_trace(&args.trace, Some(args.limit))?;
     if trace.requests.is_empty() {
         return Err(Error::Input(format!(
@@ -78,16 +171,8 @@ pub fn run(args: ReplayArgs) -> Result<()> {
             args.trace.display()
         )));
     }
-    let allocators = match args.layout {
-        Some(l) => vec![
-            AllocatorKind::Kvvm(l),
-            AllocatorKind::Paged(16),
-            AllocatorKind::Static,
-        ],
-        None => AllocatorKind::ALL.to_vec(),
-    };
     let config = ReplayConfig {
-        model: ModelShape::preset(&args.model)?,
+        model,
         dtype: args.dtype,
         budget_bytes: args.budget,
         host_budget_bytes: args.host_budget,
@@ -100,7 +185,7 @@ pub fn run(args: ReplayArgs) -> Result<()> {
             speed: args.speed,
             fair_interval: args.fair_interval,
             fair_quantum_s: args.fair_quantum,
-            step: StepModel::default(),
+            step,
             ..SchedConfig::default()
         },
         allocators: allocators.clone(),

@@ -5,9 +5,11 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::alloc::{Cost, Counters, KvAllocator, Preempted, Usage};
+use crate::alloc::{Counters, KvAllocator, Outcome, Preempted, Usage};
 use crate::error::{Error, Result};
-use kvvm::vmm::{Backend, CopyKind, CopyRegion, HostBuffer};
+use crate::sched::Job;
+use crate::timing::{Dir, Submit, Transfer, VmmCalls, VmmCounters};
+use kvvm::vmm::{Backend, BackendOp, CopyKind, CopyRegion, HostBuffer};
 use kvvm::{HostCopyId, SwapConfig, SwapEngine};
 use kvvm::{Kv, KvCache, SlotId, TensorView};
 
@@ -288,6 +290,19 @@ impl KvvmAllocator {
         Ok(())
     }
 
+    /// A swap transfer of `bytes` covering `tokens` tokens: the swap engine's chunks, submitted
+    /// and completed on its own threads, overlapping the caller's compute.
+    fn transfer(&self, dir: Dir, bytes: u64, tokens: usize) -> Transfer {
+        Transfer {
+            dir,
+            bytes,
+            descriptors: self.calls_for(tokens),
+            submit: Submit::PerCall,
+            sync: false,
+            submit_on_step: false,
+        }
+    }
+
     fn stamp_new(&self, id: u64, slot: SlotId, from: usize, to: usize) -> Result<()> {
         let items: Vec<(u64, SlotId, usize)> = (from..to).map(|t| (id, slot, t)).collect();
         self.stamper.write(&items)
@@ -297,6 +312,9 @@ impl KvvmAllocator {
 impl KvAllocator for KvvmAllocator {
     fn name(&self) -> String {
         format!("kvvm-{}", self.cache.geometry().layout)
+    }
+    fn is_model(&self) -> bool {
+        false
     }
     fn preemption(&self) -> &'static str {
         "swap whole requests in coarse copies, reusing host copies (recompute when the host is full)"
@@ -311,16 +329,17 @@ impl KvAllocator for KvvmAllocator {
     fn free_bytes(&self) -> u64 {
         self.budget.saturating_sub(self.held())
     }
-    fn admit(&mut self, id: u64, tokens: usize) -> Result<bool> {
+    fn admit(&mut self, job: &Job, tokens: usize) -> Result<Option<Outcome>> {
+        let id = job.id;
         if self.running.contains_key(&id) {
             return Err(Error::InvalidArgument(format!("request {id} already runs")));
         }
         let Some(slot) = self.slot_for(tokens)? else {
-            return Ok(false);
+            return Ok(None);
         };
         self.running.insert(id, (slot, tokens));
         self.stamp_new(id, slot, 0, tokens)?;
-        Ok(true)
+        Ok(Some(Outcome::none()))
     }
     fn grow(&mut self, batch: &[(u64, usize)]) -> Result<bool> {
         let mut targets = Vec::with_capacity(batch.len());
@@ -343,7 +362,7 @@ impl KvAllocator for KvvmAllocator {
         self.stamper.write(&items)?;
         Ok(true)
     }
-    fn preempt(&mut self, id: u64) -> Result<(Preempted, Cost)> {
+    fn preempt(&mut self, id: u64) -> Result<(Preempted, Outcome)> {
         let (slot, tokens) = self.slot(id)?;
         let ticket = match self.swap.swap_out(slot) {
             Ok(t) => t,
@@ -353,7 +372,7 @@ impl KvAllocator for KvvmAllocator {
                 self.release_slot(slot)?;
                 self.running.remove(&id);
                 self.dropped.insert(id);
-                return Ok((Preempted::Dropped, Cost::default()));
+                return Ok((Preempted::Dropped, Outcome::none()));
             }
             Err(e) => return Err(e.into()),
         };
@@ -365,13 +384,14 @@ impl KvAllocator for KvvmAllocator {
         debug_assert!(new_tokens <= tokens);
         Ok((
             Preempted::Swapped,
-            Cost {
-                copy_bytes: bytes,
-                copy_calls: self.calls_for(new_tokens),
+            Outcome {
+                cached_tokens: 0,
+                transfers: vec![self.transfer(Dir::ToHost, bytes, new_tokens)],
             },
         ))
     }
-    fn resume(&mut self, id: u64, tokens: usize) -> Result<Option<Cost>> {
+    fn resume(&mut self, job: &Job, tokens: usize) -> Result<Option<Outcome>> {
+        let id = job.id;
         if self.dropped.contains(&id) {
             // Recompute: the prefill writes the KV again.
             let Some(slot) = self.slot_for(tokens)? else {
@@ -380,7 +400,7 @@ impl KvAllocator for KvvmAllocator {
             self.dropped.remove(&id);
             self.running.insert(id, (slot, tokens));
             self.stamp_new(id, slot, 0, tokens)?;
-            return Ok(Some(Cost::default()));
+            return Ok(Some(Outcome::none()));
         }
         let copy = *self.copies.get(&id).ok_or_else(|| {
             Error::InvalidArgument(format!("request {id} has no host copy to resume from"))
@@ -418,9 +438,9 @@ impl KvAllocator for KvvmAllocator {
         }
         self.running.insert(id, (slot, tokens));
         self.counters.integrity_errors += self.stamper.check(id, slot, tokens)?;
-        Ok(Some(Cost {
-            copy_bytes: ticket.bytes(),
-            copy_calls: self.calls_for(tokens),
+        Ok(Some(Outcome {
+            cached_tokens: tokens,
+            transfers: vec![self.transfer(Dir::ToDevice, ticket.bytes(), tokens)],
         }))
     }
     fn finish(&mut self, id: u64) -> Result<()> {
@@ -429,6 +449,28 @@ impl KvAllocator for KvvmAllocator {
         self.cache.free_slot(slot)?;
         self.running.remove(&id);
         self.drop_copy(id)
+    }
+    fn vmm_calls(&self) -> VmmCounters {
+        let stats = self.cache.stats();
+        let count = |background: bool| {
+            let n = |op: BackendOp| {
+                let s = stats.calls(op);
+                if background {
+                    s.background_calls
+                } else {
+                    s.calls - s.background_calls
+                }
+            };
+            VmmCalls {
+                create: n(BackendOp::CreatePage),
+                map: n(BackendOp::Map),
+                unmap: n(BackendOp::Unmap),
+            }
+        };
+        VmmCounters {
+            foreground: count(false),
+            background: count(true),
+        }
     }
     fn usage(&self) -> Usage {
         Usage {
@@ -445,7 +487,7 @@ impl KvAllocator for KvvmAllocator {
             reuse_saved_bytes: sw.reuse_saved_bytes,
             // The swap engine copies through the cache's metered backend.
             backend_calls: stats.total_backend_calls(),
-            copy_calls: stats.calls(kvvm::vmm::BackendOp::Copy).calls,
+            copy_calls: stats.calls(BackendOp::Copy).calls,
             integrity_errors: self.counters.integrity_errors,
         }
     }

@@ -1,9 +1,13 @@
-//! The allocator interface the scheduler drives, and the two bookkeeping baselines: a vLLM-style
-//! paged allocator with fixed-size blocks and static reservation of `max_tokens` per request.
+//! The allocator interface the scheduler drives, and two bookkeeping baselines: vLLM v0's paged
+//! allocator with synchronous per-block swapping (`vllm-v0-swap`) and static reservation of
+//! `max_tokens` per request (`static`). vLLM v1 is in [`crate::vllm`].
 
 use std::collections::HashMap;
 
 use crate::error::{Error, Result};
+
+use crate::sched::Job;
+use crate::timing::{Dir, Submit, Transfer, VmmCounters};
 
 /// What happened to a preempted request's KV.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -40,22 +44,34 @@ pub struct Counters {
     pub integrity_errors: u64,
 }
 
-/// What happened during one scheduler call, for the step-time model.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Cost {
-    /// Bytes copied between device and host.
-    pub copy_bytes: u64,
-    /// Copy calls issued.
-    pub copy_calls: u64,
+/// What an allocator call did, for the step-time model.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Outcome {
+    /// Tokens of the request whose KV is in place without a prefill: a prefix-cache hit, or
+    /// KV copied back from host memory. The scheduler prefills the rest.
+    pub cached_tokens: usize,
+    /// Copies the call made.
+    pub transfers: Vec<Transfer>,
+}
+
+impl Outcome {
+    /// An outcome with nothing cached and no copy.
+    pub fn none() -> Outcome {
+        Outcome::default()
+    }
 }
 
 /// A KV allocator as the replay scheduler sees it. Requests are named by their trace id.
 ///
-/// Methods that return `Ok(false)` found no room and changed nothing; errors are real failures
-/// that end the replay.
+/// Methods that return `Ok(None)` or `Ok(false)` found no room and changed nothing; errors are
+/// real failures that end the replay.
 pub trait KvAllocator {
-    /// The name in reports (`kvvm-interleaved`, `paged-16`, ...).
+    /// The name in reports (`kvvm-interleaved`, `vllm-v1`, ...).
     fn name(&self) -> String;
+    /// Whether this is a bookkeeping model (no memory behind it) rather than the real cache.
+    fn is_model(&self) -> bool {
+        true
+    }
     /// How preemption works for this allocator, in words (for the report).
     fn preemption(&self) -> &'static str;
     /// Bytes of KV one token takes.
@@ -69,11 +85,12 @@ pub trait KvAllocator {
     fn bytes_for(&self, tokens: usize) -> u64;
     /// Bytes that running requests could still grow into (the budget minus what they hold).
     fn free_bytes(&self) -> u64;
-    /// Admits request `id` and writes the KV of its first `tokens` tokens (prefill).
+    /// Admits `job` and writes the KV of its first `tokens` tokens (prefill); `None` when there
+    /// is no room.
     ///
     /// # Errors
     /// Failures other than lack of room.
-    fn admit(&mut self, id: u64, tokens: usize) -> Result<bool>;
+    fn admit(&mut self, job: &Job, tokens: usize) -> Result<Option<Outcome>>;
     /// Grows every `(id, tokens)` of the batch to `tokens` tokens, writing the new tokens' KV;
     /// all or nothing.
     ///
@@ -84,18 +101,28 @@ pub trait KvAllocator {
     ///
     /// # Errors
     /// Failures of the copy or of unmapping.
-    fn preempt(&mut self, id: u64) -> Result<(Preempted, Cost)>;
-    /// Resumes preempted request `id` holding `tokens` tokens: copies its KV back (swapped) or
-    /// rewrites it (dropped), then checks every token's KV.
+    fn preempt(&mut self, id: u64) -> Result<(Preempted, Outcome)>;
+    /// Resumes preempted `job` holding `tokens` tokens: copies its KV back (swapped), finds it
+    /// cached, or makes room to recompute it (dropped), then checks every token's KV that came
+    /// back. `None` when there is no room.
     ///
     /// # Errors
     /// Failures other than lack of room.
-    fn resume(&mut self, id: u64, tokens: usize) -> Result<Option<Cost>>;
+    fn resume(&mut self, job: &Job, tokens: usize) -> Result<Option<Outcome>>;
     /// Request `id` is done: checks its KV and frees everything it holds.
     ///
     /// # Errors
     /// Failures freeing it.
     fn finish(&mut self, id: u64) -> Result<()>;
+    /// Copies the allocator starts after a step has computed (offload of the blocks the step
+    /// filled); called once per step.
+    fn after_step(&mut self) -> Vec<Transfer> {
+        Vec::new()
+    }
+    /// VMM calls so far, by where they ran (none for the models, which allocate up front).
+    fn vmm_calls(&self) -> VmmCounters {
+        VmmCounters::default()
+    }
     /// Memory in use now.
     fn usage(&self) -> Usage;
     /// Counters so far.
@@ -131,12 +158,13 @@ impl HostModel {
     }
 }
 
-/// A vLLM-style paged allocator (bookkeeping only, no memory behind it): the budget is divided
-/// into blocks of `block_tokens` tokens, a request holds `ceil(tokens / block_tokens)` blocks.
-/// Preemption swaps the request's blocks to host memory the way vLLM (v0) does: one copy call
-/// per block per layer for K and for V (`2 × layers` calls per block, each direction), with no
-/// reuse of earlier host copies. When the host budget is full the request is dropped and
-/// recomputed instead.
+/// vLLM v0's paged allocator with swapping (`vllm-v0-swap`; bookkeeping only, no memory behind
+/// it): the budget is divided into blocks of `block_tokens` tokens, a request holds
+/// `ceil(tokens / block_tokens)` blocks. Preemption swaps the request's blocks to host memory
+/// the way vLLM v0's `CacheEngine.swap_out`/`swap_in` do: `swap_blocks` per layer for K and for
+/// V, one `cudaMemcpyAsync` per block (`2 × layers` calls per block, each direction), on the
+/// compute stream before the step's forward pass (the step waits for them), with no reuse of
+/// earlier host copies. When the host budget is full the request is dropped and recomputed.
 #[derive(Debug)]
 pub struct PagedModel {
     block_tokens: usize,
@@ -195,15 +223,19 @@ impl PagedModel {
         self.block_tokens as u64 * self.token_bytes
     }
 
-    fn copy(&mut self, blocks: u64) -> Cost {
-        let cost = Cost {
-            copy_bytes: blocks * self.block_bytes(),
-            copy_calls: blocks * 2 * self.layers as u64,
+    fn copy(&mut self, blocks: u64, dir: Dir) -> Transfer {
+        let t = Transfer {
+            dir,
+            bytes: blocks * self.block_bytes(),
+            descriptors: blocks * 2 * self.layers as u64,
+            submit: Submit::PerCall,
+            sync: true,
+            submit_on_step: true,
         };
-        self.counters.swapped_bytes += cost.copy_bytes;
-        self.counters.copy_calls += cost.copy_calls;
-        self.counters.backend_calls += cost.copy_calls;
-        cost
+        self.counters.swapped_bytes += t.bytes;
+        self.counters.copy_calls += t.descriptors;
+        self.counters.backend_calls += t.descriptors;
+        t
     }
 }
 
@@ -213,10 +245,14 @@ fn unknown(id: u64) -> Error {
 
 impl KvAllocator for PagedModel {
     fn name(&self) -> String {
-        format!("paged-{}", self.block_tokens)
+        if self.block_tokens == 16 {
+            "vllm-v0-swap".into()
+        } else {
+            format!("vllm-v0-swap-{}", self.block_tokens)
+        }
     }
     fn preemption(&self) -> &'static str {
-        "swap, one copy per block per layer for K and V (recompute when the host is full)"
+        "synchronous swap, one copy per block per layer for K and V (recompute when the host is full)"
     }
     fn token_bytes(&self) -> u64 {
         self.token_bytes
@@ -227,14 +263,14 @@ impl KvAllocator for PagedModel {
     fn free_bytes(&self) -> u64 {
         (self.total_blocks - self.used_blocks) * self.block_bytes()
     }
-    fn admit(&mut self, id: u64, tokens: usize) -> Result<bool> {
+    fn admit(&mut self, job: &Job, tokens: usize) -> Result<Option<Outcome>> {
         let b = self.blocks(tokens);
         if self.used_blocks + b > self.total_blocks {
-            return Ok(false);
+            return Ok(None);
         }
         self.used_blocks += b;
-        self.running.insert(id, tokens);
-        Ok(true)
+        self.running.insert(job.id, tokens);
+        Ok(Some(Outcome::none()))
     }
     fn grow(&mut self, batch: &[(u64, usize)]) -> Result<bool> {
         let mut extra = 0;
@@ -253,29 +289,38 @@ impl KvAllocator for PagedModel {
         }
         Ok(true)
     }
-    fn preempt(&mut self, id: u64) -> Result<(Preempted, Cost)> {
+    fn preempt(&mut self, id: u64) -> Result<(Preempted, Outcome)> {
         let tokens = self.running.remove(&id).ok_or_else(|| unknown(id))?;
         let b = self.blocks(tokens);
         self.used_blocks -= b;
         if self.host.take(id, b * self.block_bytes()) {
-            Ok((Preempted::Swapped, self.copy(b)))
+            let t = self.copy(b, Dir::ToHost);
+            Ok((
+                Preempted::Swapped,
+                Outcome {
+                    cached_tokens: 0,
+                    transfers: vec![t],
+                },
+            ))
         } else {
-            Ok((Preempted::Dropped, Cost::default()))
+            Ok((Preempted::Dropped, Outcome::none()))
         }
     }
-    fn resume(&mut self, id: u64, tokens: usize) -> Result<Option<Cost>> {
+    fn resume(&mut self, job: &Job, tokens: usize) -> Result<Option<Outcome>> {
         let b = self.blocks(tokens);
         if self.used_blocks + b > self.total_blocks {
             return Ok(None);
         }
         self.used_blocks += b;
-        self.running.insert(id, tokens);
-        let cost = if self.host.release(id) {
-            self.copy(b)
+        self.running.insert(job.id, tokens);
+        Ok(Some(if self.host.release(job.id) {
+            Outcome {
+                cached_tokens: tokens,
+                transfers: vec![self.copy(b, Dir::ToDevice)],
+            }
         } else {
-            Cost::default()
-        };
-        Ok(Some(cost))
+            Outcome::none()
+        }))
     }
     fn finish(&mut self, id: u64) -> Result<()> {
         let tokens = self.running.remove(&id).ok_or_else(|| unknown(id))?;
@@ -347,18 +392,18 @@ impl KvAllocator for StaticModel {
     fn free_bytes(&self) -> u64 {
         self.budget_bytes - self.running.len() as u64 * self.reservation()
     }
-    fn admit(&mut self, id: u64, tokens: usize) -> Result<bool> {
+    fn admit(&mut self, job: &Job, tokens: usize) -> Result<Option<Outcome>> {
         if tokens > self.max_tokens {
             return Err(Error::InvalidArgument(format!(
-                "request {id}: {tokens} tokens exceed max_tokens {}",
-                self.max_tokens
+                "request {}: {tokens} tokens exceed max_tokens {}",
+                job.id, self.max_tokens
             )));
         }
         if self.free_bytes() < self.reservation() {
-            return Ok(false);
+            return Ok(None);
         }
-        self.running.insert(id, tokens);
-        Ok(true)
+        self.running.insert(job.id, tokens);
+        Ok(Some(Outcome::none()))
     }
     fn grow(&mut self, batch: &[(u64, usize)]) -> Result<bool> {
         for &(id, t) in batch {
@@ -379,13 +424,13 @@ impl KvAllocator for StaticModel {
         }
         Ok(true)
     }
-    fn preempt(&mut self, id: u64) -> Result<(Preempted, Cost)> {
+    fn preempt(&mut self, id: u64) -> Result<(Preempted, Outcome)> {
         // Only fairness preempts here (growth never fails): drop, recompute on resume.
         self.running.remove(&id).ok_or_else(|| unknown(id))?;
-        Ok((Preempted::Dropped, Cost::default()))
+        Ok((Preempted::Dropped, Outcome::none()))
     }
-    fn resume(&mut self, id: u64, tokens: usize) -> Result<Option<Cost>> {
-        Ok(self.admit(id, tokens)?.then_some(Cost::default()))
+    fn resume(&mut self, job: &Job, tokens: usize) -> Result<Option<Outcome>> {
+        self.admit(job, tokens)
     }
     fn finish(&mut self, id: u64) -> Result<()> {
         self.running.remove(&id).ok_or_else(|| unknown(id))?;

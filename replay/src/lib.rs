@@ -1,25 +1,33 @@
 //! Trace replay: the main job of `kvvm replay`.
 //!
 //! A serving trace ([`trace`]) is replayed through a continuous-batching scheduler
-//! ([`sched::simulate`]) on a simulated clock, once per allocator, all behind the
-//! [`alloc::KvAllocator`] trait:
+//! ([`sched::simulate`]) on a simulated clock calibrated by a GPU profile ([`profile`]), once per
+//! allocator, all behind the [`alloc::KvAllocator`] trait:
 //!
-//! - `kvvm-interleaved` and `kvvm-per-layer`: a real [`kvvm::KvCache`] (host
-//!   backend unless told otherwise) with real pages mapped; preemption swaps whole requests to
-//!   host buffers in coarse copies and reuses host copies ([`adapter::KvvmAllocator`]); every
+//! - `kvvm-interleaved` and `kvvm-per-layer`: a real `KvCache` (host backend unless told
+//!   otherwise) with real pages mapped; preemption swaps whole requests to host buffers in
+//!   coarse copies that overlap compute and reuses host copies ([`adapter::KvvmAllocator`]); every
 //!   token's KV carries a stamp checked when its request resumes and when it finishes;
-//! - `paged-16`: vLLM-style 16-token blocks, a bookkeeping model with the same byte budget,
-//!   preempting by swap with one copy per block per layer ([`alloc::PagedModel`]);
+//! - `vllm-v1`: vLLM V1's block pool with automatic prefix caching, recomputing preempted
+//!   requests ([`vllm::VllmV1`], a bookkeeping model);
+//! - `vllm-v1-offload`: the same with the CPU offloading connector (per-block copies);
+//! - `vllm-v0-swap`: vLLM v0's paged allocator swapping synchronously, one copy per block per
+//!   layer ([`alloc::PagedModel`]);
 //! - `static`: a reservation of `max_tokens` per request ([`alloc::StaticModel`]).
 //!
-//! [`replay`] runs them all and returns a [`Report`]; `docs/replay.md` in the repository
-//! describes the model and every column.
+//! The time model ([`timing`], [`sched`]) charges copies where they land: on the copy engines
+//! concurrently with compute, on the step when it is synchronous or needs the data. [`replay`]
+//! runs every allocator and returns a [`Report`] with latency percentiles; `docs/replay.md`
+//! in the repository describes the model, the profiles and their sources.
 
 pub mod adapter;
 pub mod alloc;
 mod error;
+pub mod profile;
 pub mod sched;
+pub mod timing;
 pub mod trace;
+pub mod vllm;
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -29,18 +37,24 @@ use kvvm::vmm::BackendConfig;
 use kvvm::{CacheConfig, DType, KvCache, Layout, ModelShape};
 
 pub use adapter::KvvmAllocator;
-pub use alloc::{Counters, KvAllocator, PagedModel, Preempted, StaticModel, Usage};
+pub use alloc::{Counters, KvAllocator, Outcome, PagedModel, Preempted, StaticModel, Usage};
 pub use error::{Error, Result};
-pub use sched::{simulate, Job, RunResult, Sample, SchedConfig, StepModel};
+pub use profile::{GpuProfile, StepModel};
+pub use sched::{simulate, Job, Percentiles, RunResult, Sample, SchedConfig};
 pub use trace::{read_trace, Request, Trace, TraceFormat};
+pub use vllm::VllmV1;
 
 /// One of the allocators a replay compares.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum AllocatorKind {
     /// kvvm with a layout.
     Kvvm(Layout),
-    /// The paged bookkeeping model with blocks of this many tokens.
-    Paged(usize),
+    /// vLLM V1: 16-token blocks, prefix caching, recompute on preemption.
+    VllmV1,
+    /// vLLM V1 with CPU offloading.
+    VllmV1Offload,
+    /// vLLM v0: 16-token blocks, synchronous per-block swap.
+    VllmV0Swap,
     /// Static reservation of `max_tokens` per request.
     Static,
 }
@@ -50,16 +64,37 @@ impl AllocatorKind {
     pub fn name(self) -> String {
         match self {
             AllocatorKind::Kvvm(l) => format!("kvvm-{l}"),
-            AllocatorKind::Paged(b) => format!("paged-{b}"),
+            AllocatorKind::VllmV1 => "vllm-v1".into(),
+            AllocatorKind::VllmV1Offload => "vllm-v1-offload".into(),
+            AllocatorKind::VllmV0Swap => "vllm-v0-swap".into(),
             AllocatorKind::Static => "static".into(),
         }
     }
 
-    /// The four allocators of the report, in report order.
-    pub const ALL: [AllocatorKind; 4] = [
+    /// Parses a name of [`AllocatorKind::name`].
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for an unknown name.
+    pub fn parse(s: &str) -> Result<AllocatorKind> {
+        Self::ALL
+            .into_iter()
+            .find(|k| k.name() == s)
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "unknown allocator {} (known: {})",
+                    quote(s),
+                    Self::ALL.map(|k| k.name()).join(", ")
+                ))
+            })
+    }
+
+    /// The allocators of the report, in report order.
+    pub const ALL: [AllocatorKind; 6] = [
         AllocatorKind::Kvvm(Layout::Interleaved),
         AllocatorKind::Kvvm(Layout::PerLayer),
-        AllocatorKind::Paged(16),
+        AllocatorKind::VllmV1,
+        AllocatorKind::VllmV1Offload,
+        AllocatorKind::VllmV0Swap,
         AllocatorKind::Static,
     ];
 }
@@ -114,10 +149,22 @@ pub struct Report {
     pub host_budget_bytes: u64,
     /// Backend of the kvvm caches.
     pub backend: String,
-    /// Scheduler settings.
+    /// GPU profile of the step model.
+    pub gpu: String,
+    /// Scheduler settings (with the step model and its profile).
     pub sched: SchedConfig,
     /// One entry per allocator.
     pub results: Vec<RunResult>,
+}
+
+/// `s` in double quotes, cut to 64 characters: error messages never echo unbounded input.
+pub fn quote(s: &str) -> String {
+    const MAX: usize = 64;
+    let mut cut: String = s.chars().take(MAX).collect();
+    if s.chars().nth(MAX).is_some() {
+        cut.push_str("...");
+    }
+    format!("{cut:?}")
 }
 
 /// Builds the allocator `kind` for `config`.
@@ -146,9 +193,16 @@ pub fn make_allocator(kind: AllocatorKind, config: &ReplayConfig) -> Result<Box<
                 config.host_budget_bytes,
             )?)
         }
-        AllocatorKind::Paged(block) => Box::new(PagedModel::new(
+        AllocatorKind::VllmV1 | AllocatorKind::VllmV1Offload => Box::new(VllmV1::new(
             config.budget_bytes,
-            block,
+            16,
+            token_bytes,
+            m.layers,
+            (kind == AllocatorKind::VllmV1Offload).then_some(config.host_budget_bytes),
+        )?),
+        AllocatorKind::VllmV0Swap => Box::new(PagedModel::new(
+            config.budget_bytes,
+            16,
             token_bytes,
             m.layers,
             config.host_budget_bytes,
@@ -175,9 +229,7 @@ pub fn replay(
     if config.allocators.is_empty() {
         return Err(Error::InvalidConfig("no allocator to replay".into()));
     }
-    if config.sched.max_slots == 0 {
-        return Err(Error::InvalidConfig("max_slots must be positive".into()));
-    }
+    config.sched.validate()?;
     let jobs = sched::prepare(&trace.requests, config.sched.max_tokens, config.sched.speed)?;
     let mut results = Vec::with_capacity(config.allocators.len());
     for (k, &kind) in config.allocators.iter().enumerate() {
@@ -202,7 +254,8 @@ pub fn replay(
         budget_bytes: config.budget_bytes,
         host_budget_bytes: config.host_budget_bytes,
         backend: format!("{:?}", config.backend.choice).to_lowercase(),
-        sched: config.sched,
+        gpu: config.sched.step.gpu.name.clone(),
+        sched: config.sched.clone(),
         results,
     })
 }
@@ -224,14 +277,23 @@ fn gib(b: u64) -> String {
     format!("{:.2}", b as f64 / (1u64 << 30) as f64)
 }
 
+/// Seconds with a unit that keeps three significant digits (`ms` below one second).
+fn secs(s: f64) -> String {
+    if s < 1.0 {
+        format!("{:.1}ms", s * 1e3)
+    } else {
+        format!("{s:.2}s")
+    }
+}
+
 impl Report {
-    /// The report as a table (what `kvvm replay` prints).
+    /// The report as tables (what `kvvm replay` prints): latency, then memory and copies.
     pub fn table(&self) -> String {
         let mut s = String::new();
         let _ = writeln!(
             s,
             "trace {} ({}), {} requests ({} cut to {} tokens), model {} ({} KiB/token), \
-             budget {} GiB, host {} GiB, speed {}x, max {} running",
+             budget {} GiB, host {} GiB, speed {}x, max {} running, GPU profile {}",
             self.trace,
             self.format.name(),
             self.requests,
@@ -243,48 +305,96 @@ impl Report {
             gib(self.host_budget_bytes),
             self.sched.speed,
             self.sched.max_slots,
+            self.gpu,
         );
         if self.shared_prefix_tokens > 0 {
             let _ = writeln!(
                 s,
-                "{:.1}% of prompt tokens lie in prefixes an earlier request shared (hash_ids; not reused by this replay)",
+                "{:.1}% of prompt tokens lie in prefixes an earlier request shared (hash_ids)",
                 100.0 * self.shared_prefix_tokens as f64 / self.prompt_tokens.max(1) as f64
             );
         }
         let _ = writeln!(
             s,
-            "{:<17} {:>6} {:>5} {:>6} {:>8} {:>9} {:>9} {:>9} {:>7} {:>9} {:>8} {:>6}",
+            "{:<17} {:<5} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7} {:>8} {:>6} {:>7} {:>5}",
             "allocator",
+            "kind",
+            "TTFT p50",
+            "p90",
+            "p99",
+            "TBT p50",
+            "p90",
+            "p99",
+            "tok/s",
+            "stall s",
             "util",
-            "peak",
-            "mean",
             "preempt",
-            "swap GiB",
-            "reuse MiB",
-            "calls",
-            "wall s",
-            "sim s",
-            "lat s",
             "integ"
         );
         for r in &self.results {
             let _ = writeln!(
                 s,
-                "{:<17} {:>6.3} {:>5} {:>6.1} {:>8} {:>9} {:>9} {:>9} {:>7.2} {:>9.1} {:>8.2} {:>6}",
+                "{:<17} {:<5} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7.0} {:>8.1} {:>6.3} {:>7} {:>5}",
                 r.allocator,
+                r.kind,
+                secs(r.ttft.p50),
+                secs(r.ttft.p90),
+                secs(r.ttft.p99),
+                secs(r.tbt.p50),
+                secs(r.tbt.p90),
+                secs(r.tbt.p99),
+                r.throughput_tokens_per_s,
+                r.preempt_stall_s,
                 r.utilization,
-                r.peak_batch,
-                r.mean_batch,
                 r.preemptions,
-                gib(r.swapped_bytes),
-                r.reuse_saved_bytes >> 20,
-                r.backend_calls,
-                r.wall_s,
-                r.sim_s,
-                r.mean_latency_s,
-                r.integrity_errors
+                if r.kind == "model" {
+                    "-".to_string()
+                } else {
+                    r.integrity_errors.to_string()
+                },
             );
         }
+        let _ = writeln!(
+            s,
+            "\n{:<17} {:>5} {:>6} {:>8} {:>8} {:>9} {:>10} {:>10} {:>10} {:>8} {:>8} {:>7} {:>7}",
+            "allocator",
+            "peak",
+            "mean",
+            "swap GiB",
+            "reuse MiB",
+            "copy calls",
+            "cached tok",
+            "recomputed",
+            "copy wait",
+            "vmm step",
+            "vmm bg",
+            "sim s",
+            "wall s"
+        );
+        for r in &self.results {
+            let _ = writeln!(
+                s,
+                "{:<17} {:>5} {:>6.1} {:>8} {:>9} {:>10} {:>10} {:>10} {:>9.2}s {:>7.2}s {:>7.2}s {:>7.1} {:>7.2}",
+                r.allocator,
+                r.peak_batch,
+                r.mean_batch,
+                gib(r.swapped_bytes),
+                r.reuse_saved_bytes >> 20,
+                r.copy_calls,
+                r.cached_prompt_tokens,
+                r.recomputed_tokens,
+                r.copy_wait_s,
+                r.vmm_step_s,
+                r.vmm_background_s,
+                r.sim_s,
+                r.wall_s,
+            );
+        }
+        let _ = writeln!(
+            s,
+            "kind: real = kvvm's cache and swap engine on real memory; model = bookkeeping model. \
+             integ: tokens whose KV read back wrong (models hold no bytes)."
+        );
         s
     }
 
@@ -293,30 +403,44 @@ impl Report {
         serde_json::to_value(self).unwrap_or_else(|e| serde_json::json!({ "error": e.to_string() }))
     }
 
-    /// Writes an SVG plot of memory held (solid) and live (thin) over simulated time, one color
-    /// per allocator.
+    /// Writes an SVG plot: memory held (solid) and live (thin) over simulated time, and the
+    /// cumulative distributions of TTFT and TBT, one color per allocator.
     ///
     /// # Errors
     /// [`Error::Input`] if the file cannot be written.
     pub fn plot(&self, path: &Path) -> Result<()> {
         use plotters::prelude::*;
-        let err = |e: &dyn std::fmt::Display| Error::Input(format!("{}: {e}", path.display()));
-        let root = SVGBackend::new(path, (1000, 560)).into_drawing_area();
+        let err = |e: &dyn std::fmt::Display| {
+            Error::Input(format!("{}: {e}", quote(&path.display().to_string())))
+        };
+        let root = SVGBackend::new(path, (1500, 520)).into_drawing_area();
         root.fill(&WHITE).map_err(|e| err(&e))?;
+        let (left, right) = root.split_horizontally(700);
+        let (mid, rightmost) = right.split_horizontally(400);
+        let colors = [
+            RED,
+            BLUE,
+            GREEN,
+            MAGENTA,
+            CYAN,
+            BLACK,
+            RGBColor(255, 140, 0),
+        ];
         let t_max = self
             .results
             .iter()
             .flat_map(|r| r.samples.last().map(|s| s.t))
             .fold(1.0f64, f64::max);
         let y_max = (self.budget_bytes as f64 / (1u64 << 30) as f64) * 1.05;
-        let mut chart = ChartBuilder::on(&root)
+        let mut chart = ChartBuilder::on(&left)
             .caption(
                 format!(
-                    "KV memory over time: {} ({} requests)",
+                    "KV memory: {} ({} requests, {})",
                     short(&self.trace),
-                    self.requests
+                    self.requests,
+                    self.gpu
                 ),
-                ("sans-serif", 20),
+                ("sans-serif", 18),
             )
             .margin(12)
             .x_label_area_size(40)
@@ -329,7 +453,6 @@ impl Report {
             .y_desc("GiB (solid: held, thin: live tokens)")
             .draw()
             .map_err(|e| err(&e))?;
-        let colors = [RED, BLUE, GREEN, MAGENTA, CYAN, BLACK];
         for (k, r) in self.results.iter().enumerate() {
             let c = colors[k % colors.len()];
             let every = (r.samples.len() / 1500).max(1);
@@ -360,6 +483,58 @@ impl Report {
             .position(SeriesLabelPosition::UpperRight)
             .draw()
             .map_err(|e| err(&e))?;
+        for (area, title, pick) in [
+            (
+                &mid,
+                "TTFT (CDF)",
+                (|r: &RunResult| &r.ttft_samples) as fn(&RunResult) -> &Vec<f64>,
+            ),
+            (&rightmost, "TBT, stalls included (CDF)", |r: &RunResult| {
+                &r.tbt_samples
+            }),
+        ] {
+            let all = self.results.iter().flat_map(|r| pick(r).iter().copied());
+            let lo = all
+                .clone()
+                .filter(|&v| v > 0.0)
+                .fold(f64::INFINITY, f64::min)
+                .clamp(1e-6, 1e-3);
+            let hi = all.fold(lo * 10.0, f64::max) * 1.2;
+            let mut cdf = ChartBuilder::on(area)
+                .caption(title, ("sans-serif", 18))
+                .margin(12)
+                .x_label_area_size(40)
+                .y_label_area_size(45)
+                .build_cartesian_2d((lo..hi).log_scale(), 0.0..1.0)
+                .map_err(|e| err(&e))?;
+            cdf.configure_mesh()
+                .x_desc("seconds (log)")
+                .y_desc("fraction")
+                .draw()
+                .map_err(|e| err(&e))?;
+            for (k, r) in self.results.iter().enumerate() {
+                let c = colors[k % colors.len()];
+                let v = pick(r);
+                let n = v.len();
+                // The CDF at 300 evenly spaced ranks, and 100 more in the top percent (the tail
+                // is what the plot is for).
+                let ranks = (0..=300)
+                    .map(|k| k as f64 / 300.0)
+                    .chain((1..=100).map(|k| 0.99 + 0.01 * k as f64 / 100.0))
+                    .map(|q| ((q * n as f64).ceil() as usize).clamp(1, n.max(1)));
+                let mut last = 0;
+                let pts: Vec<(f64, f64)> = ranks
+                    .filter(|&k| {
+                        let keep = n > 0 && k > last;
+                        last = last.max(k);
+                        keep
+                    })
+                    .map(|k| (v[k - 1].max(lo), k as f64 / n as f64))
+                    .collect();
+                cdf.draw_series(LineSeries::new(pts, c.stroke_width(2)))
+                    .map_err(|e| err(&e))?;
+            }
+        }
         root.present().map_err(|e| err(&e))?;
         Ok(())
     }

@@ -79,12 +79,20 @@ pub fn read_trace(path: &Path, limit: Option<usize>) -> Result<Trace> {
     read_trace_from(path, BufReader::new(file), limit)
 }
 
+/// Longest line a trace may have, in bytes (a Mooncake line with the `hash_ids` of a
+/// 200,000-token prompt is about 3 KiB).
+pub const MAX_LINE_BYTES: usize = 1 << 20;
+
+/// Most blank lines a trace may have in a row.
+pub const MAX_BLANK_LINES: usize = 1 << 20;
+
 /// [`read_trace`] from any reader; `path` names the source in errors and picks the format.
 ///
 /// # Errors
-/// As [`read_trace`].
+/// As [`read_trace`]; also for a line longer than [`MAX_LINE_BYTES`], more than
+/// [`MAX_BLANK_LINES`] blank lines in a row, or a line that is not UTF-8.
 pub fn read_trace_from(path: &Path, reader: impl Read, limit: Option<usize>) -> Result<Trace> {
-    let mut lines = BufReader::new(reader).lines().enumerate();
+    let mut reader = BufReader::new(reader);
     let limit = limit.unwrap_or(usize::MAX);
     let at =
         |n: usize, m: &dyn std::fmt::Display| Error::Input(format!("{}:{n}: {m}", path.display()));
@@ -92,14 +100,44 @@ pub fn read_trace_from(path: &Path, reader: impl Read, limit: Option<usize>) -> 
     let mut format = None;
     let mut first_ts: Option<f64> = None;
     let mut last_arrival = 0.0f64;
+    let mut buf = Vec::new();
+    let mut n = 0usize;
+    let mut blank = 0usize;
     while requests.len() < limit {
-        let Some((i, line)) = lines.next() else { break };
-        let n = i + 1;
-        let line = line.map_err(|e| at(n, &format!("cannot read: {e}")))?;
+        n += 1;
+        buf.clear();
+        let got = (&mut reader)
+            .take(MAX_LINE_BYTES as u64 + 1)
+            .read_until(b'\n', &mut buf)
+            .map_err(|e| at(n, &format!("cannot read: {e}")))?;
+        if got == 0 {
+            break;
+        }
+        if buf.len() > MAX_LINE_BYTES {
+            return Err(at(
+                n,
+                &format!("line longer than {MAX_LINE_BYTES} bytes (not a trace?)"),
+            ));
+        }
+        let line = std::str::from_utf8(&buf).map_err(|_| at(n, &"not UTF-8 text"))?;
+        // A UTF-8 byte order mark may precede the first line (spreadsheet exports).
+        let line = if n == 1 {
+            line.strip_prefix('\u{feff}').unwrap_or(line)
+        } else {
+            line
+        };
         let text = line.trim();
         if text.is_empty() {
+            blank += 1;
+            if blank > MAX_BLANK_LINES {
+                return Err(at(
+                    n,
+                    &format!("more than {MAX_BLANK_LINES} blank lines in a row (not a trace?)"),
+                ));
+            }
             continue;
         }
+        blank = 0;
         let fmt = *format.get_or_insert_with(|| TraceFormat::detect(path, text));
         let (ts, context_tokens, output_tokens, hash_ids) = match fmt {
             TraceFormat::AzureCsv => {
@@ -164,13 +202,16 @@ fn parse_azure_line(line: &str) -> std::result::Result<(f64, usize, usize), Stri
     let (Some(ts), Some(c), Some(o), None) =
         (fields.next(), fields.next(), fields.next(), fields.next())
     else {
-        return Err(format!("expected 3 comma-separated fields, got {line:?}"));
+        return Err(format!(
+            "expected 3 comma-separated fields, got {}",
+            crate::quote(line)
+        ));
     };
     let ts = parse_datetime(ts.trim())?;
     let num = |s: &str, what: &str| {
         s.trim()
             .parse::<usize>()
-            .map_err(|e| format!("bad {what} {s:?}: {e}"))
+            .map_err(|e| format!("bad {what} {}: {e}", crate::quote(s)))
     };
     Ok((ts, num(c, "ContextTokens")?, num(o, "GeneratedTokens")?))
 }
@@ -178,7 +219,12 @@ fn parse_azure_line(line: &str) -> std::result::Result<(f64, usize, usize), Stri
 /// Parses `YYYY-MM-DD HH:MM:SS[.fraction]` (a `T` separator is accepted too) into seconds since
 /// the Unix epoch (UTC, proleptic Gregorian calendar).
 fn parse_datetime(s: &str) -> std::result::Result<f64, String> {
-    let bad = || format!("bad timestamp {s:?} (expected YYYY-MM-DD HH:MM:SS.fraction)");
+    let bad = || {
+        format!(
+            "bad timestamp {} (expected YYYY-MM-DD HH:MM:SS.fraction)",
+            crate::quote(s)
+        )
+    };
     let (date, time) = s.split_once([' ', 'T']).ok_or_else(bad)?;
     let mut d = date.split('-');
     let (Some(y), Some(mo), Some(da), None) = (d.next(), d.next(), d.next(), d.next()) else {

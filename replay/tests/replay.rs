@@ -9,7 +9,7 @@ use kvvm::vmm::{BackendChoice, BackendConfig};
 use kvvm::{CacheConfig, DType, KvCache, Layout, ModelShape};
 use kvvm_replay::Error;
 use kvvm_replay::{
-    self, read_trace, trace::read_trace_from, AllocatorKind, KvAllocator, KvvmAllocator, Preempted,
+    read_trace, trace::read_trace_from, AllocatorKind, Job, KvAllocator, KvvmAllocator, Preempted,
     ReplayConfig, Report, SchedConfig, TraceFormat,
 };
 
@@ -27,6 +27,10 @@ fn trace_path(name: &str) -> PathBuf {
         .join("..")
         .join("traces")
         .join(name)
+}
+
+fn job(id: u64) -> Job {
+    Job::new(id, 0.0, 1, 1)
 }
 
 fn host() -> BackendConfig {
@@ -62,7 +66,7 @@ fn tiny_config(budget_bytes: u64, speed: f64) -> ReplayConfig {
 fn check_report(report: &Report, config: &ReplayConfig) {
     let tb = report.token_bytes;
     assert_eq!(tb, TINY.token_bytes(DType::F16) as u64);
-    assert_eq!(report.results.len(), 4);
+    assert_eq!(report.results.len(), AllocatorKind::ALL.len());
     for r in &report.results {
         let name = r.allocator.as_str();
         assert_eq!(
@@ -70,6 +74,25 @@ fn check_report(report: &Report, config: &ReplayConfig) {
             "{name}: every request finishes"
         );
         assert_eq!(r.integrity_errors, 0, "{name}: no token's KV lost");
+        assert_eq!(
+            r.kind,
+            if name.starts_with("kvvm") {
+                "real"
+            } else {
+                "model"
+            }
+        );
+        // Latency: every request has a first token; every later token a gap.
+        assert_eq!(r.ttft.count, report.requests, "{name}");
+        assert!(
+            r.ttft.p50 <= r.ttft.p90 && r.ttft.p90 <= r.ttft.p99,
+            "{name}"
+        );
+        assert!(r.tbt.p50 <= r.tbt.p90 && r.tbt.p90 <= r.tbt.p99, "{name}");
+        assert!(r.tbt.p50 > 0.0 && r.throughput_tokens_per_s > 0.0, "{name}");
+        if r.preemptions > 0 {
+            assert!(r.preempt_stall_s > 0.0, "{name}: preemption stalls");
+        }
         assert!(
             r.utilization > 0.0 && r.utilization <= 1.0,
             "{name}: utilization {}",
@@ -87,9 +110,9 @@ fn check_report(report: &Report, config: &ReplayConfig) {
                 "{name}: live tokens without memory: {s:?}"
             );
             match name {
-                "paged-16" => assert!(
+                "vllm-v0-swap" | "vllm-v1" | "vllm-v1-offload" => assert!(
                     s.held_bytes - s.live_bytes < 16 * tb * s.batch.max(1) as u64,
-                    "paged-16 wastes less than a block per request: {s:?}"
+                    "{name} wastes less than a block per request: {s:?}"
                 ),
                 "static" => assert_eq!(
                     s.held_bytes,
@@ -130,7 +153,13 @@ fn azure_slice_replays_with_preemption_and_intact_kv() {
     let config = tiny_config(1 << 20, 50.0);
     let report = kvvm_replay::replay(&trace, &config, &mut |_, _| {}).unwrap();
     check_report(&report, &config);
-    for name in ["kvvm-interleaved", "kvvm-per-layer", "paged-16"] {
+    for name in [
+        "kvvm-interleaved",
+        "kvvm-per-layer",
+        "vllm-v1",
+        "vllm-v1-offload",
+        "vllm-v0-swap",
+    ] {
         let r = report.results.iter().find(|r| r.allocator == name).unwrap();
         assert!(
             r.preemptions > 0,
@@ -153,8 +182,45 @@ fn azure_slice_replays_with_preemption_and_intact_kv() {
             "backend_calls",
             "wall_s",
             "integrity_errors",
+            "throughput_tokens_per_s",
+            "preempt_stall_s",
+            "kind",
         ] {
             assert!(r.get(key).is_some(), "missing results[].{key}");
+        }
+        for key in ["ttft", "tbt", "e2e"] {
+            for p in ["p50", "p90", "p99"] {
+                assert!(r[key][p].is_f64(), "missing results[].{key}.{p}");
+            }
+        }
+    }
+}
+
+/// Every bundled trace, kvvm rows only, with fairness preemption as by default: every token of
+/// every request reads back as written.
+#[test]
+fn every_bundled_trace_keeps_kvvm_intact_under_fairness_preemption() {
+    for (name, limit, speed) in [
+        ("AzureLLMInferenceTrace_conv.csv", 40, 50.0),
+        ("AzureLLMInferenceTrace_code.csv", 40, 50.0),
+        ("mooncake_synthetic_trace.jsonl", 24, 20.0),
+    ] {
+        let trace = read_trace(&trace_path(name), Some(limit)).unwrap();
+        let mut config = tiny_config(1 << 20, speed);
+        config.allocators = vec![
+            AllocatorKind::Kvvm(Layout::Interleaved),
+            AllocatorKind::Kvvm(Layout::PerLayer),
+        ];
+        let report = kvvm_replay::replay(&trace, &config, &mut |_, _| {}).unwrap();
+        for r in &report.results {
+            assert_eq!(r.finished, report.requests, "{name} {}", r.allocator);
+            assert!(r.preemptions > 0, "{name} {}: preemption", r.allocator);
+            assert!(
+                r.fairness_preemptions > 0,
+                "{name} {}: fairness preemption",
+                r.allocator
+            );
+            assert_eq!(r.integrity_errors, 0, "{name} {}", r.allocator);
         }
     }
 }
@@ -194,28 +260,33 @@ fn kvvm_swap_reuses_the_host_copy_and_keeps_every_token() {
         .unwrap();
         let bpt = cache.geometry().bytes_per_token() as u64;
         let mut a = KvvmAllocator::new(Arc::new(cache), 16 << 20).unwrap();
-        assert!(a.admit(7, 100).unwrap());
-        assert!(a.admit(8, 30).unwrap());
+        assert!(a.admit(&job(7), 100).unwrap().is_some());
+        assert!(a.admit(&job(8), 30).unwrap().is_some());
         assert!(a.grow(&[(7, 101), (8, 31)]).unwrap());
-        let (how, cost) = a.preempt(7).unwrap();
+        let (how, out) = a.preempt(7).unwrap();
         assert_eq!(how, Preempted::Swapped);
-        assert_eq!(cost.copy_bytes, 101 * bpt);
+        let t = out.transfers[0];
+        assert_eq!(t.bytes, 101 * bpt);
+        // Coarse, asynchronous, submitted off the step.
+        assert!(!t.sync && !t.submit_on_step);
         assert_eq!(a.usage().live_bytes, 31 * bpt);
         // Resume, decode 20 more tokens, preempt again: only the 20 new tokens move.
-        assert!(a.resume(7, 101).unwrap().is_some());
+        let back = a.resume(&job(7), 101).unwrap().unwrap();
+        assert_eq!(back.cached_tokens, 101);
+        assert_eq!(back.transfers[0].bytes, 101 * bpt);
         for t in 102..=121 {
             assert!(a.grow(&[(7, t)]).unwrap());
         }
-        let (_, cost) = a.preempt(7).unwrap();
+        let (_, out) = a.preempt(7).unwrap();
         assert_eq!(
-            cost.copy_bytes,
+            out.transfers[0].bytes,
             20 * bpt,
             "{layout}: only new tokens copied"
         );
         let c = a.counters();
         assert_eq!(c.reuse_saved_bytes, 101 * bpt);
         assert_eq!(c.swapped_bytes, (101 + 101 + 20) * bpt);
-        assert!(a.resume(7, 121).unwrap().is_some());
+        assert!(a.resume(&job(7), 121).unwrap().is_some());
         a.finish(7).unwrap();
         a.finish(8).unwrap();
         assert_eq!(a.counters().integrity_errors, 0, "{layout}");
@@ -244,7 +315,7 @@ fn kvvm_stamps_detect_corruption() {
         .unwrap(),
     );
     let mut a = KvvmAllocator::new(cache.clone(), 1 << 20).unwrap();
-    assert!(a.admit(1, 50).unwrap());
+    assert!(a.admit(&job(1), 50).unwrap().is_some());
     // Overwrite token 10's K row of layer 0 behind the allocator's back.
     let slot = a.slot_of(1).unwrap();
     let row = cache.row(slot, 10, 0, kvvm::Kv::K).unwrap();
@@ -371,14 +442,14 @@ fn kvvm_adapter_failures_change_nothing_and_lose_no_token() {
     let cache = Arc::new(cache);
     let bpt = cache.geometry().bytes_per_token() as u64;
     let mut a = KvvmAllocator::new(cache.clone(), 16 << 20).unwrap();
-    assert!(a.admit(1, 100).unwrap());
-    assert!(a.admit(2, 50).unwrap());
+    assert!(a.admit(&job(1), 100).unwrap().is_some());
+    assert!(a.admit(&job(2), 50).unwrap().is_some());
     assert!(a.grow(&[(1, 101), (2, 51)]).unwrap());
     let before = a.usage();
 
     // A failed mapping: the admission fails, its slot goes back.
     faulty.fail_nth(BackendOp::Map, 1);
-    assert!(a.admit(3, 200).is_err());
+    assert!(a.admit(&job(3), 200).is_err());
     faulty.clear();
     assert_eq!(a.usage(), before);
     assert_eq!(cache.stats().allocated_slots, 2);
@@ -398,11 +469,11 @@ fn kvvm_adapter_failures_change_nothing_and_lose_no_token() {
     let (how, _) = a.preempt(2).unwrap();
     assert_eq!(how, Preempted::Swapped);
     faulty.fail_nth_copy(1, CopyFault::AtCompletion);
-    assert!(a.resume(2, 51).is_err());
+    assert!(a.resume(&job(2), 51).is_err());
     faulty.clear();
     assert!(a.slot_of(2).is_none());
     assert_eq!(a.usage().live_bytes, 102 * bpt);
-    assert!(a.resume(2, 51).unwrap().is_some());
+    assert!(a.resume(&job(2), 51).unwrap().is_some());
 
     a.finish(1).unwrap();
     a.finish(2).unwrap();

@@ -378,6 +378,14 @@ setters! {
 /// The most slots a cache may have (a bound on up-front bookkeeping, far above any batch).
 pub const MAX_SLOTS: usize = 1 << 20;
 
+/// The most layers a cache may have (far above any model; each layer is two buffers, that is two
+/// reservations, in the per-layer layout).
+pub const MAX_LAYERS: usize = 1 << 16;
+
+/// The most (slot, buffer) page lists a cache may keep (`max_slots × buffers`): a bound on the
+/// bookkeeping allocated up front.
+pub const MAX_PAGE_LISTS: usize = 1 << 22;
+
 /// Sizes derived from a [`CacheConfig`] and the page size.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
@@ -433,6 +441,9 @@ impl Geometry {
         if c.max_slots > MAX_SLOTS {
             return bad(format!("max_slots {} exceeds {MAX_SLOTS}", c.max_slots));
         }
+        if c.layers > MAX_LAYERS {
+            return bad(format!("layers {} exceeds {MAX_LAYERS}", c.layers));
+        }
         let page_size = c.page_size.unwrap_or(granularity);
         if granularity == 0 || page_size == 0 || page_size % granularity != 0 {
             return bad(format!(
@@ -454,6 +465,12 @@ impl Geometry {
                     .ok_or_else(overflow)?,
             ),
         };
+        if c.max_slots.saturating_mul(buffers) > MAX_PAGE_LISTS {
+            return bad(format!(
+                "{} slots × {buffers} buffers exceed {MAX_PAGE_LISTS} page lists",
+                c.max_slots
+            ));
+        }
         let raw_slot = token_bytes.checked_mul(c.max_tokens).ok_or_else(overflow)?;
         let pages_per_slot = raw_slot.div_ceil(page_size);
         let slot_bytes = pages_per_slot.checked_mul(page_size).ok_or_else(overflow)?;

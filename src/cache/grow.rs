@@ -9,25 +9,66 @@ use super::{Shared, SlotId, State};
 impl Shared {
     /// The foreground growth path of `ensure` and `step`.
     pub(super) fn grow(&self, batch: &[(SlotId, usize)]) -> Result<()> {
+        let targets = self.targets(batch)?;
+        // A commit re-checks that every target fits its slot's pages; should a concurrent call
+        // have taken pages promised to this one after all, the growth starts over (bounded: it
+        // is a defence, not a path that runs).
+        for _ in 0..8 {
+            if let Some(r) = self.grow_targets(&targets)? {
+                return Ok(r);
+            }
+        }
+        Err(Error::Internal(
+            "a growth kept losing its pages to concurrent calls".into(),
+        ))
+    }
+
+    /// Validates a batch and merges duplicates (the largest target wins), without the cache
+    /// lock: a batch of millions of entries does not hold up other threads' calls. Returns
+    /// (slot index, tokens) sorted by slot.
+    fn targets(&self, batch: &[(SlotId, usize)]) -> Result<Vec<(usize, usize)>> {
         let g = &self.geometry;
-        let mut st = self.lock();
-        // Validate and merge duplicates (the largest target wins).
-        let mut targets: Vec<(usize, usize)> = Vec::with_capacity(batch.len());
+        let mut targets: Vec<(usize, usize)> = Vec::new();
+        // The batch's length comes from the caller: an allocation that fails is an error, not
+        // an abort.
+        targets.try_reserve_exact(batch.len()).map_err(|_| {
+            Error::InvalidArgument(format!(
+                "a batch of {} entries is too large to process",
+                batch.len()
+            ))
+        })?;
         for &(slot, tokens) in batch {
-            let i = self.check_slot(&st, slot)?;
+            if slot.as_usize() >= g.max_slots {
+                return Err(Error::SlotOutOfRange {
+                    slot,
+                    max_slots: g.max_slots,
+                });
+            }
             if tokens > g.max_tokens {
                 return Err(Error::InvalidArgument(format!(
                     "slot {slot}: {tokens} tokens exceed max_tokens {}",
                     g.max_tokens
                 )));
             }
-            targets.push((i, tokens));
+            targets.push((slot.as_usize(), tokens));
         }
         if !targets.windows(2).all(|w| w[0].0 < w[1].0) {
             targets.sort_unstable();
             // Sorted by (slot, tokens): keep the last, largest entry of each slot.
             targets.reverse();
             targets.dedup_by_key(|t| t.0);
+            targets.reverse();
+        }
+        Ok(targets)
+    }
+
+    /// One attempt at growing `targets` (sorted, distinct slots). `Ok(None)`: a slot lost pages
+    /// promised to this call to a concurrent one; nothing was committed, try again.
+    fn grow_targets(&self, targets: &[(usize, usize)]) -> Result<Option<()>> {
+        let g = &self.geometry;
+        let mut st = self.lock();
+        for &(i, _) in targets {
+            self.check_slot(&st, SlotId::new(i as u32))?;
         }
         // Which occupant of each slot this call is for (see `commit_tokens`): recorded only
         // when the lock is about to be released, the fast path holds it throughout.
@@ -63,15 +104,15 @@ impl Shared {
             }
             st = self.changed.wait(st).unwrap_or_else(|p| p.into_inner());
             // Slots may have been freed meanwhile.
-            for &(i, _) in &targets {
+            for &(i, _) in targets {
                 self.check_slot(&st, SlotId::new(i as u32))?;
             }
         };
         if work.is_empty() {
-            let wake = self.commit_tokens(&mut st, &targets, epochs.as_deref(), true);
+            let wake = self.commit_tokens(&mut st, targets, epochs.as_deref(), true);
             drop(st);
             self.wake_mapper(wake);
-            return Ok(());
+            return Ok(Some(()));
         }
         let epochs = epochs.unwrap_or_else(|| record(&st));
         for w in &work {
@@ -79,7 +120,7 @@ impl Shared {
         }
         // Slots of this batch that already have their pages must keep them while the pages of
         // the others are acquired (reclamation would otherwise take them as "mapped ahead").
-        for &(i, t) in &targets {
+        for &(i, t) in targets {
             let s = &mut st.slots[i];
             s.pending = s.pending.max(t);
             s.promises += 1;
@@ -104,6 +145,9 @@ impl Shared {
             Vec::new()
         };
         drop(st);
+        // A surplus that could not be unmapped is the reason pages are short if they turn out
+        // short: then its error is the cause reported, not the budget.
+        let mut surplus_error: Option<(usize, Error)> = None;
         for sh in surplus {
             // As in `reclaim`: the pages may have been read by work queued before the slot's
             // last shrink.
@@ -112,6 +156,7 @@ impl Shared {
             }
             if let Err(e) = self.unmap_tails(sh.slot, sh.keep, &sh.tails) {
                 tracing::debug!("could not return surplus pages of slot {}: {e}", sh.slot);
+                surplus_error.get_or_insert((sh.slot, e));
             }
         }
         let busy: Vec<usize> = work.iter().map(|w| w.slot).collect();
@@ -119,13 +164,25 @@ impl Shared {
         let pages = match self.acquire(total, true) {
             Ok(p) => p,
             Err(e) => {
-                self.clear_pending(&targets);
+                self.clear_pending(targets);
                 self.finish(&busy);
-                let (slot, missing) = blame(&work, &e);
+                let (slot, missing, cause) = match (surplus_error, &e) {
+                    (Some((slot, u)), Error::BudgetExhausted { .. }) => {
+                        let missing = work
+                            .iter()
+                            .find(|w| w.slot == slot)
+                            .map_or(0, |w| w.missing);
+                        (slot, missing, u)
+                    }
+                    _ => {
+                        let (slot, missing) = blame(&work, &e);
+                        (slot, missing, e)
+                    }
+                };
                 return Err(Error::Grow {
                     slot: SlotId::new(slot as u32),
                     missing_pages: missing,
-                    source: Box::new(e),
+                    source: Box::new(cause),
                 });
             }
         };
@@ -137,12 +194,24 @@ impl Shared {
                 for &i in &busy {
                     st.slots[i].busy = false;
                 }
-                let wake = self.commit_tokens(&mut st, &targets, Some(&epochs), true);
-                clear_pending(&mut st, &targets);
+                // Every target still held by this call's occupant must fit the slot's pages
+                // before any token is committed (all or nothing).
+                let short = targets.iter().zip(&epochs).any(|(&(i, t), &e)| {
+                    let s = &st.slots[i];
+                    s.allocated && s.epoch == e && !g.fits(t, s.min_pages)
+                });
+                if short {
+                    clear_pending(&mut st, targets);
+                    drop(st);
+                    self.changed.notify_all();
+                    return Ok(None);
+                }
+                let wake = self.commit_tokens(&mut st, targets, Some(&epochs), true);
+                clear_pending(&mut st, targets);
                 drop(st);
                 self.changed.notify_all();
                 self.wake_mapper(wake);
-                Ok(())
+                Ok(Some(()))
             }
             Err(MapFailure {
                 slot: failed_slot,
@@ -154,7 +223,7 @@ impl Shared {
                 for &i in &busy {
                     st.slots[i].busy = false;
                 }
-                clear_pending(&mut st, &targets);
+                clear_pending(&mut st, targets);
                 drop(st);
                 self.changed.notify_all();
                 let missing = work

@@ -29,6 +29,7 @@ impl KvCache {
     /// Marks `slot` busy for a swap-out once no one else is changing it, and returns its live
     /// tokens and its epoch (which changes whenever the slot is allocated anew or shrunk).
     pub(crate) fn swap_out_begin(&self, slot: SlotId) -> Result<(usize, u64)> {
+        self.shared.fork.check("cache")?;
         let sh = &*self.shared;
         let (mut st, i) = sh.wait_idle(sh.lock(), slot)?;
         let s = &mut st.slots[i];
@@ -189,6 +190,7 @@ impl KvCache {
         tokens: usize,
         defer: bool,
     ) -> Result<(u64, Option<PendingPages>)> {
+        self.shared.fork.check("cache")?;
         let sh = &*self.shared;
         let g = &sh.geometry;
         if tokens > g.max_tokens {

@@ -13,7 +13,8 @@ mod view;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 pub use config::{
-    CacheConfig, DType, Geometry, Layout, ModelShape, MAX_SLOTS, MAX_VIRTUAL_BYTES, PRESETS,
+    CacheConfig, DType, Geometry, Layout, ModelShape, MAX_LAYERS, MAX_PAGE_LISTS, MAX_SLOTS,
+    MAX_VIRTUAL_BYTES, PRESETS,
 };
 use grow::{attach, MapFailure, Work};
 pub(crate) use hooks::PendingPages;
@@ -24,6 +25,7 @@ use unmapper::{AfterUnmap, UnmapQueue};
 pub use view::{ByteRange, Device, Kv, TensorView};
 
 use crate::error::{Error, Result};
+use crate::fork::ForkGuard;
 use crate::pool::{PagePool, PoolConfig};
 use crate::vmm::{Backend, BackendOp, Fence, MeteredBackend, VaRange};
 use crate::worker::Worker;
@@ -99,6 +101,8 @@ pub(crate) struct Shared {
     unmaps: Mutex<UnmapQueue>,
     /// Wakes the unmapper.
     unmaps_cv: Condvar,
+    /// The process the cache belongs to (see [`crate::fork`]).
+    fork: ForkGuard,
 }
 
 /// `KvCache`: contiguous virtual KV tensors with physical pages mapped on demand (vAttention).
@@ -146,7 +150,9 @@ pub(crate) struct Shared {
 /// [`KvCache`] is `Send + Sync` and every method takes `&self`. Calls on different slots run
 /// concurrently: backend calls happen outside the cache's lock. Calls that change the same slot's
 /// mappings (`ensure`, `step`, `shrink`, `free_slot`, and the background mapper) are serialized
-/// per slot. Views and statistics may be read at any time.
+/// per slot. Views and statistics may be read at any time. After every interleaving of these
+/// calls, every allocated slot's live tokens lie in mapped pages
+/// (`tokens(slot) <= capacity(slot)`).
 #[derive(Debug)]
 pub struct KvCache {
     shared: Arc<Shared>,
@@ -187,6 +193,23 @@ impl KvCache {
     /// reserving address space or creating pages up front.
     pub fn with_backend(config: CacheConfig, backend: Arc<dyn Backend>) -> Result<Self> {
         let geometry = Geometry::new(&config, backend.granularity())?;
+        let info = backend.info();
+        // Before anything is reserved or created: the host must be able to back the budget, and
+        // every buffer is one reservation (at least one mapping) of the process's map count.
+        crate::vmm::host::check_budget(
+            info.usable_memory,
+            geometry.page_size,
+            config.budget_bytes,
+        )?;
+        if let Some(max) = info.max_map_count {
+            if geometry.buffers > max {
+                return Err(Error::InvalidConfig(format!(
+                    "{} buffers need at least as many mappings, more than the process may hold \
+                     ({max}, vm.max_map_count); use the interleaved layout",
+                    geometry.buffers
+                )));
+            }
+        }
         let metered = Arc::new(MeteredBackend::new(backend));
         let mut buffers = Vec::with_capacity(geometry.buffers);
         for _ in 0..geometry.buffers {
@@ -203,6 +226,9 @@ impl KvCache {
         let pool_config = PoolConfig {
             create_all: config.create_all_pages,
             low_watermark: 2 * geometry.buffers,
+            // Free pages above this go back to the system: memory kept for reuse stays
+            // bounded (and visible), a few steps' worth of pages per buffer.
+            high_watermark: (8 * geometry.buffers).max(crate::pool::DEFAULT_HIGH_WATERMARK),
             ..PoolConfig::with_budget(geometry.page_size, config.budget_bytes)
         };
         let pool = match PagePool::new(metered.clone(), pool_config) {
@@ -220,7 +246,6 @@ impl KvCache {
                 ..Slot::default()
             })
             .collect();
-        let info = metered.info();
         let shared = Arc::new(Shared {
             geometry,
             device: Device {
@@ -240,6 +265,7 @@ impl KvCache {
             stream: Mutex::new(config.compute_stream),
             unmaps: Mutex::new(UnmapQueue::default()),
             unmaps_cv: Condvar::new(),
+            fork: ForkGuard::new(),
         });
         let mut cache = KvCache {
             shared,
@@ -328,6 +354,7 @@ impl KvCache {
     /// # Ok::<(), kvvm::Error>(())
     /// ```
     pub fn alloc_slot_for(&self, tokens: usize) -> Result<SlotId> {
+        self.shared.fork.check("cache")?;
         let want = self
             .shared
             .geometry
@@ -374,6 +401,7 @@ impl KvCache {
     /// # Ok::<(), kvvm::Error>(())
     /// ```
     pub fn free_slot(&self, slot: SlotId) -> Result<()> {
+        self.shared.fork.check("cache")?;
         let sh = &*self.shared;
         // The caller's kernels queued so far may still read the slot: its pages are reclaimed
         // only after this fence (see `docs/ordering.md`).
@@ -437,10 +465,13 @@ impl KvCache {
     /// # Ok::<(), kvvm::Error>(())
     /// ```
     pub fn step(&self, batch: &[(SlotId, usize)]) -> Result<()> {
+        self.shared.fork.check("cache")?;
         self.shared.grow(batch)
     }
 
-    /// Cuts `slot` to `tokens` tokens and unmaps the pages beyond them.
+    /// Cuts `slot` to `tokens` tokens and unmaps the pages beyond them. Pages that a `step` in
+    /// flight on another thread has promised to this slot stay mapped (the step then commits
+    /// its tokens into them); reclamation takes them back later if they are not used.
     ///
     /// # Errors
     /// [`Error::InvalidArgument`] for a bad slot; a backend error if unmapping fails, in which case
@@ -462,6 +493,7 @@ impl KvCache {
     /// # Ok::<(), kvvm::Error>(())
     /// ```
     pub fn shrink(&self, slot: SlotId, tokens: usize) -> Result<()> {
+        self.shared.fork.check("cache")?;
         let sh = &*self.shared;
         // Kernels queued so far may still read the pages beyond `tokens`: they are unmapped
         // after this fence, by the unmapper if it has not completed yet (`docs/ordering.md`).
@@ -469,8 +501,11 @@ impl KvCache {
         let (mut st, i) = sh.wait_idle(sh.lock(), slot)?;
         // Beyond max_tokens nothing is mapped anyway (and `pages_for` must not overflow).
         let tokens = tokens.min(sh.geometry.max_tokens);
-        let keep = sh.geometry.pages_for(tokens);
         let s = &mut st.slots[i];
+        // A growth call in flight on a batch naming this slot may have found its pages present
+        // and promised them (see `Slot::pending`): they stay, or the call would commit tokens
+        // to pages this shrink unmapped. Reclamation takes them once the promise is over.
+        let keep = sh.geometry.pages_for(tokens.max(s.pending));
         if tokens < s.tokens {
             s.epoch += 1;
         }
@@ -502,6 +537,7 @@ impl KvCache {
     /// # Errors
     /// A backend error if unmapping fails; the pages concerned stay mapped.
     pub fn reclaim_free_slots(&self) -> Result<usize> {
+        self.shared.fork.check("cache")?;
         self.shared.reclaim(usize::MAX)
     }
 
@@ -510,6 +546,7 @@ impl KvCache {
     /// # Errors
     /// [`Error::InvalidArgument`] for a bad slot.
     pub fn tokens(&self, slot: SlotId) -> Result<usize> {
+        self.shared.fork.check("cache")?;
         let st = self.shared.lock();
         let i = self.shared.check_slot(&st, slot)?;
         Ok(st.slots[i].tokens)
@@ -520,6 +557,7 @@ impl KvCache {
     /// # Errors
     /// [`Error::InvalidArgument`] for a slot out of range.
     pub fn capacity(&self, slot: SlotId) -> Result<usize> {
+        self.shared.fork.check("cache")?;
         let st = self.shared.lock();
         let s = st.slots.get(slot.as_usize()).ok_or(Error::SlotOutOfRange {
             slot,
@@ -530,6 +568,9 @@ impl KvCache {
 
     /// Whether a slot is allocated.
     pub fn is_allocated(&self, slot: SlotId) -> bool {
+        if self.shared.fork.inherited() {
+            return false;
+        }
         let st = self.shared.lock();
         st.slots.get(slot.as_usize()).is_some_and(|s| s.allocated)
     }
@@ -638,6 +679,9 @@ impl KvCache {
     /// # Ok::<(), kvvm::Error>(())
     /// ```
     pub fn stats(&self) -> CacheStats {
+        if self.shared.fork.inherited() {
+            return CacheStats::default();
+        }
         let sh = &*self.shared;
         let g = &sh.geometry;
         let st = sh.lock();
@@ -679,6 +723,9 @@ impl KvCache {
     /// Waits until the background mapper has nothing left to do, and keeps it from waking
     /// itself until the next growth call (for tests and benchmarks that inspect the mappings).
     pub fn quiesce(&self) {
+        if self.shared.fork.inherited() {
+            return;
+        }
         let sh = &*self.shared;
         let mut st = sh.lock();
         while st.mapper_wake || st.mapper_active || st.slots.iter().any(|s| s.busy) {
@@ -690,6 +737,11 @@ impl KvCache {
 
 impl Drop for KvCache {
     fn drop(&mut self) {
+        if self.shared.fork.inherited() {
+            // The mapper thread stayed in the parent (its handle is forgotten, not joined), and
+            // the lock may have been held by one of the parent's threads at the fork.
+            return;
+        }
         self.shared.lock().shutdown = true;
         self.shared.mapper_cv.notify_all();
         if let Some(mut w) = self.mapper.take() {
@@ -754,6 +806,10 @@ impl Shared {
 
 impl Drop for Shared {
     fn drop(&mut self) {
+        if self.fork.inherited() {
+            // The pages are the parent's (shared memfd pages): a child forgets them.
+            return;
+        }
         let slots = std::mem::take(
             &mut self
                 .state

@@ -143,6 +143,7 @@ impl SwapEngine {
     /// # Errors
     /// [`Error::InvalidArgument`] for an unknown, released or evicted copy.
     pub fn release(&self, copy: HostCopyId) -> Result<()> {
+        self.inner.fork.check("swap engine")?;
         let busy = self.with_copy(copy, |c| {
             c.doomed = true;
             c.busy
@@ -159,6 +160,7 @@ impl SwapEngine {
     /// # Errors
     /// [`Error::InvalidArgument`] for an unknown, released or evicted copy.
     pub fn pin(&self, copy: HostCopyId, pinned: bool) -> Result<()> {
+        self.inner.fork.check("swap engine")?;
         self.with_copy(copy, |c| c.pinned = pinned)
     }
 
@@ -168,6 +170,7 @@ impl SwapEngine {
     /// # Errors
     /// [`Error::InvalidArgument`] for an unknown, released or evicted copy.
     pub fn set_priority(&self, copy: HostCopyId, priority: u8) -> Result<()> {
+        self.inner.fork.check("swap engine")?;
         self.with_copy(copy, |c| c.priority = priority)
     }
 
@@ -176,6 +179,7 @@ impl SwapEngine {
     /// # Errors
     /// [`Error::InvalidArgument`] for an unknown, released or evicted copy.
     pub fn host_tokens(&self, copy: HostCopyId) -> Result<usize> {
+        self.inner.fork.check("swap engine")?;
         self.with_copy(copy, |c| c.tokens)
     }
 }

@@ -19,8 +19,12 @@ use arena::Arena;
 
 use crate::cache::{KvCache, SlotId};
 use crate::error::{Error, Result};
+use crate::fork::ForkGuard;
 use crate::vmm::{Backend, BackendKind, Completion, CopyKind, Fence};
 use crate::worker::Worker;
+
+/// Host copy ids, unique in the process (never 0).
+static NEXT_COPY_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// The smallest [`SwapConfig::chunk_bytes`] accepted.
 pub const MIN_CHUNK_BYTES: usize = 256;
@@ -242,7 +246,6 @@ struct State {
     copies: HashMap<u64, HostCopy>,
     /// Slot → the copy attached to it.
     by_slot: HashMap<SlotId, u64>,
-    next_id: u64,
     clock: u64,
     in_flight: usize,
     stats: SwapStats,
@@ -251,6 +254,8 @@ struct State {
 #[derive(Debug)]
 struct Inner {
     cache: Arc<KvCache>,
+    /// The process the engine belongs to (see [`crate::fork`]).
+    fork: ForkGuard,
     config: SwapConfig,
     state: Mutex<State>,
     /// Signalled when a transfer finishes (in-flight room, copies no longer busy).
@@ -402,11 +407,9 @@ impl SwapEngine {
         }
         let inner = Arc::new(Inner {
             cache,
+            fork: ForkGuard::new(),
             config,
-            state: Mutex::new(State {
-                next_id: 1,
-                ..State::default()
-            }),
+            state: Mutex::new(State::default()),
             changed: Condvar::new(),
             timers: Timers::default(),
         });
@@ -498,6 +501,7 @@ impl SwapEngine {
         SwapTicket {
             transfer,
             inner: Arc::downgrade(&self.inner),
+            fork: ForkGuard::new(),
         }
     }
 
@@ -544,6 +548,7 @@ impl SwapEngine {
     /// # Errors
     /// As [`SwapEngine::swap_out`]; the driver's error for an invalid event.
     pub fn swap_out_after(&self, slot: SlotId, event: u64) -> Result<SwapTicket> {
+        self.inner.fork.check("swap engine")?;
         let fence = self.inner.backend().fence_after_event(event)?;
         self.swap_out_fenced(slot, Some(fence))
     }
@@ -554,6 +559,7 @@ impl SwapEngine {
         slot: SlotId,
         fence: Option<Option<Arc<dyn Fence>>>,
     ) -> Result<SwapTicket> {
+        self.inner.fork.check("swap engine")?;
         let inner = &*self.inner;
         // The copies wait for the caller's work queued before this call (`docs/ordering.md`).
         let fence = fence.unwrap_or_else(|| inner.cache.fence_now());
@@ -622,8 +628,9 @@ impl SwapEngine {
                 } else {
                     None
                 };
-                let id = st.next_id;
-                st.next_id += 1;
+                // Unique in the process, so that an engine never takes another's id for one of
+                // its own copies.
+                let id = NEXT_COPY_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 st.copies.insert(
                     id,
                     HostCopy {
@@ -795,6 +802,7 @@ impl SwapEngine {
     /// # Ok::<(), kvvm::Error>(())
     /// ```
     pub fn swap_in(&self, copy: HostCopyId, slot: SlotId) -> Result<SwapTicket> {
+        self.inner.fork.check("swap engine")?;
         let inner = &*self.inner;
         inner.enter();
         let mut st = inner.lock();
@@ -967,6 +975,9 @@ impl SwapEngine {
 
     /// Waits until no transfer is in flight (each finished, successfully or not).
     pub fn quiesce(&self) {
+        if self.inner.fork.inherited() {
+            return;
+        }
         let mut st = self.inner.lock();
         while st.in_flight > 0 {
             st = self
@@ -980,6 +991,10 @@ impl SwapEngine {
 
 impl Drop for SwapEngine {
     fn drop(&mut self) {
+        if self.inner.fork.inherited() {
+            // The threads and the transfers stayed in the parent process.
+            return;
+        }
         // Closing the channels lets the staging thread submit every queued swap-in and the
         // completion thread finish every queued transfer, and both exit.
         self.stage_tx.take();
@@ -996,6 +1011,9 @@ impl Drop for SwapEngine {
 
 impl Drop for Inner {
     fn drop(&mut self) {
+        if self.fork.inherited() {
+            return;
+        }
         let st = self.state.get_mut().unwrap_or_else(|p| p.into_inner());
         st.copies.clear();
         st.by_slot.clear();

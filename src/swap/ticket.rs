@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use crate::cache::SlotId;
 use crate::error::{Error, Result};
+use crate::fork::ForkGuard;
 use crate::vmm::{Completion, Fence};
 
 use super::arena::Extent;
@@ -19,6 +20,8 @@ pub struct SwapTicket {
     /// Weak, so that a ticket kept around does not keep the engine and the cache alive: once the
     /// engine is gone every transfer is finished and the ticket only reads the outcome.
     pub(super) inner: Weak<Inner>,
+    /// The process the ticket belongs to (see [`crate::fork`]).
+    pub(super) fork: ForkGuard,
 }
 
 impl SwapTicket {
@@ -28,6 +31,7 @@ impl SwapTicket {
     /// # Errors
     /// The error of the failed transfer (the slot and the host copy are then as they were).
     pub fn poll(&self) -> Result<bool> {
+        self.fork.check("swap ticket")?;
         match self.transfer.try_finish(&self.inner.upgrade(), false) {
             None => Ok(false),
             Some(r) => r.map(|()| true),
@@ -38,6 +42,7 @@ impl SwapTicket {
     /// # Errors
     /// As [`SwapTicket::poll`].
     pub fn wait(&self) -> Result<()> {
+        self.fork.check("swap ticket")?;
         self.transfer
             .try_finish(&self.inner.upgrade(), true)
             .unwrap_or(Ok(()))

@@ -359,6 +359,7 @@ impl Backend for CudaBackend {
             total_memory: self.total_memory,
             max_map_count: None,
             map_headroom: None,
+            usable_memory: None,
         }
     }
 

@@ -15,6 +15,7 @@
 //!   with [`Error::MapCountExhausted`] instead of letting `mmap` fail deep inside an operation.
 //! - Copies run on worker threads.
 
+use crate::fork::ForkGuard;
 use crate::worker::Worker;
 use std::collections::{BTreeMap, HashMap};
 use std::num::NonZeroUsize;
@@ -101,6 +102,172 @@ pub fn system_max_map_count() -> usize {
         .unwrap_or(65530)
 }
 
+/// Memory the host can still give this process: physical memory from `/proc/meminfo`, and the
+/// limit of the process's memory cgroup (v2 or v1, the tightest over the cgroup and its
+/// ancestors).
+///
+/// Host pages are memfd (shared memory) pages: the kernel charges them to the memory cgroup, but
+/// a page that is created and not mapped does not count in the process's RSS, which is what the
+/// OOM killer ranks processes by. So kvvm refuses up front a page budget the host cannot back.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HostMemory {
+    /// `MemTotal`, in bytes.
+    pub total: u64,
+    /// `MemAvailable`, in bytes.
+    pub available: u64,
+    /// The tightest memory cgroup limit in bytes, `None` when no limit applies.
+    pub cgroup_limit: Option<u64>,
+    /// What that limit still allows (limit minus usage) in bytes, `None` when no limit applies.
+    pub cgroup_remaining: Option<u64>,
+}
+
+impl HostMemory {
+    /// Reads the current figures. Unreadable files count as "no information" (no limit).
+    pub fn read() -> Self {
+        let (total, available) = std::fs::read_to_string("/proc/meminfo")
+            .map(|t| parse_meminfo(&t))
+            .unwrap_or((0, 0));
+        let mut m = HostMemory {
+            total,
+            available,
+            cgroup_limit: None,
+            cgroup_remaining: None,
+        };
+        if let Ok(cg) = std::fs::read_to_string("/proc/self/cgroup") {
+            for (dir, v2) in cgroup_dirs(&cg) {
+                if let Some((limit, usage)) = read_cgroup_limit(&dir, v2) {
+                    let rest = limit.saturating_sub(usage);
+                    if m.cgroup_remaining.is_none_or(|r| rest < r) {
+                        m.cgroup_limit = Some(limit);
+                        m.cgroup_remaining = Some(rest);
+                    }
+                }
+            }
+        }
+        m
+    }
+
+    /// Bytes of new pages the host can back now: the smaller of `MemAvailable` and what the
+    /// cgroup still allows (`u64::MAX` when nothing could be read).
+    pub fn usable(&self) -> u64 {
+        let physical = if self.total == 0 {
+            u64::MAX
+        } else {
+            self.available
+        };
+        physical.min(self.cgroup_remaining.unwrap_or(u64::MAX))
+    }
+}
+
+/// (`MemTotal`, `MemAvailable`) in bytes from the text of `/proc/meminfo` (0 when absent).
+pub(crate) fn parse_meminfo(text: &str) -> (u64, u64) {
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|rest| {
+                rest.trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse::<u64>()
+                    .ok()
+            })
+            .map_or(0, |kib| kib.saturating_mul(1024))
+    };
+    (field("MemTotal:"), field("MemAvailable:"))
+}
+
+/// The memory cgroup directories that limit this process, from the text of `/proc/self/cgroup`:
+/// its own cgroup and every ancestor, as (directory, is v2).
+pub(crate) fn cgroup_dirs(proc_self_cgroup: &str) -> Vec<(std::path::PathBuf, bool)> {
+    let mut out = Vec::new();
+    for line in proc_self_cgroup.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (Some(_), Some(controllers), Some(path)) = (parts.next(), parts.next(), parts.next())
+        else {
+            continue;
+        };
+        let (root, v2) = if controllers.is_empty() {
+            ("/sys/fs/cgroup", true)
+        } else if controllers.split(',').any(|c| c == "memory") {
+            ("/sys/fs/cgroup/memory", false)
+        } else {
+            continue;
+        };
+        let mut dir = std::path::PathBuf::from(root);
+        out.push((dir.clone(), v2));
+        for comp in path.split('/').filter(|c| !c.is_empty() && *c != "..") {
+            dir.push(comp);
+            out.push((dir.clone(), v2));
+        }
+    }
+    out
+}
+
+/// (limit, usage) of one memory cgroup directory; `None` when it sets no limit or cannot be read.
+fn read_cgroup_limit(dir: &std::path::Path, v2: bool) -> Option<(u64, u64)> {
+    let (limit_file, usage_file) = if v2 {
+        ("memory.max", "memory.current")
+    } else {
+        ("memory.limit_in_bytes", "memory.usage_in_bytes")
+    };
+    let limit = parse_cgroup_limit(&std::fs::read_to_string(dir.join(limit_file)).ok()?)?;
+    let usage = std::fs::read_to_string(dir.join(usage_file))
+        .ok()
+        .and_then(|u| u.trim().parse().ok())
+        .unwrap_or(0);
+    Some((limit, usage))
+}
+
+/// A cgroup limit file's value: `None` for "max" (v2) or the huge value v1 uses for no limit.
+pub(crate) fn parse_cgroup_limit(text: &str) -> Option<u64> {
+    let t = text.trim();
+    if t == "max" {
+        return None;
+    }
+    let v: u64 = t.parse().ok()?;
+    (v < 1 << 62).then_some(v)
+}
+
+/// Refuses (with [`Error::InvalidConfig`]) a page or a page budget that `usable` bytes cannot
+/// back. `usable` is [`BackendInfo::usable_memory`](super::BackendInfo::usable_memory).
+pub(crate) fn check_budget(usable: Option<u64>, page_size: usize, budget_bytes: u64) -> Result<()> {
+    let Some(usable) = usable else {
+        return Ok(());
+    };
+    if page_size as u64 > usable {
+        return Err(Error::InvalidConfig(format!(
+            "a page of {page_size} bytes is more host memory than this process may use \
+             ({usable} bytes: MemAvailable and the memory cgroup limit)"
+        )));
+    }
+    let pages = budget_bytes / page_size.max(1) as u64;
+    let backed = pages.saturating_mul(page_size as u64);
+    if backed > usable {
+        return Err(Error::InvalidConfig(format!(
+            "a page budget of {budget_bytes} bytes is more host memory than this process may \
+             use ({usable} bytes: MemAvailable and the memory cgroup limit); lower the budget"
+        )));
+    }
+    Ok(())
+}
+
+/// Pessimistic estimate of the process's mapping count, shared by every host backend: counted
+/// from `/proc/self/maps` once per process, raised by every reservation and map of any backend
+/// (never lowered), and recounted only when a check comes near a limit. Reading
+/// `/proc/self/maps` costs time proportional to the process's mappings, so creating backends and
+/// caches must not do it each time.
+static VMA_ESTIMATE: AtomicUsize = AtomicUsize::new(0);
+static VMA_COUNTED: std::sync::Once = std::sync::Once::new();
+
+fn vma_estimate() -> &'static AtomicUsize {
+    VMA_COUNTED.call_once(|| {
+        if let Ok(n) = process_map_count() {
+            VMA_ESTIMATE.fetch_max(n, Ordering::Relaxed);
+        }
+    });
+    &VMA_ESTIMATE
+}
+
 /// Number of mappings (VMAs) this process holds now, from `/proc/self/maps`.
 ///
 /// # Errors
@@ -144,13 +311,13 @@ pub struct HostBackend {
     arena: Mutex<Arena>,
     /// Live reservations: address → length.
     reservations: RwLock<BTreeMap<u64, usize>>,
-    /// Pessimistic estimate of the process's mapping count (recounted when near the limit).
-    vma_estimate: AtomicUsize,
     /// Maps are refused beyond this many process mappings.
     map_limit: usize,
     max_map_count: usize,
     host_buffers: Mutex<HashMap<u64, memmap2::MmapMut>>,
     copier: CopyPool,
+    /// The process the backend belongs to (see [`crate::fork`]).
+    fork: ForkGuard,
 }
 
 impl HostBackend {
@@ -178,8 +345,9 @@ impl HostBackend {
         let copier = CopyPool::new(config.copy_threads.max(1))?;
         let max_map_count = config.max_map_count.unwrap_or_else(system_max_map_count);
         let map_limit = max_map_count.saturating_sub(config.map_count_reserve);
+        // Counts the process's mappings the first time only (see `vma_estimate`).
+        vma_estimate();
         let backend = HostBackend {
-            vma_estimate: AtomicUsize::new(process_map_count()?),
             config,
             memfd,
             arena: Mutex::new(Arena {
@@ -193,6 +361,7 @@ impl HostBackend {
             max_map_count,
             host_buffers: Mutex::new(HashMap::new()),
             copier,
+            fork: ForkGuard::new(),
         };
         Ok(backend)
     }
@@ -248,11 +417,11 @@ impl HostBackend {
 
     /// Refuses with [`Error::MapCountExhausted`] if `needed` more mappings would pass the limit.
     fn check_headroom(&self, needed: usize) -> Result<()> {
-        if self.vma_estimate.load(Ordering::Relaxed) + needed <= self.map_limit {
+        if vma_estimate().load(Ordering::Relaxed) + needed <= self.map_limit {
             return Ok(());
         }
         let actual = process_map_count()?;
-        self.vma_estimate.store(actual, Ordering::Relaxed);
+        vma_estimate().store(actual, Ordering::Relaxed);
         if actual + needed <= self.map_limit {
             Ok(())
         } else {
@@ -291,12 +460,34 @@ impl HostBackend {
             )
         }
         .map_err(|e| sys_err(BackendOp::Unmap, "mmap(MAP_FIXED) of the reserved range", e))?;
+        dont_fork(va, len);
         Ok(())
+    }
+}
+
+/// Keeps `[addr, addr+len)` (inside a reservation) out of any child process: after `fork()` the
+/// child has no mapping there, so it can neither read nor write the parent's pages through the
+/// addresses it inherited. Every mapping made in a reservation gets the flag too, so that the
+/// kernel still merges neighbouring inaccessible ranges.
+fn dont_fork(addr: u64, len: usize) {
+    // SAFETY: madvise(MADV_DONTFORK) changes only whether the range is copied into a child; the
+    // range lies in a reservation of this backend.
+    let rc = unsafe { libc::madvise(addr as usize as *mut libc::c_void, len, libc::MADV_DONTFORK) };
+    if rc != 0 {
+        tracing::warn!(
+            "madvise(MADV_DONTFORK) on {addr:#x}+{len:#x} failed: {}",
+            std::io::Error::last_os_error()
+        );
     }
 }
 
 impl Drop for HostBackend {
     fn drop(&mut self) {
+        if self.fork.inherited() {
+            // The reservations were not inherited (MADV_DONTFORK): their addresses may hold
+            // something else of the child's by now.
+            return;
+        }
         let res = std::mem::take(
             self.reservations
                 .get_mut()
@@ -314,15 +505,19 @@ impl Drop for HostBackend {
 
 impl Backend for HostBackend {
     fn info(&self) -> BackendInfo {
-        let cpu = std::fs::read_to_string("/proc/cpuinfo")
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find(|l| l.starts_with("model name"))
-                    .and_then(|l| l.split(':').nth(1))
-                    .map(|v| v.trim().to_string())
-            })
-            .unwrap_or_else(|| std::env::consts::ARCH.to_string());
+        // Read once per process: every cache creation asks for the backend's info.
+        static CPU: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+        let cpu = CPU.get_or_init(|| {
+            std::fs::read_to_string("/proc/cpuinfo")
+                .ok()
+                .and_then(|s| {
+                    s.lines()
+                        .find(|l| l.starts_with("model name"))
+                        .and_then(|l| l.split(':').nth(1))
+                        .map(|v| v.trim().to_string())
+                })
+                .unwrap_or_else(|| std::env::consts::ARCH.to_string())
+        });
         // SAFETY: sysconf has no memory-safety preconditions.
         let pages = unsafe { libc::sysconf(libc::_SC_PHYS_PAGES) }.max(0) as u64;
         BackendInfo {
@@ -332,7 +527,14 @@ impl Backend for HostBackend {
             granularity: self.config.granularity,
             total_memory: pages * os_page_size() as u64,
             max_map_count: Some(self.max_map_count),
-            map_headroom: self.map_headroom(),
+            // From the shared estimate (a lower bound): `map_headroom` recounts.
+            map_headroom: Some(
+                self.map_limit
+                    .saturating_sub(vma_estimate().load(Ordering::Relaxed)),
+            ),
+            // Without `populate`, a page takes memory only where it is touched: no budget is
+            // committed up front, so none is checked.
+            usable_memory: self.config.populate.then(|| HostMemory::read().usable()),
         }
     }
 
@@ -345,6 +547,7 @@ impl Backend for HostBackend {
     }
 
     fn reserve(&self, len: usize) -> Result<VaRange> {
+        self.fork.check("host backend")?;
         check_multiple("reservation", len, self.config.granularity)?;
         self.check_headroom(1)?;
         // Over-reserve by one granule and trim, so that the range is aligned to the granularity.
@@ -380,7 +583,8 @@ impl Backend for HostBackend {
             }
         }
         let addr = aligned as u64;
-        self.vma_estimate.fetch_add(1, Ordering::Relaxed);
+        dont_fork(addr, len);
+        vma_estimate().fetch_add(1, Ordering::Relaxed);
         self.reservations
             .write()
             .unwrap_or_else(|p| p.into_inner())
@@ -407,6 +611,7 @@ impl Backend for HostBackend {
     }
 
     fn create_page(&self, size: usize) -> Result<PageHandle> {
+        self.fork.check("host backend")?;
         check_multiple("page", size, self.config.granularity)?;
         let mut arena = self.arena.lock().unwrap_or_else(|p| p.into_inner());
         let reused = arena.free.get_mut(&size).and_then(|v| v.pop());
@@ -448,6 +653,10 @@ impl Backend for HostBackend {
     }
 
     fn release_page(&self, page: PageHandle) -> std::result::Result<(), (PageHandle, Error)> {
+        if let Err(e) = self.fork.check("host backend") {
+            // Punching a hole would destroy the parent's page.
+            return Err((page, e));
+        }
         let mut arena = self.arena.lock().unwrap_or_else(|p| p.into_inner());
         if arena.live.get(&page.raw()) != Some(&page.size()) {
             let e = Error::InvalidArgument(format!(
@@ -474,6 +683,7 @@ impl Backend for HostBackend {
     }
 
     fn map(&self, va: u64, pages: &[&PageHandle]) -> Result<()> {
+        self.fork.check("host backend")?;
         if pages.is_empty() {
             return Ok(());
         }
@@ -517,7 +727,7 @@ impl Backend for HostBackend {
                             off as i64,
                         )
                     }
-                    .map(|_| ())
+                    .map(|_| dont_fork(addr, len))
                 }
                 _ => Err(Errno::EINVAL),
             };
@@ -539,12 +749,12 @@ impl Backend for HostBackend {
             }
             addr += len as u64;
         }
-        self.vma_estimate
-            .fetch_add(2 * runs.len(), Ordering::Relaxed);
+        vma_estimate().fetch_add(2 * runs.len(), Ordering::Relaxed);
         Ok(())
     }
 
     fn unmap(&self, va: u64, len: usize) -> Result<()> {
+        self.fork.check("host backend")?;
         self.check_range(va, len)?;
         self.unmap_raw(va, len)
     }
@@ -615,8 +825,14 @@ impl Backend for HostBackend {
     }
 
     fn map_headroom(&self) -> Option<usize> {
+        let est = vma_estimate().load(Ordering::Relaxed);
+        if self.map_limit.saturating_sub(est) >= self.map_limit / 2 {
+            // Far from the limit even by the pessimistic estimate: no need to read
+            // /proc/self/maps (whose cost grows with the process's mappings).
+            return Some(self.map_limit - est);
+        }
         let actual = process_map_count().ok()?;
-        self.vma_estimate.store(actual, Ordering::Relaxed);
+        vma_estimate().store(actual, Ordering::Relaxed);
         Some(self.map_limit.saturating_sub(actual))
     }
 }
@@ -733,5 +949,84 @@ impl Drop for CopyPool {
         for mut w in self.workers.drain(..) {
             w.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn meminfo_fields() {
+        let t = "MemTotal:       24576000 kB\nMemFree:  100 kB\nMemAvailable:   20000000 kB\n";
+        assert_eq!(parse_meminfo(t), (24576000 * 1024, 20000000 * 1024));
+        assert_eq!(parse_meminfo("nothing"), (0, 0));
+    }
+
+    #[test]
+    fn cgroup_limits() {
+        assert_eq!(parse_cgroup_limit("max\n"), None);
+        assert_eq!(parse_cgroup_limit("9223372036854771712\n"), None);
+        assert_eq!(parse_cgroup_limit("1073741824\n"), Some(1 << 30));
+        assert_eq!(parse_cgroup_limit("garbage"), None);
+    }
+
+    #[test]
+    fn cgroup_directories_v1_and_v2() {
+        let v2 = cgroup_dirs("0::/user.slice/app.scope\n");
+        assert_eq!(
+            v2,
+            vec![
+                ("/sys/fs/cgroup".into(), true),
+                ("/sys/fs/cgroup/user.slice".into(), true),
+                ("/sys/fs/cgroup/user.slice/app.scope".into(), true),
+            ]
+        );
+        let v1 = cgroup_dirs("5:cpu,cpuacct:/x\n4:memory:/process_api/abc\n0::/\n");
+        assert_eq!(
+            v1,
+            vec![
+                ("/sys/fs/cgroup/memory".into(), false),
+                ("/sys/fs/cgroup/memory/process_api".into(), false),
+                ("/sys/fs/cgroup/memory/process_api/abc".into(), false),
+                ("/sys/fs/cgroup".into(), true),
+            ]
+        );
+    }
+
+    #[test]
+    fn budget_check() {
+        let page = 2 << 20;
+        assert!(check_budget(None, page, u64::MAX).is_ok());
+        assert!(check_budget(Some(1 << 30), page, 1 << 30).is_ok());
+        // The budget is counted in whole pages.
+        assert!(check_budget(Some(1 << 30), page, (1 << 30) + 4096).is_ok());
+        assert!(matches!(
+            check_budget(Some(1 << 30), page, (1 << 30) + (2 << 20)),
+            Err(Error::InvalidConfig(m)) if m.contains("memory")
+        ));
+        assert!(matches!(
+            check_budget(Some(1 << 20), page, 4 << 20),
+            Err(Error::InvalidConfig(m)) if m.contains("a page of")
+        ));
+        let usable = HostMemory {
+            total: 8 << 30,
+            available: 4 << 30,
+            cgroup_limit: Some(3 << 30),
+            cgroup_remaining: Some(1 << 30),
+        }
+        .usable();
+        assert_eq!(usable, 1 << 30);
+        assert_eq!(HostMemory::default().usable(), u64::MAX);
+    }
+
+    #[test]
+    fn this_machine_has_memory() {
+        let m = HostMemory::read();
+        assert!(
+            m.total > 0 && m.available > 0 && m.available <= m.total,
+            "{m:?}"
+        );
+        assert!(m.usable() <= m.available);
     }
 }

@@ -182,8 +182,14 @@ pub struct BackendInfo {
     pub total_memory: u64,
     /// `vm.max_map_count` on host, `None` where the limit does not apply.
     pub max_map_count: Option<usize>,
-    /// Mappings the process may still add before the backend refuses, `None` where it does not apply.
+    /// Mappings the process may still add before the backend refuses, `None` where it does not
+    /// apply (host: from a pessimistic estimate, a lower bound; [`Backend::map_headroom`]
+    /// counts).
     pub map_headroom: Option<usize>,
+    /// Bytes of new pages the backend can still back: on host the smaller of `MemAvailable`
+    /// and what the process's memory cgroup (and its ancestors) still allows; `None` where
+    /// unknown. A page budget above it is refused when a cache or pool is made.
+    pub usable_memory: Option<u64>,
 }
 
 /// A virtual-memory backend. See the [module documentation](self) for the contract.

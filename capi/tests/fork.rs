@@ -1,0 +1,110 @@
+//! `fork()` through the C ABI (issue 16, item 3): in the child, handles made in the parent fail
+//! with `KVVM_STATUS_INVALID_ARGUMENT` (no panic, no hang) and freeing them only forgets them;
+//! the parent's cache and bytes are unchanged.
+
+use std::ffi::CStr;
+
+use kvvm_capi::*;
+
+fn config() -> kvvm_config {
+    let mut c = kvvm_config::default();
+    // SAFETY: valid local.
+    let st = unsafe { kvvm_config_init(&mut c) };
+    assert_eq!(st, kvvm_status::KVVM_STATUS_OK);
+    c.layers = 2;
+    c.kv_heads = 2;
+    c.head_dim = 32;
+    c.max_slots = 4;
+    c.max_tokens = 512;
+    c.budget_bytes = 4 << 20;
+    c.backend = kvvm_backend::KVVM_BACKEND_HOST as u32;
+    c.host_granularity = 64 << 10;
+    c.dtype = kvvm_dtype::KVVM_DTYPE_F32 as u32;
+    c
+}
+
+fn last_error() -> String {
+    let mut buf = vec![0u8; 512];
+    // SAFETY: `buf` holds 512 bytes.
+    unsafe { kvvm_last_error(buf.as_mut_ptr().cast(), buf.len()) };
+    CStr::from_bytes_until_nul(&buf)
+        .map(|c| c.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+#[test]
+fn inherited_handles_fail_in_the_child_and_the_parent_keeps_its_bytes() {
+    let c = config();
+    let mut h = kvvm_cache::default();
+    // SAFETY: valid locals.
+    let st = unsafe { kvvm_cache_create(&c, &mut h) };
+    assert_eq!(st, kvvm_status::KVVM_STATUS_OK, "{}", last_error());
+    let mut slot = 0u32;
+    // SAFETY: valid out-pointer.
+    let st = unsafe { kvvm_cache_alloc_slot(h, &mut slot) };
+    assert_eq!(st, kvvm_status::KVVM_STATUS_OK);
+    assert_eq!(kvvm_cache_ensure(h, slot, 64), kvvm_status::KVVM_STATUS_OK);
+    let row: Vec<u8> = (0..256u32).map(|i| (i * 7 + 3) as u8).collect();
+    // SAFETY: `row` holds one row (2 heads × 32 × f32 = 256 bytes).
+    let st = unsafe {
+        kvvm_cache_write_row(
+            h,
+            slot,
+            5,
+            1,
+            kvvm_kv::KVVM_V as u32,
+            row.as_ptr(),
+            row.len(),
+        )
+    };
+    assert_eq!(st, kvvm_status::KVVM_STATUS_OK, "{}", last_error());
+
+    // SAFETY: the child only calls the C ABI on inherited handles and `_exit`s.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0);
+    if pid == 0 {
+        let mut code = 0;
+        if kvvm_cache_ensure(h, slot, 128) != kvvm_status::KVVM_STATUS_INVALID_ARGUMENT {
+            code = 1;
+        } else if !last_error().contains("parent process") {
+            code = 2;
+        }
+        let mut s2 = 0u32;
+        // SAFETY: valid out-pointer.
+        let st = unsafe { kvvm_cache_alloc_slot(h, &mut s2) };
+        if st != kvvm_status::KVVM_STATUS_INVALID_ARGUMENT {
+            code = 3;
+        }
+        if kvvm_cache_shrink(h, slot, 0) != kvvm_status::KVVM_STATUS_INVALID_ARGUMENT {
+            code = 4;
+        }
+        if kvvm_cache_free(h) != kvvm_status::KVVM_STATUS_OK {
+            code = 5;
+        }
+        // SAFETY: ends the child at once.
+        unsafe { libc::_exit(code) };
+    }
+    let mut status = 0;
+    // SAFETY: waits for the child forked above.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    assert!(libc::WIFEXITED(status), "child status {status}");
+    assert_eq!(libc::WEXITSTATUS(status), 0, "child outcome");
+
+    let mut back = vec![0u8; 256];
+    // SAFETY: `back` holds one row.
+    let st = unsafe {
+        kvvm_cache_read_row(
+            h,
+            slot,
+            5,
+            1,
+            kvvm_kv::KVVM_V as u32,
+            back.as_mut_ptr(),
+            back.len(),
+        )
+    };
+    assert_eq!(st, kvvm_status::KVVM_STATUS_OK, "{}", last_error());
+    assert_eq!(back, row, "the parent's row changed");
+    assert_eq!(kvvm_cache_ensure(h, slot, 200), kvvm_status::KVVM_STATUS_OK);
+    assert_eq!(kvvm_cache_free(h), kvvm_status::KVVM_STATUS_OK);
+}
