@@ -351,6 +351,18 @@ fn unmapped_ranges_read_zeros_on_the_fake_and_cost_driver_calls() {
         ),
         (1, 2, 1)
     );
+    // Mapping over mapped pages is refused before the zero page's unmap could remove them.
+    fill(r.addr, G, 9);
+    assert!(matches!(
+        zero.map(r.addr, &[&pages[1]]),
+        Err(kvvm::Error::InvalidArgument(_))
+    ));
+    assert!(holds(r.addr, G, 9), "a refused map changed a mapped page");
+    let calls_after_refusal = zero.driver_calls();
+    assert_eq!(
+        calls_after_refusal, after_map,
+        "the refusal made driver calls"
+    );
     zero.unmap(r.addr, 2 * G).unwrap();
     let after_unmap = zero.driver_calls();
     // Unmapping them: 1 cuMemUnmap, then the zero page again: 2 cuMemMap, 1 cuMemSetAccess.

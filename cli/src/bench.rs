@@ -309,11 +309,6 @@ fn cuda_calls_per_page(
 }
 
 fn bench_map(a: MapArgs) -> Result<()> {
-    if a.rounds == 0 || a.pages == 0 {
-        return Err(Error::InvalidArgument(
-            "--rounds and --pages must be positive".into(),
-        ));
-    }
     let config = kvvm::vmm::BackendConfig {
         host_granularity: a
             .page_size
@@ -332,6 +327,11 @@ fn bench_map(a: MapArgs) -> Result<()> {
         ..config.clone()
     })?;
     let page = a.page_size;
+    if a.pages == 0 || a.rounds == 0 {
+        return Err(Error::InvalidArgument(
+            "--pages and --rounds must be positive".into(),
+        ));
+    }
     if backend.kind() == kvvm::vmm::BackendKind::Host {
         // The kvvm pages and the baseline's memfd exist at the same time.
         crate::check_host_memory(

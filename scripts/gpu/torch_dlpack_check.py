@@ -71,18 +71,18 @@ def check_layout(kvvm, torch, layout: str, args, device) -> dict:
         for s, n in zip(slots, LENS):
             cache.ensure(s, n)
         info = {kv: cache.layer_view(LAYER, kv) for kv in ("k", "v")}
-        itemsize = info["k"]["itemsize"]
+        itemsize = info["k"].itemsize
         gqa = supports_gqa(torch, F)
         q_heads = KV_HEADS * (GROUP if gqa else 1)
         result["enable_gqa"] = gqa
-        result["token_stride"] = info["k"]["strides"][1]
+        result["token_stride"] = info["k"].strides[1]
         for s, n in zip(slots, LENS):
             row = {"slot": s, "tokens": n}
             ref = {}
             for kv in ("k", "v"):
                 t = torch.from_dlpack(cache.view(LAYER, kv, slot=s, tokens=n))
-                strides = tuple(info[kv]["strides"][1:])
-                expect_ptr = info[kv]["data"] + s * info[kv]["strides"][0] * itemsize
+                strides = tuple(info[kv].strides[1:])
+                expect_ptr = info[kv].data + s * info[kv].strides[0] * itemsize
                 problems = []
                 if tuple(t.shape) != (n, KV_HEADS, HEAD_DIM):
                     problems.append(f"shape {tuple(t.shape)}")

@@ -115,6 +115,10 @@ pub struct CudaBackend {
     next_stream: AtomicUsize,
     /// Live reservations: start address → length.
     reservations: Mutex<BTreeMap<u64, usize>>,
+    /// Pages mapped by `map` (start address → size): with the zero page, mapping must first
+    /// unmap the zero page's mappings, so a range that holds real pages must be refused before
+    /// anything is unmapped.
+    mapped: Mutex<BTreeMap<u64, usize>>,
 }
 
 impl CudaBackend {
@@ -178,6 +182,7 @@ impl CudaBackend {
             streams: Vec::with_capacity(COPY_STREAMS),
             next_stream: AtomicUsize::new(0),
             reservations: Mutex::new(BTreeMap::new()),
+            mapped: Mutex::new(BTreeMap::new()),
         };
         for _ in 0..COPY_STREAMS {
             // On error, `backend` is dropped, which destroys the streams made so far.
@@ -273,6 +278,13 @@ impl CudaBackend {
     /// The device ordinal.
     pub fn device(&self) -> i32 {
         self.ordinal
+    }
+
+    fn mapped(&self) -> MutexGuard<'_, BTreeMap<u64, usize>> {
+        // Consistent after every statement, so a poisoned lock is still usable.
+        self.mapped
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn reservations(&self) -> MutexGuard<'_, BTreeMap<u64, usize>> {
@@ -465,6 +477,19 @@ impl Backend for CudaBackend {
             })?;
         }
         self.check_range("mapping", va, total)?;
+        // With the zero page, mapping first unmaps the range: a range holding real pages must be
+        // refused before that (without it, the driver refuses to map over a mapping).
+        if self.zero.is_some() {
+            let mapped = self.mapped();
+            let end = va + total as u64;
+            if let Some((&at, &len)) = mapped.range(..end).next_back() {
+                if at + len as u64 > va {
+                    return Err(Error::InvalidArgument(format!(
+                        "mapping [{va:#x}, +{total:#x}): the page at {at:#x} is already mapped"
+                    )));
+                }
+            }
+        }
         let _bound = bind_for(&self.ctx, BackendOp::Map)?;
         // Puts the zero page back behind the range after a failure (best effort).
         let restore_zeros = || {
@@ -505,6 +530,12 @@ impl Backend for CudaBackend {
             restore_zeros();
             return Err(driver_error(BackendOp::Map, e));
         }
+        let mut mapped = self.mapped();
+        let mut at = va;
+        for p in pages {
+            mapped.insert(at, p.size());
+            at += p.size() as u64;
+        }
         Ok(())
     }
 
@@ -515,6 +546,16 @@ impl Backend for CudaBackend {
         // SAFETY: the range lies in a reservation of this backend; the trait's contract makes it
         // whole mappings made by `map` that no kernel or copy still uses.
         unsafe { result::mem::unmap(va, len) }.map_err(|e| driver_error(BackendOp::Unmap, e))?;
+        {
+            let mut mapped = self.mapped();
+            let gone: Vec<u64> = mapped
+                .range(va..va + len as u64)
+                .map(|(&at, _)| at)
+                .collect();
+            for at in gone {
+                mapped.remove(&at);
+            }
+        }
         if let Some(zero) = self.zero {
             // The pages are gone either way; without the zero page the range faults on access
             // instead of reading zeros, which is logged, not an error of this call.
