@@ -159,6 +159,8 @@ impl Inner {
             Ok(()) => {
                 s.live -= 1;
                 s.released += 1;
+                // The budget has room again for an acquire waiting to create.
+                self.created.notify_all();
                 (s, true)
             }
             Err((page, e)) => {
@@ -417,6 +419,9 @@ impl PagePool {
             s.live += made;
             s.created += made as u64;
             s.created_on_demand += made as u64;
+            // Another acquire may be waiting for pages in creation (`creating > 0`): it must
+            // re-check now, or it sleeps although none will land on the free list.
+            inner.created.notify_all();
             if let Some(e) = failure {
                 s.failures += 1;
                 s.free.extend(out);
@@ -502,6 +507,7 @@ impl PagePool {
                     s.live -= 1;
                     s.released += 1;
                     released += 1;
+                    inner.created.notify_all();
                 }
                 Err((page, e)) => {
                     s.free.push(page);
