@@ -287,6 +287,13 @@ pub struct CacheConfig {
     /// whose queued work kvvm orders its copies and unmaps (see `docs/ordering.md`). `None`: the
     /// legacy default stream's order on CUDA. Ignored by the host backend.
     pub compute_stream: Option<u64>,
+    /// Free pages the pool keeps for reuse; pages freed above this are released to the system
+    /// by the pool's thread. `None` (the default) keeps them up to the budget: the budget is
+    /// checked against the memory the process may use when the cache is made, and a swap or a
+    /// burst of requests then reuses populated pages instead of creating them again (releasing
+    /// and re-creating cost the host backend 4–5× its swap-in bandwidth). `Some(n)` returns
+    /// memory to the system sooner, at that cost.
+    pub max_free_pages: Option<usize>,
 }
 
 impl CacheConfig {
@@ -327,6 +334,7 @@ impl CacheConfig {
             lookahead_steps: 8,
             create_all_pages: false,
             compute_stream: None,
+            max_free_pages: None,
         }
     }
 }
@@ -373,6 +381,8 @@ setters! {
     with_compute_stream: compute_stream: Option<u64>;
     /// Sets [`CacheConfig::create_all_pages`].
     with_create_all_pages: create_all_pages: bool;
+    /// Sets [`CacheConfig::max_free_pages`].
+    with_max_free_pages: max_free_pages: Option<usize>;
 }
 
 /// The most slots a cache may have (a bound on up-front bookkeeping, far above any batch).

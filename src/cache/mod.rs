@@ -232,9 +232,9 @@ impl KvCache {
         let pool_config = PoolConfig {
             create_all: config.create_all_pages,
             low_watermark: 2 * geometry.buffers,
-            // Free pages above this go back to the system: memory kept for reuse stays
-            // bounded (and visible), a few steps' worth of pages per buffer.
-            high_watermark: (8 * geometry.buffers).max(crate::pool::DEFAULT_HIGH_WATERMARK),
+            // Free pages above this go back to the system (see `CacheConfig::max_free_pages`;
+            // by default the budget, already checked against usable memory, bounds them).
+            high_watermark: config.max_free_pages.unwrap_or(usize::MAX),
             ..PoolConfig::with_budget(geometry.page_size, config.budget_bytes)
         };
         let pool = match PagePool::new(metered.clone(), pool_config) {
