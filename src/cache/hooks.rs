@@ -4,26 +4,11 @@
 //! `free_slot`, reclamation and the background mapper leave it alone) until the engine calls
 //! [`KvCache::swap_out_commit`], [`KvCache::swap_in_commit`] or [`KvCache::swap_abort`].
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 
 use super::{attach, AfterUnmap, KvCache, MapFailure, SlotId, Work};
 use crate::error::{Error, Result};
-use crate::vmm::{Backend, Fence, PageHandle};
-
-/// Attempts at mapping a failed swap-out's released pages back.
-const RESTORE_TRIES: u32 = 8;
-
-/// The pages a deferred swap-in (see [`KvCache::swap_in_begin_with`]) took from the pool and has
-/// not mapped yet. They must end up mapped or given back with [`KvCache::swap_in_unused`].
-#[derive(Debug)]
-pub(crate) struct PendingPages {
-    slot: usize,
-    /// Per buffer: the index (from the slot's start) of the next page to map.
-    next: Vec<usize>,
-    /// Per buffer: the pages still to map, in address order.
-    pages: Vec<VecDeque<PageHandle>>,
-}
+use crate::vmm::Fence;
 
 impl KvCache {
     /// Marks `slot` busy for a swap-out once no one else is changing it, and returns its live
@@ -47,15 +32,7 @@ impl KvCache {
     /// `fence` is the swap-out's fence: the copies waited for it on the device, so once they
     /// completed it has completed too and the unmap happens now; a swap-out without copies (no
     /// tokens) defers the unmap until the fence completes (the slot stays busy until then).
-    ///
-    /// `released[b]`: the first pages of buffer `b` that [`KvCache::swap_out_unmap`] already
-    /// unmapped while the copies ran (empty or zeros when none were).
-    pub(crate) fn swap_out_commit(
-        &self,
-        slot: SlotId,
-        fence: Option<Arc<dyn Fence>>,
-        released: &[usize],
-    ) {
+    pub(crate) fn swap_out_commit(&self, slot: SlotId, fence: Option<Arc<dyn Fence>>) {
         let sh = &*self.shared;
         let i = slot.as_usize();
         let tails = {
@@ -63,54 +40,12 @@ impl KvCache {
             st.slots[i].fence = None;
             st.slots[i].tails(0)
         };
-        let any_released = released.iter().any(|&n| n > 0);
-        if !any_released {
-            if let Some(fence) = fence.filter(|f| !f.poll().unwrap_or(true)) {
-                sh.defer_unmap(i, 0, tails, fence, AfterUnmap::Free);
-                return;
-            }
-            if let Err(e) = sh.unmap_tails(i, 0, &tails) {
-                tracing::warn!(
-                    "slot {slot}: unmapping after swap-out failed, pages stay mapped: {e}"
-                );
-            }
-        } else {
-            // Pages released early are unmapped already (their copies completed, hence the
-            // fence too): unmap the rest of each buffer, then return the buffer's pages.
-            for (b, len) in tails {
-                let done = released.get(b).copied().unwrap_or(0).min(len);
-                let rest = if len > done {
-                    sh.backend
-                        .unmap(sh.va(b, i, done), (len - done) * sh.geometry.page_size)
-                } else {
-                    Ok(())
-                };
-                match rest {
-                    Ok(()) => {
-                        let pages = {
-                            let mut st = sh.lock();
-                            let s = &mut st.slots[i];
-                            let all = std::mem::take(&mut s.pages[b]);
-                            s.refresh();
-                            all
-                        };
-                        sh.pool.give_back(pages);
-                    }
-                    Err(e) => {
-                        // Keep the slot's page list true: map the released pages back, so
-                        // that the whole buffer stays mapped to the (now free) slot, where
-                        // reclamation finds it later.
-                        tracing::warn!(
-                            "slot {slot}: unmapping after swap-out failed, pages stay mapped: {e}"
-                        );
-                        let st = sh.lock();
-                        let refs: Vec<&PageHandle> = st.slots[i].pages[b][..done].iter().collect();
-                        if let Err(e) = sh.backend.map(sh.va(b, i, 0), &refs) {
-                            tracing::error!("slot {slot}: mapping released pages back failed: {e}");
-                        }
-                    }
-                }
-            }
+        if let Some(fence) = fence.filter(|f| !f.poll().unwrap_or(true)) {
+            sh.defer_unmap(i, 0, tails, fence, AfterUnmap::Free);
+            return;
+        }
+        if let Err(e) = sh.unmap_tails(i, 0, &tails) {
+            tracing::warn!("slot {slot}: unmapping after swap-out failed, pages stay mapped: {e}");
         }
         let mut st = sh.lock();
         let s = &mut st.slots[i];
@@ -123,56 +58,6 @@ impl KvCache {
         sh.changed.notify_all();
     }
 
-    /// Swap-out pipelining: unmaps pages `from..to` of buffer `b` of the busy `slot` (whose data
-    /// the host copy holds and which no work of the caller's can still read: the caller checks
-    /// that the copies covering them completed and the swap-out's fence passed). The pages stay
-    /// in the slot's list, unmapped, until [`KvCache::swap_out_commit`] returns them to the pool
-    /// or [`KvCache::swap_out_restore`] maps them back.
-    pub(crate) fn swap_out_unmap(
-        &self,
-        slot: SlotId,
-        b: usize,
-        from: usize,
-        to: usize,
-    ) -> Result<()> {
-        let sh = &*self.shared;
-        if to <= from {
-            return Ok(());
-        }
-        sh.backend.unmap(
-            sh.va(b, slot.as_usize(), from),
-            (to - from) * sh.geometry.page_size,
-        )
-    }
-
-    /// Undoes [`KvCache::swap_out_unmap`] after a failed swap-out: maps the first `released[b]`
-    /// pages of every buffer `b` back where they were (page contents are kept by unmapping), so
-    /// that the slot holds every token as before.
-    ///
-    /// # Errors
-    /// The backend's error; the buffers mapped back before it stay mapped.
-    pub(crate) fn swap_out_restore(&self, slot: SlotId, released: &[usize]) -> Result<()> {
-        let sh = &*self.shared;
-        let i = slot.as_usize();
-        for (b, &n) in released.iter().enumerate().filter(|(_, &n)| n > 0) {
-            let st = sh.lock();
-            let refs: Vec<&PageHandle> = st.slots[i].pages[b][..n].iter().collect();
-            // The slot is busy: nobody else changes its page list, so mapping under the lock
-            // only delays other threads briefly on this rare path. A transient failure (the
-            // map count momentarily short) is retried: the tokens live in these pages.
-            let mut tries = 0;
-            while let Err(e) = sh.backend.map(sh.va(b, i, 0), &refs) {
-                tries += 1;
-                if tries >= RESTORE_TRIES {
-                    return Err(e);
-                }
-                tracing::warn!("slot {slot}: mapping released pages back failed ({e}); retrying");
-                std::thread::sleep(std::time::Duration::from_millis(1 << tries.min(6)));
-            }
-        }
-        Ok(())
-    }
-
     /// Ends a failed transfer: the busy `slot` becomes usable again, as it was.
     pub(crate) fn swap_abort(&self, slot: SlotId) {
         self.shared.finish(&[slot.as_usize()]);
@@ -181,15 +66,7 @@ impl KvCache {
     /// Starts a swap-in: `slot` must be allocated and empty; marks it busy and maps the pages
     /// `tokens` tokens need (taking pages back from free slots if the pool runs short). Returns the
     /// slot's epoch. On error the slot is as it was and not busy.
-    ///
-    /// With `defer`, only takes the pages from the pool and leaves mapping them to [`KvCache::swap_in_map`] (chunk by chunk, ahead of each chunk's
-    /// copy); the pages not mapped in the end go back with [`KvCache::swap_in_unused`].
-    pub(crate) fn swap_in_begin_with(
-        &self,
-        slot: SlotId,
-        tokens: usize,
-        defer: bool,
-    ) -> Result<(u64, Option<PendingPages>)> {
+    pub(crate) fn swap_in_begin(&self, slot: SlotId, tokens: usize) -> Result<u64> {
         self.shared.fork.check("cache")?;
         let sh = &*self.shared;
         let g = &sh.geometry;
@@ -214,7 +91,7 @@ impl KvCache {
         s.ahead = 0;
         drop(st);
         if missing == 0 {
-            return Ok((epoch, None));
+            return Ok(epoch);
         }
         let pages = match sh.acquire(missing, true) {
             Ok(p) => p,
@@ -235,28 +112,10 @@ impl KvCache {
             }],
             pages,
         );
-        if defer {
-            let buffers = sh.geometry.buffers;
-            let mut p = PendingPages {
-                slot: i,
-                next: vec![0; buffers],
-                pages: (0..buffers).map(|_| VecDeque::new()).collect(),
-            };
-            {
-                let st = sh.lock();
-                for (b, have) in st.slots[i].pages.iter().enumerate() {
-                    p.next[b] = have.len();
-                }
-            }
-            for piece in plan {
-                p.pages[piece.buffer].extend(piece.pages);
-            }
-            return Ok((epoch, Some(p)));
-        }
         match sh.map_pieces(plan) {
             Ok(done) => {
                 attach(&mut sh.lock(), done);
-                Ok((epoch, None))
+                Ok(epoch)
             }
             Err(MapFailure { error: e, kept, .. }) => {
                 attach(&mut sh.lock(), kept);
@@ -267,60 +126,6 @@ impl KvCache {
                     source: Box::new(e),
                 })
             }
-        }
-    }
-
-    /// Maps the pending pages of buffer `b` of a deferred swap-in up to page `upto` (exclusive,
-    /// counted from the slot's start; at most every pending page) and attaches them to the slot.
-    ///
-    /// # Errors
-    /// [`Error::Grow`] when the backend cannot map them; they stay pending.
-    pub(crate) fn swap_in_map(&self, p: &mut PendingPages, b: usize, upto: usize) -> Result<()> {
-        let sh = &*self.shared;
-        let n = upto
-            .min(p.next[b] + p.pages[b].len())
-            .saturating_sub(p.next[b]);
-        if n == 0 {
-            return Ok(());
-        }
-        let pages: Vec<PageHandle> = p.pages[b].drain(..n).collect();
-        let refs: Vec<&PageHandle> = pages.iter().collect();
-        if let Err(e) = sh.backend.map(sh.va(b, p.slot, p.next[b]), &refs) {
-            for page in pages.into_iter().rev() {
-                p.pages[b].push_front(page);
-            }
-            return Err(Error::Grow {
-                slot: SlotId::new(p.slot as u32),
-                missing_pages: p.pages.iter().map(VecDeque::len).sum(),
-                source: Box::new(e),
-            });
-        }
-        let mut st = sh.lock();
-        let s = &mut st.slots[p.slot];
-        debug_assert_eq!(s.pages[b].len(), p.next[b]);
-        s.pages[b].extend(pages);
-        s.refresh();
-        p.next[b] += n;
-        Ok(())
-    }
-
-    /// Maps every pending page of a deferred swap-in.
-    ///
-    /// # Errors
-    /// As [`KvCache::swap_in_map`].
-    pub(crate) fn swap_in_map_all(&self, p: &mut PendingPages) -> Result<()> {
-        for b in 0..p.next.len() {
-            let upto = p.next[b] + p.pages[b].len();
-            self.swap_in_map(p, b, upto)?;
-        }
-        Ok(())
-    }
-
-    /// Returns the pages a deferred swap-in did not map to the pool.
-    pub(crate) fn swap_in_unused(&self, p: PendingPages) {
-        let rest: Vec<PageHandle> = p.pages.into_iter().flatten().collect();
-        if !rest.is_empty() {
-            self.shared.pool.give_back(rest);
         }
     }
 

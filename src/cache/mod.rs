@@ -19,7 +19,6 @@ pub use config::{
     MAX_VIRTUAL_BYTES, PRESETS,
 };
 use grow::{attach, MapFailure, Work};
-pub(crate) use hooks::PendingPages;
 pub use prefix::{page_key, prefix_keys, PrefixStats};
 pub use sharing::PrefixHit;
 use slot::Slot;
