@@ -6,9 +6,10 @@
 //! different handles (and on the same one) run concurrently; destroying a handle while another
 //! thread uses it only drops the registry's reference.
 
+use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Once};
 
 use crate::{kvvm_status, FfiError, FfiResult};
 use kvvm::KvCache;
@@ -27,10 +28,51 @@ pub(crate) enum Object {
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 /// Objects by id, with the fork generation (see [`kvvm::fork_generation`]) they were made in.
-static OBJECTS: Mutex<BTreeMap<u64, (u64, Object)>> = Mutex::new(BTreeMap::new());
+static OBJECTS: Mutex<Objects> = Mutex::new(BTreeMap::new());
 
-fn objects() -> MutexGuard<'static, BTreeMap<u64, (u64, Object)>> {
+type Objects = BTreeMap<u64, (u64, Object)>;
+
+fn objects() -> MutexGuard<'static, Objects> {
+    static INSTALL: Once = Once::new();
+    INSTALL.call_once(|| {
+        // SAFETY: registers plain functions that live for the whole process; they lock and
+        // unlock a mutex on the forking thread only (see `lock_before_fork`).
+        let rc = unsafe {
+            libc::pthread_atfork(
+                Some(lock_before_fork),
+                Some(unlock_after_fork),
+                Some(unlock_after_fork),
+            )
+        };
+        if rc != 0 {
+            tracing::warn!(
+                "pthread_atfork failed ({rc}): a child forked while another thread uses the \
+                 registry may block in its first kvvm call"
+            );
+        }
+    });
     OBJECTS.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+thread_local! {
+    /// The registry lock, held by the forking thread across `fork()`.
+    static HELD_ACROSS_FORK: RefCell<Option<MutexGuard<'static, Objects>>> =
+        const { RefCell::new(None) };
+}
+
+/// `pthread_atfork` prepare handler: takes the registry lock, so that no other thread holds it
+/// at the moment of the fork. (A child inherits only the forking thread: a lock another thread
+/// held then would stay locked in the child forever, and its first kvvm call would hang.) The
+/// lock is held only for map operations, never while calling out, so this waits briefly.
+extern "C" fn lock_before_fork() {
+    let g = OBJECTS.lock().unwrap_or_else(|p| p.into_inner());
+    HELD_ACROSS_FORK.with(|h| *h.borrow_mut() = Some(g));
+}
+
+/// `pthread_atfork` parent and child handler: releases the lock taken by [`lock_before_fork`]
+/// (in the child, on its only thread, which is the one that took it).
+extern "C" fn unlock_after_fork() {
+    HELD_ACROSS_FORK.with(|h| drop(h.borrow_mut().take()));
 }
 
 /// Registers an object and returns its new id (never 0).
