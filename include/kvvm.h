@@ -592,7 +592,7 @@ typedef struct kvvm_dl_managed_tensor_versioned {
    */
   void *manager_ctx;
   /**
-   * Call once when done with the tensor (releases the cache reference).
+   * Call once when done with the tensor (releases its hold on the cache's address range).
    */
   void (*deleter)(struct kvvm_dl_managed_tensor_versioned*);
   /**
@@ -618,7 +618,7 @@ typedef struct kvvm_dl_managed_tensor {
    */
   void *manager_ctx;
   /**
-   * Call once when done with the tensor (releases the cache reference).
+   * Call once when done with the tensor (releases its hold on the cache's address range).
    */
   void (*deleter)(struct kvvm_dl_managed_tensor*);
 } kvvm_dl_managed_tensor;
@@ -1085,9 +1085,13 @@ kvvm_status kvvm_config_preset(const char *name,
  * kvvm_cache_tokens`: pages beyond them may be reclaimed by any call at any time). Strides are
  * in elements; the tensor is writable.
  *
- * The tensor keeps the cache alive until its deleter runs (call `(*out)->deleter(*out)` or
- * `kvvm_dlpack_free`, once). It does not keep pages mapped: shrinking, freeing or swapping the
- * slot out makes the memory behind the tokens concerned inaccessible or reused, as for a view.
+ * Until its deleter runs (call `(*out)->deleter(*out)` or `kvvm_dlpack_free`, once) the tensor
+ * keeps the cache's address range reserved: after `kvvm_cache_free` the cache's threads stop and
+ * its files close, but the pages mapped at that moment stay mapped, with their contents, until
+ * the last tensor is deleted (on CUDA, the deleter then synchronizes the context before
+ * unmapping). While the cache lives the tensor does not keep pages mapped: shrinking, freeing or
+ * swapping the slot out makes the memory behind the tokens concerned read as zeros or reused,
+ * as for a view.
  *
  * Thread-safe.
  *

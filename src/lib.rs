@@ -53,9 +53,9 @@ pub mod vmm;
 mod worker;
 
 pub use cache::{
-    page_key, prefix_keys, ByteRange, CacheConfig, CacheStats, DType, Device, Geometry, Kv,
-    KvCache, Layout, ModelShape, PrefixHit, PrefixStats, SlotId, TensorView, MAX_LAYERS,
-    MAX_PAGE_LISTS, MAX_SLOTS, MAX_VIRTUAL_BYTES, PRESETS,
+    page_key, prefix_keys, AddressSpace, ByteRange, CacheConfig, CacheStats, DType, Device,
+    Geometry, Kv, KvCache, Layout, ModelShape, PrefixHit, PrefixStats, SlotId, TensorView,
+    MAX_LAYERS, MAX_PAGE_LISTS, MAX_SLOTS, MAX_VIRTUAL_BYTES, PRESETS,
 };
 pub use error::{Error, Result};
 pub use pool::PoolStats;

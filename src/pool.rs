@@ -114,6 +114,26 @@ struct State {
     shutdown: bool,
 }
 
+impl State {
+    /// Drops one reference per handle; returns the handles whose last reference this was.
+    fn drop_references(&mut self, pages: Vec<PageHandle>) -> Vec<PageHandle> {
+        let mut last = Vec::with_capacity(pages.len());
+        for p in pages {
+            match self.extra.get_mut(&p.raw()) {
+                Some(n) => {
+                    *n -= 1;
+                    if *n == 0 {
+                        self.extra.remove(&p.raw());
+                    }
+                    self.extra_total -= 1;
+                }
+                None => last.push(p),
+            }
+        }
+        last
+    }
+}
+
 #[derive(Debug)]
 struct Inner {
     backend: Arc<dyn Backend>,
@@ -449,19 +469,7 @@ impl PagePool {
         }
         let inner = &*self.inner;
         let mut s = inner.lock();
-        let mut freed = Vec::with_capacity(pages.len());
-        for p in pages {
-            match s.extra.get_mut(&p.raw()) {
-                Some(n) => {
-                    *n -= 1;
-                    if *n == 0 {
-                        s.extra.remove(&p.raw());
-                    }
-                    s.extra_total -= 1;
-                }
-                None => freed.push(p),
-            }
-        }
+        let freed = s.drop_references(pages);
         let n = freed.len();
         if n == 0 {
             return 0;
@@ -483,6 +491,25 @@ impl PagePool {
             }
         }
         n
+    }
+
+    /// Takes pages out of the pool for good, for [`Backend::detach`]: drops one reference per
+    /// handle as [`PagePool::give_back`] does, and returns the pages whose last reference this
+    /// was instead of putting them on the free list (they stop counting as live and against the
+    /// budget; the caller owns them).
+    pub(crate) fn take_out(&self, pages: Vec<PageHandle>) -> Vec<PageHandle> {
+        if pages.is_empty() || self.fork.inherited() {
+            return Vec::new();
+        }
+        let inner = &*self.inner;
+        let mut s = inner.lock();
+        let last = s.drop_references(pages);
+        let n = last.len();
+        s.in_use = s.in_use.saturating_sub(n);
+        s.live = s.live.saturating_sub(n);
+        s.released += n as u64;
+        inner.created.notify_all();
+        last
     }
 
     /// Releases free pages until at most `keep` remain.

@@ -1219,3 +1219,56 @@ fn a_stream_waiting_on_a_swap_in_event_sees_every_token() {
     }
     s.finish();
 }
+
+/// `KvCache::address_space` on CUDA (issue 16, item 8): after the cache and its backend are
+/// dropped, the pages mapped at the drop keep their bytes (page handles released but mapped,
+/// streams and the zero page gone with the backend), and dropping the address space synchronizes,
+/// unmaps and frees the ranges so that nothing is left in the driver.
+#[test]
+fn an_address_space_keeps_the_mapped_pages_on_the_fake() {
+    let s = session!();
+    for (layout, zero_page) in [(Layout::Interleaved, true), (Layout::PerLayer, false)] {
+        let b = Arc::new(CudaBackend::with_zero_page(0, zero_page).unwrap());
+        let cache = KvCache::with_backend(
+            cache_config(layout, 2, 32, 0),
+            b.clone() as Arc<dyn Backend>,
+        )
+        .unwrap();
+        let slot = cache.alloc_slot().unwrap();
+        cache.ensure(slot, 300).unwrap();
+        let view = cache.layer_view(1, kvvm::Kv::V).unwrap();
+        let row = cache.geometry().row_bytes();
+        let addrs: Vec<u64> = (0..300)
+            .step_by(37)
+            .map(|t| view.row_addr(slot.as_usize(), t, 0))
+            .collect();
+        for (i, &a) in addrs.iter().enumerate() {
+            fill(a, row, i as u8 + 1);
+        }
+        let space = cache.address_space();
+        drop(cache);
+        drop(b);
+        assert!(
+            s.live("mappings") > 0 && s.live("allocations") > 0,
+            "{layout:?}: the mapped pages went with the cache"
+        );
+        assert_eq!(
+            s.live("handles"),
+            0,
+            "{layout:?}: page handles not released"
+        );
+        assert_eq!(
+            s.live("streams"),
+            0,
+            "{layout:?}: the backend's streams stayed"
+        );
+        for (i, &a) in addrs.iter().enumerate() {
+            assert!(holds(a, row, i as u8 + 1), "{layout:?}: row {i} changed");
+        }
+        drop(space);
+        for (kind, n) in s.live_counts() {
+            assert_eq!(n, 0, "{layout:?}: {n} {kind} left in the fake driver");
+        }
+    }
+    s.finish();
+}

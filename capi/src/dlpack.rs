@@ -3,13 +3,13 @@
 //! The structs here have the layout of DLPack's (`dlpack.h`, version 1.1) under kvvm-prefixed
 //! names so that `kvvm.h` can be included next to `dlpack.h`: a `kvvm_dl_managed_tensor_versioned *`
 //! may be cast to a `DLManagedTensorVersioned *` and a `kvvm_dl_managed_tensor *` to a
-//! `DLManagedTensor *`. Every exported tensor owns a reference to its cache (and through it the
-//! backend and the reserved address space), dropped by the tensor's deleter: destroying the cache
-//! handle while tensors are alive is safe, and the memory goes away with the last of them.
+//! `DLManagedTensor *`. Every exported tensor owns the cache's address space (`kvvm::AddressSpace`),
+//! dropped by the tensor's deleter: destroying the cache handle while tensors are alive stops the
+//! cache's threads and closes its files as usual, but its reserved ranges and the pages mapped in
+//! them stay mapped until the last tensor is deleted.
 
 use std::ffi::c_void;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::Arc;
 
 use static_assertions::{assert_eq_align, assert_eq_size};
 
@@ -17,7 +17,7 @@ use super::{
     cache_of, device_code, guard, kv_from, kvvm_cache, kvvm_status, out, to_usize, FfiError,
     FfiResult, KVVM_ALL_SLOTS,
 };
-use kvvm::{DType, KvCache};
+use kvvm::{AddressSpace, DType, KvCache};
 
 /// DLPack major version of the exported tensors.
 pub const KVVM_DLPACK_MAJOR: u32 = 1;
@@ -84,7 +84,7 @@ pub struct kvvm_dl_managed_tensor_versioned {
     pub version: kvvm_dl_version,
     /// Owned by the producer (kvvm).
     pub manager_ctx: *mut c_void,
-    /// Call once when done with the tensor (releases the cache reference).
+    /// Call once when done with the tensor (releases its hold on the cache's address range).
     pub deleter: Option<unsafe extern "C" fn(*mut kvvm_dl_managed_tensor_versioned)>,
     /// `DLPACK_FLAG_BITMASK_*` (0: writable, not a copy).
     pub flags: u64,
@@ -100,7 +100,7 @@ pub struct kvvm_dl_managed_tensor {
     pub dl_tensor: kvvm_dl_tensor,
     /// Owned by the producer (kvvm).
     pub manager_ctx: *mut c_void,
-    /// Call once when done with the tensor (releases the cache reference).
+    /// Call once when done with the tensor (releases its hold on the cache's address range).
     pub deleter: Option<unsafe extern "C" fn(*mut kvvm_dl_managed_tensor)>,
 }
 
@@ -194,7 +194,7 @@ struct VersionedExport {
     managed: kvvm_dl_managed_tensor_versioned,
     shape: [i64; 4],
     strides: [i64; 4],
-    cache: Arc<KvCache>,
+    space: AddressSpace,
 }
 
 /// A legacy export, laid out like [`VersionedExport`].
@@ -204,7 +204,7 @@ struct LegacyExport {
     managed: kvvm_dl_managed_tensor,
     shape: [i64; 4],
     strides: [i64; 4],
-    cache: Arc<KvCache>,
+    space: AddressSpace,
 }
 
 fn empty_tensor(d: &Described) -> kvvm_dl_tensor {
@@ -248,9 +248,13 @@ unsafe extern "C" fn legacy_deleter(p: *mut kvvm_dl_managed_tensor) {
 /// kvvm_cache_tokens`: pages beyond them may be reclaimed by any call at any time). Strides are
 /// in elements; the tensor is writable.
 ///
-/// The tensor keeps the cache alive until its deleter runs (call `(*out)->deleter(*out)` or
-/// `kvvm_dlpack_free`, once). It does not keep pages mapped: shrinking, freeing or swapping the
-/// slot out makes the memory behind the tokens concerned inaccessible or reused, as for a view.
+/// Until its deleter runs (call `(*out)->deleter(*out)` or `kvvm_dlpack_free`, once) the tensor
+/// keeps the cache's address range reserved: after `kvvm_cache_free` the cache's threads stop and
+/// its files close, but the pages mapped at that moment stay mapped, with their contents, until
+/// the last tensor is deleted (on CUDA, the deleter then synchronizes the context before
+/// unmapping). While the cache lives the tensor does not keep pages mapped: shrinking, freeing or
+/// swapping the slot out makes the memory behind the tokens concerned read as zeros or reused,
+/// as for a view.
 ///
 /// Thread-safe.
 ///
@@ -286,7 +290,7 @@ pub unsafe extern "C" fn kvvm_cache_export_dlpack(
             },
             shape: d.shape,
             strides: d.strides,
-            cache: c,
+            space: c.address_space(),
         });
         b.managed.dl_tensor.shape = b.shape.as_mut_ptr();
         b.managed.dl_tensor.strides = b.strides.as_mut_ptr();
@@ -330,7 +334,7 @@ pub unsafe extern "C" fn kvvm_cache_export_dlpack_legacy(
             },
             shape: d.shape,
             strides: d.strides,
-            cache: c,
+            space: c.address_space(),
         });
         b.managed.dl_tensor.shape = b.shape.as_mut_ptr();
         b.managed.dl_tensor.strides = b.strides.as_mut_ptr();

@@ -1,7 +1,6 @@
 //! The C ABI driven from Rust: the fuzz driver with fixed inputs, DLPack lifetimes, handles
 //! destroyed while other threads use them, versioned structs.
 
-use std::ffi::CStr;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 
@@ -9,22 +8,8 @@ use kvvm_capi::dlpack::*;
 
 use kvvm_capi::*;
 
-fn small_config() -> kvvm_config {
-    let mut c = kvvm_config::default();
-    // SAFETY: valid local.
-    let st = unsafe { kvvm_config_init(&mut c) };
-    assert_eq!(st, kvvm_status::KVVM_STATUS_OK);
-    c.layers = 2;
-    c.kv_heads = 2;
-    c.head_dim = 32;
-    c.max_slots = 4;
-    c.max_tokens = 512;
-    c.budget_bytes = 4 << 20;
-    c.backend = kvvm_backend::KVVM_BACKEND_HOST as u32;
-    c.host_granularity = 64 << 10;
-    c.dtype = kvvm_dtype::KVVM_DTYPE_F32 as u32;
-    c
-}
+mod support;
+use support::{last_error, small_config};
 
 fn create(c: &kvvm_config) -> kvvm_cache {
     let mut h = kvvm_cache::default();
@@ -32,15 +17,6 @@ fn create(c: &kvvm_config) -> kvvm_cache {
     let s = unsafe { kvvm_cache_create(c, &mut h) };
     assert_eq!(s, kvvm_status::KVVM_STATUS_OK, "{}", last_error());
     h
-}
-
-fn last_error() -> String {
-    let mut buf = vec![0u8; 512];
-    // SAFETY: `buf` holds 512 bytes.
-    unsafe { kvvm_last_error(buf.as_mut_ptr().cast(), buf.len()) };
-    CStr::from_bytes_until_nul(&buf)
-        .map(|c| c.to_string_lossy().into_owned())
-        .unwrap_or_default()
 }
 
 /// A deterministic pseudo-random byte string (xorshift).
@@ -90,7 +66,7 @@ fn fuzz_driver_fixed_inputs() {
 }
 
 #[test]
-fn tensors_keep_the_cache_alive_after_destroy() {
+fn tensors_stay_usable_after_destroy() {
     let cache = create(&small_config());
     let mut slot = 0;
     // SAFETY: valid locals throughout; the tensors are used within their lifetimes.

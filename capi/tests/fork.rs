@@ -2,35 +2,10 @@
 //! with `KVVM_STATUS_INVALID_ARGUMENT` (no panic, no hang) and freeing them only forgets them;
 //! the parent's cache and bytes are unchanged.
 
-use std::ffi::CStr;
-
 use kvvm_capi::*;
 
-fn config() -> kvvm_config {
-    let mut c = kvvm_config::default();
-    // SAFETY: valid local.
-    let st = unsafe { kvvm_config_init(&mut c) };
-    assert_eq!(st, kvvm_status::KVVM_STATUS_OK);
-    c.layers = 2;
-    c.kv_heads = 2;
-    c.head_dim = 32;
-    c.max_slots = 4;
-    c.max_tokens = 512;
-    c.budget_bytes = 4 << 20;
-    c.backend = kvvm_backend::KVVM_BACKEND_HOST as u32;
-    c.host_granularity = 64 << 10;
-    c.dtype = kvvm_dtype::KVVM_DTYPE_F32 as u32;
-    c
-}
-
-fn last_error() -> String {
-    let mut buf = vec![0u8; 512];
-    // SAFETY: `buf` holds 512 bytes.
-    unsafe { kvvm_last_error(buf.as_mut_ptr().cast(), buf.len()) };
-    CStr::from_bytes_until_nul(&buf)
-        .map(|c| c.to_string_lossy().into_owned())
-        .unwrap_or_default()
-}
+mod support;
+use support::{last_error, small_config as config};
 
 #[test]
 fn inherited_handles_fail_in_the_child_and_the_parent_keeps_its_bytes() {
@@ -127,10 +102,8 @@ fn a_child_forked_during_a_registry_call_does_not_hang() {
     assert_eq!(st, kvvm_status::KVVM_STATUS_OK, "{}", last_error());
     let mut slot = 0u32;
     // SAFETY: valid out-pointer.
-    assert_eq!(
-        unsafe { kvvm_cache_alloc_slot(h, &mut slot) },
-        kvvm_status::KVVM_STATUS_OK
-    );
+    let st = unsafe { kvvm_cache_alloc_slot(h, &mut slot) };
+    assert_eq!(st, kvvm_status::KVVM_STATUS_OK);
 
     let stop = Arc::new(AtomicBool::new(false));
     let busy = {
@@ -152,11 +125,10 @@ fn a_child_forked_during_a_registry_call_does_not_hang() {
         assert!(pid >= 0);
         if pid == 0 {
             let mut n = 0u64;
-            // SAFETY: valid out-pointer.
             let mut code = 0;
-            if unsafe { kvvm_cache_tokens(h, slot, &mut n) }
-                != kvvm_status::KVVM_STATUS_INVALID_ARGUMENT
-            {
+            // SAFETY: valid out-pointer.
+            let st = unsafe { kvvm_cache_tokens(h, slot, &mut n) };
+            if st != kvvm_status::KVVM_STATUS_INVALID_ARGUMENT {
                 code = 1;
             }
             let mut own = kvvm_cache::default();

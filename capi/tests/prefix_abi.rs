@@ -1,35 +1,10 @@
 //! Prefix sharing through the C ABI: publish, admit with a prefix (tokens and keys), read the
 //! shared rows, refuse writes into them, null and bad arguments, statistics, eviction.
 
-use std::ffi::CStr;
-
 use kvvm_capi::*;
 
-fn config() -> kvvm_config {
-    let mut c = kvvm_config::default();
-    // SAFETY: valid local.
-    let st = unsafe { kvvm_config_init(&mut c) };
-    assert_eq!(st, kvvm_status::KVVM_STATUS_OK);
-    c.layers = 2;
-    c.kv_heads = 2;
-    c.head_dim = 32;
-    c.max_slots = 4;
-    c.max_tokens = 512;
-    c.budget_bytes = 4 << 20;
-    c.backend = kvvm_backend::KVVM_BACKEND_HOST as u32;
-    c.host_granularity = 64 << 10;
-    c.dtype = kvvm_dtype::KVVM_DTYPE_F32 as u32;
-    c
-}
-
-fn last_error() -> String {
-    let mut buf = vec![0u8; 512];
-    // SAFETY: `buf` holds 512 bytes.
-    unsafe { kvvm_last_error(buf.as_mut_ptr().cast(), buf.len()) };
-    CStr::from_bytes_until_nul(&buf)
-        .map(|c| c.to_string_lossy().into_owned())
-        .unwrap_or_default()
-}
+mod support;
+use support::{last_error, small_config as config};
 
 fn ok(s: kvvm_status) {
     assert_eq!(s, kvvm_status::KVVM_STATUS_OK, "{}", last_error());

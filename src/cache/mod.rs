@@ -8,6 +8,7 @@ mod prefix;
 mod reclaim;
 mod sharing;
 mod slot;
+mod space;
 mod stats;
 mod unmapper;
 mod view;
@@ -23,6 +24,8 @@ pub use prefix::{page_key, prefix_keys, PrefixStats};
 pub use sharing::PrefixHit;
 use slot::Slot;
 pub use slot::SlotId;
+pub use space::AddressSpace;
+use space::{KeptRanges, SpaceCell};
 pub use stats::CacheStats;
 use unmapper::{AfterUnmap, UnmapQueue};
 pub use view::{ByteRange, Device, Kv, TensorView};
@@ -108,6 +111,8 @@ pub(crate) struct Shared {
     unmaps_cv: Condvar,
     /// The process the cache belongs to (see [`crate::fork`]).
     fork: ForkGuard,
+    /// Shared with every [`AddressSpace`] handed out: what outlives the cache for them.
+    space: Arc<SpaceCell>,
 }
 
 /// `KvCache`: contiguous virtual KV tensors with physical pages mapped on demand (vAttention).
@@ -271,6 +276,7 @@ impl KvCache {
             unmaps: Mutex::new(UnmapQueue::default()),
             unmaps_cv: Condvar::new(),
             fork: ForkGuard::new(),
+            space: Arc::new(SpaceCell::default()),
         });
         let mut cache = KvCache {
             shared,
@@ -305,6 +311,27 @@ impl KvCache {
     /// A fence after the work queued so far on the compute stream (`None` on the host backend).
     pub(crate) fn fence_now(&self) -> Option<Arc<dyn Fence>> {
         self.shared.fence_now()
+    }
+
+    /// A handle that keeps the cache's reserved ranges, and the pages mapped in them when the
+    /// cache is dropped, valid until the handle's last clone is dropped, without keeping the
+    /// cache's threads, free pages or files: what an exported tensor holds (see
+    /// [`AddressSpace`]).
+    ///
+    /// # Examples
+    /// ```
+    /// # use kvvm::{CacheConfig, KvCache};
+    /// # use kvvm::vmm::{BackendChoice, BackendConfig};
+    /// # let cache = KvCache::new(CacheConfig::new(1, 1, 16).with_max_slots(2).with_max_tokens(64)
+    /// #     .with_budget_bytes(1 << 20)
+    /// #     .with_backend(BackendConfig { choice: BackendChoice::Host, host_granularity: 4096, ..Default::default() }))?;
+    /// let space = cache.address_space();
+    /// drop(cache);
+    /// drop(space); // the ranges are freed here
+    /// # Ok::<(), kvvm::Error>(())
+    /// ```
+    pub fn address_space(&self) -> AddressSpace {
+        AddressSpace(self.shared.space.clone())
     }
 
     /// The derived sizes.
@@ -900,6 +927,87 @@ impl Drop for Shared {
                 .unwrap_or_else(|p| p.into_inner())
                 .slots,
         );
+        let cached = self
+            .state
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .prefix
+            .drain();
+        if Arc::strong_count(&self.space) > 1 {
+            self.hand_over(slots, cached);
+            return;
+        }
+        self.unmap_all(slots);
+        self.pool.give_back(cached);
+        for r in std::mem::take(&mut self.buffers) {
+            if let Err(e) = self.backend.free_reservation(r) {
+                tracing::warn!("freeing a reservation at drop failed: {e}");
+            }
+        }
+    }
+}
+
+impl Shared {
+    /// Unmaps every slot's pages (after the caller's queued work) and gives them back.
+    fn unmap_all(&self, slots: Vec<Slot>) {
+        for pages in self.unmap_slots(slots) {
+            self.pool.give_back(pages);
+        }
+    }
+
+    /// The drop of a cache whose [`AddressSpace`] is still held: the reserved ranges and the
+    /// pages mapped in them go to the address spaces ([`Backend::detach`]); the rest (free and
+    /// cached pages, the pool, the backend) goes as at any drop.
+    fn hand_over(&mut self, slots: Vec<Slot>, cached: Vec<crate::vmm::PageHandle>) {
+        // A page mapped in a slot and also kept by the prefix index must have its last
+        // reference in the slot, so that it is taken out of the pool rather than freed.
+        self.pool.give_back(cached);
+        let mapped: Vec<_> = slots
+            .iter()
+            .flat_map(|s| s.pages.iter().flatten())
+            .map(|p| crate::vmm::PageHandle::from_raw(p.raw(), p.size()))
+            .collect();
+        let pages = self.pool.take_out(mapped);
+        let ranges = std::mem::take(&mut self.buffers);
+        let kept: Box<dyn crate::vmm::Detached> = match self.backend.detach(ranges, pages) {
+            Ok(d) => d,
+            Err((ranges, pages)) => {
+                tracing::debug!(
+                    "the backend cannot hand its ranges over: unmapping them, keeping them reserved"
+                );
+                self.buffers = ranges;
+                // The pages left the pool: they are released after the unmap, not through it
+                // (the slots' handles are copies of them).
+                let lists = slots
+                    .iter()
+                    .map(|s| s.pages.iter().filter(|p| !p.is_empty()).count())
+                    .sum::<usize>();
+                if self.unmap_slots(slots).len() == lists {
+                    for p in pages {
+                        if let Err((_, e)) = self.backend.release_page(p) {
+                            tracing::warn!("releasing a page at drop failed: {e}");
+                        }
+                    }
+                } else {
+                    // A page still mapped somewhere must not be released: leak them all.
+                    tracing::warn!("{} pages leaked: an unmap failed at drop", pages.len());
+                }
+                Box::new(KeptRanges {
+                    backend: self.backend.clone(),
+                    ranges: std::mem::take(&mut self.buffers),
+                })
+            }
+        };
+        *self
+            .space
+            .detached
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(kept);
+    }
+
+    /// Unmaps every slot's pages after the caller's queued work; returns the page lists whose
+    /// unmap succeeded (a list whose unmap failed stays mapped, and is logged).
+    fn unmap_slots(&self, slots: Vec<Slot>) -> Vec<Vec<crate::vmm::PageHandle>> {
         // Nothing of the caller's queued before the drop may still read a page when it is
         // unmapped: wait for every slot's fence and for one recorded now.
         if slots.iter().any(|s| s.pages.iter().any(|p| !p.is_empty())) {
@@ -914,6 +1022,7 @@ impl Drop for Shared {
                 }
             }
         }
+        let mut unmapped = Vec::new();
         for (i, s) in slots.into_iter().enumerate() {
             for (b, pages) in s.pages.into_iter().enumerate() {
                 if pages.is_empty() {
@@ -921,24 +1030,11 @@ impl Drop for Shared {
                 }
                 let len = pages.len() * self.geometry.page_size;
                 match self.backend.unmap(self.va(b, i, 0), len) {
-                    Ok(()) => {
-                        self.pool.give_back(pages);
-                    }
+                    Ok(()) => unmapped.push(pages),
                     Err(e) => tracing::warn!("unmapping slot {i} at drop failed: {e}"),
                 }
             }
         }
-        let cached = self
-            .state
-            .get_mut()
-            .unwrap_or_else(|p| p.into_inner())
-            .prefix
-            .drain();
-        self.pool.give_back(cached);
-        for r in std::mem::take(&mut self.buffers) {
-            if let Err(e) = self.backend.free_reservation(r) {
-                tracing::warn!("freeing a reservation at drop failed: {e}");
-            }
-        }
+        unmapped
     }
 }

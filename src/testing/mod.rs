@@ -13,6 +13,8 @@
 //! request is one whose tokens match its own. Page references are checked against the pool: the
 //! distinct pages and the references that slots and the prefix index hold equal the pool's counts.
 
+pub mod process;
+
 #[cfg(feature = "arbitrary")]
 use arbitrary::Arbitrary;
 use std::sync::Arc;

@@ -37,7 +37,7 @@ use kvvm_sys::{
 
 use super::{
     check_multiple, Access, Backend, BackendInfo, BackendKind, BackendOp, Completion, CopyKind,
-    CopyRegion, Fence, HostBuffer, PageHandle, VaRange,
+    CopyRegion, DetachRefused, Detached, Fence, HostBuffer, PageHandle, VaRange,
 };
 use crate::error::{Error, Result};
 
@@ -67,6 +67,49 @@ pub fn driver_error(op: BackendOp, e: DriverError) -> Error {
 /// Binds the backend's context for one backend call.
 fn bind_for(ctx: &PrimaryContext, op: BackendOp) -> Result<Bound> {
     ctx.bind().map_err(|e| driver_error(op, e))
+}
+
+/// Reservations handed over by [`CudaBackend::detach`](Backend::detach): holds the primary
+/// context only (no stream, no thread of the backend).
+#[derive(Debug)]
+struct CudaDetached {
+    ctx: Arc<PrimaryContext>,
+    /// The mapped runs to unmap (address, length).
+    unmaps: Vec<(u64, usize)>,
+    ranges: Vec<VaRange>,
+}
+
+impl Detached for CudaDetached {}
+
+impl Drop for CudaDetached {
+    fn drop(&mut self) {
+        let Ok(bound) = self.ctx.bind() else {
+            tracing::warn!("cannot bind the context to free detached ranges: leaking them");
+            return;
+        };
+        // Like PyTorch's expandable segments before `cuMemUnmap`: whatever was queued on any
+        // stream of the context (kernels reading an exported tensor) finishes first.
+        if let Err(e) = result::ctx::synchronize() {
+            tracing::warn!("synchronizing before freeing detached ranges: {e}; leaking them");
+            return;
+        }
+        for &(at, len) in &self.unmaps {
+            // SAFETY: `[at, at+len)` consists of whole mappings made by the backend in ranges
+            // handed over to this owner alone; the synchronization above finished every queued
+            // use, and nothing uses the range afterwards.
+            if let Err(e) = unsafe { result::mem::unmap(at, len) } {
+                tracing::warn!("unmapping a detached range at {at:#x}: {e}");
+            }
+        }
+        for r in &self.ranges {
+            // SAFETY: the range was a whole reservation of the backend, handed over to this
+            // owner alone, with nothing mapped in it any more.
+            if let Err(e) = unsafe { result::mem::address_free(r.addr, r.len) } {
+                tracing::warn!("freeing a detached range {:#x}: {e}", r.addr);
+            }
+        }
+        drop(bound);
+    }
 }
 
 /// A stream owned by the backend.
@@ -450,6 +493,60 @@ impl Backend for CudaBackend {
             self.reservations().insert(range.addr, range.len);
         }
         outcome
+    }
+
+    fn detach(
+        &self,
+        ranges: Vec<VaRange>,
+        pages: Vec<PageHandle>,
+    ) -> std::result::Result<Box<dyn Detached>, DetachRefused> {
+        let mut res = self.reservations();
+        if !ranges.iter().all(|r| res.get(&r.addr) == Some(&r.len)) {
+            return Err((ranges, pages));
+        }
+        let Ok(bound) = self.ctx.bind() else {
+            return Err((ranges, pages));
+        };
+        for r in &ranges {
+            res.remove(&r.addr);
+        }
+        drop(res);
+        // What the owner unmaps: with the zero page every range is mapped end to end (pages and
+        // zero granules); without it, the runs of mapped pages (the driver refuses to unmap
+        // address space that holds no mapping).
+        let mut unmaps: Vec<(u64, usize)> = Vec::new();
+        let mut mapped = self.mapped();
+        for r in &ranges {
+            let inside: Vec<(u64, usize)> = mapped
+                .range(r.addr..r.end())
+                .map(|(&a, &l)| (a, l))
+                .collect();
+            for &(a, l) in &inside {
+                mapped.remove(&a);
+                match unmaps.last_mut() {
+                    Some((at, len)) if *at + *len as u64 == a => *len += l,
+                    _ => unmaps.push((a, l)),
+                }
+            }
+        }
+        drop(mapped);
+        if self.zero.is_some() {
+            unmaps = ranges.iter().map(|r| (r.addr, r.len)).collect();
+        }
+        for p in pages {
+            // SAFETY: `p` is the unique owner of a page handle of this backend (the trait's
+            // contract); releasing a mapped handle is allowed: the driver frees the memory when
+            // its last mapping goes, which the detached owner's unmap does.
+            if let Err(e) = unsafe { result::mem::release(p.raw()) } {
+                tracing::warn!("releasing a detached page handle: {e}");
+            }
+        }
+        drop(bound);
+        Ok(Box::new(CudaDetached {
+            ctx: self.ctx.clone(),
+            unmaps,
+            ranges,
+        }))
     }
 
     fn create_page(&self, size: usize) -> Result<PageHandle> {

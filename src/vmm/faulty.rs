@@ -16,8 +16,8 @@
 use std::sync::{Arc, Mutex};
 
 use super::{
-    Access, Backend, BackendInfo, BackendKind, BackendOp, Completion, CopyKind, CopyRegion, Fence,
-    HostBuffer, PageHandle, VaRange,
+    Access, Backend, BackendInfo, BackendKind, BackendOp, Completion, CopyKind, CopyRegion,
+    DetachRefused, Detached, Fence, HostBuffer, PageHandle, VaRange,
 };
 use crate::error::{Error, Result};
 
@@ -56,6 +56,7 @@ struct State {
 pub struct FaultyBackend {
     inner: Arc<dyn Backend>,
     state: Mutex<State>,
+    refuse_detach: std::sync::atomic::AtomicBool,
 }
 
 /// Outcome of counting a call.
@@ -70,7 +71,15 @@ impl FaultyBackend {
         FaultyBackend {
             inner,
             state: Mutex::new(State::default()),
+            refuse_detach: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Makes [`Backend::detach`] refuse (as a backend that cannot detach does) instead of
+    /// forwarding to the wrapped backend.
+    pub fn refuse_detach(&self, refuse: bool) {
+        self.refuse_detach
+            .store(refuse, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The wrapped backend.
@@ -199,6 +208,19 @@ impl Backend for FaultyBackend {
     fn free_reservation(&self, range: VaRange) -> Result<()> {
         self.check(BackendOp::FreeReservation)?;
         self.inner.free_reservation(range)
+    }
+    fn detach(
+        &self,
+        ranges: Vec<VaRange>,
+        pages: Vec<PageHandle>,
+    ) -> std::result::Result<Box<dyn Detached>, DetachRefused> {
+        if self
+            .refuse_detach
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return Err((ranges, pages));
+        }
+        self.inner.detach(ranges, pages)
     }
     fn create_page(&self, size: usize) -> Result<PageHandle> {
         self.check(BackendOp::CreatePage)?;

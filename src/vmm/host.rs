@@ -22,7 +22,7 @@ use std::num::NonZeroUsize;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::sync::{Arc, Condvar, Mutex, RwLock, Weak};
 
 use nix::errno::Errno;
 use nix::fcntl::{fallocate, FallocateFlags};
@@ -31,7 +31,7 @@ use nix::sys::mman::{mmap, mmap_anonymous, munmap, MapFlags, ProtFlags};
 
 use super::{
     check_multiple, Access, Backend, BackendInfo, BackendKind, BackendOp, Completion, CopyKind,
-    CopyRegion, HostBuffer, PageHandle, VaRange,
+    CopyRegion, DetachRefused, Detached, HostBuffer, PageHandle, VaRange,
 };
 use crate::error::{Error, Result};
 
@@ -310,12 +310,80 @@ struct Arena {
     live: HashMap<u64, usize>,
 }
 
+/// The memfd behind every page and its allocation state.
+#[derive(Debug)]
+struct ArenaFile {
+    memfd: OwnedFd,
+    arena: Mutex<Arena>,
+}
+
+impl ArenaFile {
+    /// Frees the memory of the extent `[offset, offset+size)` and makes it reusable. The extent
+    /// must be a live page mapped nowhere.
+    fn release(&self, arena: &mut Arena, offset: u64, size: usize) -> Result<()> {
+        fallocate(
+            self.memfd.as_raw_fd(),
+            FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
+            offset as i64,
+            size as i64,
+        )
+        .map_err(|e| sys_err(BackendOp::ReleasePage, "fallocate(PUNCH_HOLE)", e))?;
+        arena.live.remove(&offset);
+        arena.free.entry(size).or_default().push(offset);
+        Ok(())
+    }
+}
+
+/// Reservations and pages handed over by [`HostBackend::detach`](Backend::detach).
+#[derive(Debug)]
+struct HostDetached {
+    ranges: Vec<VaRange>,
+    /// The pages' extents (offset, size) in the arena.
+    extents: Vec<(u64, usize)>,
+    /// The backend's arena, if it still lives when this is dropped.
+    file: Weak<ArenaFile>,
+    fork: ForkGuard,
+}
+
+impl Detached for HostDetached {}
+
+impl Drop for HostDetached {
+    fn drop(&mut self) {
+        if self.fork.inherited() {
+            // The ranges were not inherited (MADV_DONTFORK) and the extents are the parent's.
+            return;
+        }
+        for r in &self.ranges {
+            if let Some(ptr) = NonNull::new(r.addr as usize as *mut libc::c_void) {
+                // SAFETY: the range was a reservation of the backend, handed over to this owner
+                // alone by `detach` (the backend forgot it); whoever read it through an export
+                // has given it up, since this is dropped with the last export.
+                if let Err(e) = unsafe { munmap(ptr, r.len) } {
+                    tracing::warn!("unmapping a detached range {:#x}: {e}", r.addr);
+                }
+            }
+        }
+        // With the backend gone, its file closed when its last mapping went just now, and
+        // every extent's memory with it; otherwise the extents go back to the arena.
+        if let Some(file) = self.file.upgrade() {
+            let mut arena = file.arena.lock().unwrap_or_else(|p| p.into_inner());
+            for &(offset, size) in &self.extents {
+                if let Err(e) = file.release(&mut arena, offset, size) {
+                    tracing::warn!("releasing a detached page at arena offset {offset:#x}: {e}");
+                }
+            }
+        }
+    }
+}
+
 /// The host backend. See the [module documentation](self).
 #[derive(Debug)]
 pub struct HostBackend {
     config: HostConfig,
-    memfd: OwnedFd,
-    arena: Mutex<Arena>,
+    /// The arena: shared with the [`Detached`] owners of ranges handed over by
+    /// [`Backend::detach`], which hold it weakly (to return their extents if the backend still
+    /// lives), so that they keep neither the file descriptor nor the backend alive.
+    file: Arc<ArenaFile>,
     /// Live reservations: address → length.
     reservations: RwLock<BTreeMap<u64, usize>>,
     /// Maps are refused beyond this many process mappings.
@@ -356,12 +424,14 @@ impl HostBackend {
         vma_estimate();
         let backend = HostBackend {
             config,
-            memfd,
-            arena: Mutex::new(Arena {
-                len: 0,
-                next: 0,
-                free: HashMap::new(),
-                live: HashMap::new(),
+            file: Arc::new(ArenaFile {
+                memfd,
+                arena: Mutex::new(Arena {
+                    len: 0,
+                    next: 0,
+                    free: HashMap::new(),
+                    live: HashMap::new(),
+                }),
             }),
             reservations: RwLock::new(BTreeMap::new()),
             map_limit,
@@ -380,7 +450,8 @@ impl HostBackend {
 
     /// Pages created and not yet released.
     pub fn live_pages(&self) -> usize {
-        self.arena
+        self.file
+            .arena
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .live
@@ -392,7 +463,7 @@ impl HostBackend {
     /// # Errors
     /// A backend error if `fstat` fails.
     pub fn arena_resident_bytes(&self) -> Result<u64> {
-        let st = nix::sys::stat::fstat(self.memfd.as_raw_fd())
+        let st = nix::sys::stat::fstat(self.file.memfd.as_raw_fd())
             .map_err(|e| sys_err(BackendOp::CreatePage, "fstat", e))?;
         Ok(st.st_blocks as u64 * 512)
     }
@@ -617,10 +688,39 @@ impl Backend for HostBackend {
         Ok(())
     }
 
+    fn detach(
+        &self,
+        ranges: Vec<VaRange>,
+        pages: Vec<PageHandle>,
+    ) -> std::result::Result<Box<dyn Detached>, DetachRefused> {
+        if self.fork.inherited() {
+            return Err((ranges, pages));
+        }
+        let mut res = self.reservations.write().unwrap_or_else(|p| p.into_inner());
+        let arena = self.file.arena.lock().unwrap_or_else(|p| p.into_inner());
+        let known = ranges.iter().all(|r| res.get(&r.addr) == Some(&r.len))
+            && pages
+                .iter()
+                .all(|p| arena.live.get(&p.raw()) == Some(&p.size()));
+        if !known {
+            return Err((ranges, pages));
+        }
+        for r in &ranges {
+            res.remove(&r.addr);
+        }
+        // The extents stay in `live`: the arena must not hand them out while they are mapped.
+        Ok(Box::new(HostDetached {
+            ranges,
+            extents: pages.iter().map(|p| (p.raw(), p.size())).collect(),
+            file: Arc::downgrade(&self.file),
+            fork: self.fork,
+        }))
+    }
+
     fn create_page(&self, size: usize) -> Result<PageHandle> {
         self.fork.check("host backend")?;
         check_multiple("page", size, self.config.granularity)?;
-        let mut arena = self.arena.lock().unwrap_or_else(|p| p.into_inner());
+        let mut arena = self.file.arena.lock().unwrap_or_else(|p| p.into_inner());
         let reused = arena.free.get_mut(&size).and_then(|v| v.pop());
         let offset = match reused {
             Some(off) => off,
@@ -629,7 +729,7 @@ impl Backend for HostBackend {
                 let end = off + size as u64;
                 if end > arena.len {
                     let new_len = end.max(arena.len + ARENA_GROWTH);
-                    nix::unistd::ftruncate(&self.memfd, new_len as i64)
+                    nix::unistd::ftruncate(&self.file.memfd, new_len as i64)
                         .map_err(|e| sys_err(BackendOp::CreatePage, "ftruncate(memfd)", e))?;
                     arena.len = new_len;
                 }
@@ -639,14 +739,14 @@ impl Backend for HostBackend {
         };
         if self.config.populate {
             if let Err(e) = fallocate(
-                self.memfd.as_raw_fd(),
+                self.file.memfd.as_raw_fd(),
                 FallocateFlags::empty(),
                 offset as i64,
                 size as i64,
             ) {
                 // Give the extent back: it holds nothing worth keeping.
                 let _ = fallocate(
-                    self.memfd.as_raw_fd(),
+                    self.file.memfd.as_raw_fd(),
                     FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
                     offset as i64,
                     size as i64,
@@ -664,7 +764,7 @@ impl Backend for HostBackend {
             // Punching a hole would destroy the parent's page.
             return Err((page, e));
         }
-        let mut arena = self.arena.lock().unwrap_or_else(|p| p.into_inner());
+        let mut arena = self.file.arena.lock().unwrap_or_else(|p| p.into_inner());
         if arena.live.get(&page.raw()) != Some(&page.size()) {
             let e = Error::InvalidArgument(format!(
                 "page at arena offset {:#x} ({} bytes) is not a live page of this backend",
@@ -673,20 +773,11 @@ impl Backend for HostBackend {
             ));
             return Err((page, e));
         }
-        if let Err(e) = fallocate(
-            self.memfd.as_raw_fd(),
-            FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
-            page.raw() as i64,
-            page.size() as i64,
-        ) {
-            return Err((
-                page,
-                sys_err(BackendOp::ReleasePage, "fallocate(PUNCH_HOLE)", e),
-            ));
+        let (offset, size) = (page.raw(), page.size());
+        match self.file.release(&mut arena, offset, size) {
+            Ok(()) => Ok(()),
+            Err(e) => Err((page, e)),
         }
-        arena.live.remove(&page.raw());
-        arena.free.entry(page.size()).or_default().push(page.raw());
-        Ok(())
     }
 
     fn map(&self, va: u64, pages: &[&PageHandle]) -> Result<()> {
@@ -703,7 +794,7 @@ impl Backend for HostBackend {
         // Group consecutive arena offsets into runs, validating every page.
         let mut runs: Vec<(u64, usize)> = Vec::new(); // (arena offset, len)
         {
-            let arena = self.arena.lock().unwrap_or_else(|p| p.into_inner());
+            let arena = self.file.arena.lock().unwrap_or_else(|p| p.into_inner());
             for p in pages {
                 if arena.live.get(&p.raw()) != Some(&p.size()) {
                     return Err(Error::InvalidArgument(format!(
@@ -734,7 +825,7 @@ impl Backend for HostBackend {
                             length,
                             prot_flags(access),
                             MapFlags::MAP_SHARED | MapFlags::MAP_FIXED,
-                            &self.memfd,
+                            &self.file.memfd,
                             off as i64,
                         )
                     }

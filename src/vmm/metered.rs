@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::{
-    Access, Backend, BackendInfo, BackendKind, BackendOp, Completion, CopyKind, CopyRegion, Fence,
-    HostBuffer, PageHandle, VaRange,
+    Access, Backend, BackendInfo, BackendKind, BackendOp, Completion, CopyKind, CopyRegion,
+    DetachRefused, Detached, Fence, HostBuffer, PageHandle, VaRange,
 };
 use crate::error::{Error, Result};
 
@@ -132,6 +132,13 @@ impl Backend for MeteredBackend {
         self.timed(BackendOp::FreeReservation, Result::is_ok, || {
             self.inner.free_reservation(range)
         })
+    }
+    fn detach(
+        &self,
+        ranges: Vec<VaRange>,
+        pages: Vec<PageHandle>,
+    ) -> std::result::Result<Box<dyn Detached>, DetachRefused> {
+        self.inner.detach(ranges, pages)
     }
     fn create_page(&self, size: usize) -> Result<PageHandle> {
         self.timed(BackendOp::CreatePage, Result::is_ok, || {

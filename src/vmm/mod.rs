@@ -180,6 +180,16 @@ pub trait Fence: Send + Sync + fmt::Debug {
     fn event(&self) -> u64;
 }
 
+/// Reserved ranges and the pages mapped in them, handed over by [`Backend::detach`] to an owner
+/// that does not need the backend: until this is dropped the ranges stay reserved and the pages
+/// mapped (their contents readable and writable as before); dropping it unmaps the ranges, frees
+/// them and the pages' memory (on CUDA after `cuCtxSynchronize`, so that no queued kernel still
+/// reads them). In a child process forked after the hand-over, dropping it does nothing.
+pub trait Detached: Send + Sync + fmt::Debug {}
+
+/// What [`Backend::detach`] hands back when it refuses: the caller still owns both.
+pub type DetachRefused = (Vec<VaRange>, Vec<PageHandle>);
+
 /// Facts about a backend, for `kvvm info` and statistics.
 #[derive(Clone, Debug, PartialEq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
@@ -395,6 +405,24 @@ pub trait Backend: Send + Sync + fmt::Debug {
         }
         // SAFETY: forwarded from this function's contract.
         unsafe { self.copy_async(kind, regions) }
+    }
+
+    /// Hands `ranges` (whole reservations of this backend) and `pages` (live pages of this
+    /// backend, each mapped somewhere in `ranges` and nowhere else) over to a [`Detached`] owner
+    /// that keeps them mapped without the backend: the backend forgets them (it neither frees
+    /// nor reuses them), and may be dropped before the owner. This is how a cache's exported
+    /// tensors (DLPack) outlive the cache without keeping its threads and files.
+    ///
+    /// # Errors
+    /// The ranges and pages, untouched, when the backend cannot detach (the provided
+    /// implementation always refuses; wrappers forward to the backend they wrap) or they are not
+    /// what it made.
+    fn detach(
+        &self,
+        ranges: Vec<VaRange>,
+        pages: Vec<PageHandle>,
+    ) -> std::result::Result<Box<dyn Detached>, DetachRefused> {
+        Err((ranges, pages))
     }
 
     /// Prepares a thread of kvvm's own (background mapper, unmapper, swap threads) before its
