@@ -537,7 +537,8 @@ class Cache(_Handle):
     arguments override the preset's. ``dtype`` is a name (``"f16"``, ``"bf16"``, ``"f32"``,
     ``"fp8-e4m3"``, ``"fp8-e5m2"``), a ``torch.dtype`` or a numpy dtype. Thread-safe like the C
     ABI. ``close()`` (or leaving a ``with`` block, or garbage collection) destroys the handle;
-    exported tensors and swap engines keep the memory alive until they are gone.
+    swap engines keep the whole cache alive until they are gone; exported tensors keep only the
+    mapped memory they describe (the cache's threads stop and its files close at ``close()``).
     """
 
     _what = "cache"
