@@ -232,3 +232,42 @@ fn per_layer_faults_regression_surplus_unmap_failure() {
     assert_eq!(h.live(), vec![(SlotId::new(0), 128), (SlotId::new(1), 128)]);
     h.finish().expect("no leak");
 }
+
+/// Found by `interleaved_faults_mapper` (about one run in 120): a published slot (read-only
+/// pages) shrinks below them while both tries of its unmap fail, so the read-only pages stay
+/// mapped beyond its live tokens; `reclaim_free_slots` then takes that surplus, which is right,
+/// but the model expected the read-only tokens to stay ("slot 0 has 48 read-only tokens, model
+/// 144"). The model now lets surplus read-only pages go down to what the live tokens' pages hold.
+#[test]
+fn interleaved_regression_reclaim_takes_surplus_read_only_pages() {
+    use Op::*;
+    let mut h = Harness::new(HarnessConfig {
+        layout: Layout::Interleaved,
+        lookahead: 3,
+        faults: true,
+        max_slots: 4,
+        max_tokens: 200,
+        budget_pages: 36,
+        zero_page: true,
+    })
+    .expect("harness");
+    let ops = [
+        Alloc { hint: 0 },
+        Step {
+            items: vec![(0, 153)],
+        },
+        Publish { k: 0 },
+        Fault { kind: 1, nth: 0 },
+        Fault { kind: 1, nth: 1 },
+        Ensure { k: 0, tokens: 0 },
+        Shrink { k: 0, tokens: 48 },
+        Reclaim,
+    ];
+    for (i, op) in ops.iter().enumerate() {
+        if let Err(e) = h.apply(op) {
+            panic!("op {i} {op:?}: {e}");
+        }
+    }
+    assert_eq!(h.live(), vec![(SlotId::new(0), 48)]);
+    h.finish().expect("no leak");
+}

@@ -583,7 +583,37 @@ impl Harness {
             }
             _ => {}
         }
+        self.settle_surplus_read_only()?;
         self.check()
+    }
+
+    /// Read-only pages beyond a slot's live tokens (left mapped by a shrink whose unmap failed)
+    /// are surplus that any reclaiming call (`reclaim_free_slots`, or growth of another slot
+    /// under a tight budget) may take: the slot's read-only tokens may then fall to what its live
+    /// tokens' pages hold, never lower, and the model follows.
+    fn settle_surplus_read_only(&mut self) -> Result<(), String> {
+        let Some(tpp) = self.tpp() else {
+            return Ok(());
+        };
+        for k in 0..self.live.len() {
+            let (slot, tokens, ro) = (self.live[k].slot, self.live[k].tokens, self.live[k].ro);
+            let floor = ro.min(tokens.div_ceil(tpp) * tpp);
+            if ro <= floor {
+                continue;
+            }
+            let now = self
+                .cache()
+                .read_only_tokens(slot)
+                .map_err(|e| format!("read_only_tokens({slot}): {e}"))?;
+            if now < floor || now > ro {
+                return Err(format!(
+                    "slot {slot} has {now} read-only tokens; its surplus read-only pages allow \
+                     {floor}..={ro}"
+                ));
+            }
+            self.live[k].ro = now;
+        }
+        Ok(())
     }
 
     fn publish(&mut self, k: usize) -> Result<(), String> {
