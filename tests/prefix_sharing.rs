@@ -19,28 +19,70 @@ const NS: u64 = 42;
 /// 2 layers, 2 KV heads, head_dim 8, f32 (interleaved: 16 tokens a page; per-layer: 64 tokens a
 /// page in each of 4 buffers), OS-page pages, 4 slots of 400 tokens.
 fn cache(layout: Layout, budget_pages: usize) -> (Arc<HostBackend>, Arc<KvCache>) {
-    let page = os_page_size();
-    let host = Arc::new(
+    let host = host_backend();
+    (host.clone(), cache_on(layout, budget_pages, host))
+}
+
+/// A host backend with OS-page pages and 2 copy threads.
+fn host_backend() -> Arc<HostBackend> {
+    Arc::new(
         HostBackend::new(HostConfig {
-            granularity: page,
+            granularity: os_page_size(),
             copy_threads: 2,
             ..HostConfig::default()
         })
         .unwrap(),
-    );
+    )
+}
+
+/// As [`cache`], on `backend` (a host backend or a wrapper of one).
+fn cache_on(layout: Layout, budget_pages: usize, backend: Arc<dyn Backend>) -> Arc<KvCache> {
     let cache = KvCache::with_backend(
         CacheConfig::new(2, 2, 8)
             .with_dtype(DType::F32)
             .with_max_slots(4)
             .with_max_tokens(400)
             .with_layout(layout)
-            .with_budget_bytes((budget_pages * page) as u64)
+            .with_budget_bytes((budget_pages * os_page_size()) as u64)
             .with_backend(BackendConfig::default())
             .with_lookahead_steps(0),
-        host.clone() as Arc<dyn Backend>,
+        backend,
     )
     .unwrap();
-    (host, Arc::new(cache))
+    Arc::new(cache)
+}
+
+/// A swap engine on `cache` with `chunk_bytes` chunks and a 1 MiB host budget.
+fn engine(cache: &Arc<KvCache>, chunk_bytes: usize) -> SwapEngine {
+    SwapEngine::new(
+        cache.clone(),
+        SwapConfig {
+            host_budget_bytes: 1 << 20,
+            chunk_bytes,
+            max_in_flight: 2,
+        },
+    )
+    .unwrap()
+}
+
+/// A publisher A of `2 * tpp + 7` stamped tokens (generation 1) and a sharer B of its first two
+/// pages followed by `own` tokens of its own (generation 2). Returns A, A's length, B, B's
+/// shared tokens and B's length.
+fn publisher_and_sharer(cache: &KvCache, own: usize) -> (SlotId, usize, SlotId, usize, usize) {
+    let tpp = cache.tokens_per_page().unwrap();
+    let prompt = ids(2 * tpp + 7, 0);
+    let a = cache.alloc_slot().unwrap();
+    cache.ensure(a, prompt.len()).unwrap();
+    write(cache, a, 1, 0, prompt.len());
+    cache.publish(a, &prompt, NS).unwrap();
+    let mut b_ids = prompt[..2 * tpp].to_vec();
+    b_ids.extend(ids(own, 5000));
+    let hit = cache.alloc_slot_with_prefix(&b_ids, NS).unwrap();
+    assert_eq!(hit.tokens, 2 * tpp);
+    let b_len = b_ids.len();
+    cache.ensure(hit.slot, b_len).unwrap();
+    write(cache, hit.slot, 2, hit.tokens, b_len);
+    (a, prompt.len(), hit.slot, hit.tokens, b_len)
 }
 
 /// Stamps tokens `from..to` of `slot` with `generation`'s pattern.
@@ -76,6 +118,13 @@ fn calls(cache: &KvCache, op: BackendOp) -> u64 {
     cache.stats().calls(op).calls
 }
 
+/// Calls of `op` made on the caller's threads (not the pool's background refill, which may
+/// create pages at any moment).
+fn foreground(cache: &KvCache, op: BackendOp) -> u64 {
+    let c = cache.stats().calls(op);
+    c.calls - c.background_calls
+}
+
 /// Pool pages and references equal what slots and the index hold.
 fn census_ok(cache: &KvCache) {
     let s = cache.stats();
@@ -107,14 +156,14 @@ fn published_pages_are_mapped_not_copied() {
         b_ids.extend(ids(30, 1000));
         let (maps, creates) = (
             calls(&cache, BackendOp::Map),
-            calls(&cache, BackendOp::CreatePage),
+            foreground(&cache, BackendOp::CreatePage),
         );
         let hit = cache.alloc_slot_with_prefix(&b_ids, NS).unwrap();
         assert_eq!(hit.tokens, full * tpp, "{layout:?}");
         assert_ne!(hit.slot, a);
         // One map call per buffer, no page created: the pages are A's.
         assert_eq!(calls(&cache, BackendOp::Map) - maps, g.buffers as u64);
-        assert_eq!(calls(&cache, BackendOp::CreatePage) - creates, 0);
+        assert_eq!(foreground(&cache, BackendOp::CreatePage) - creates, 0);
         let (pa, pb) = (cache.debug_page_ids(a), cache.debug_page_ids(hit.slot));
         for b in 0..g.buffers {
             assert_eq!(pa[b][..full], pb[b][..full], "buffer {b}");
@@ -330,33 +379,13 @@ fn shrinking_into_shared_pages_drops_references_only() {
 fn swapping_a_sharer_leaves_the_others_intact() {
     for layout in LAYOUTS {
         let (host, cache) = cache(layout, 64);
-        let swap = SwapEngine::new(
-            cache.clone(),
-            SwapConfig {
-                host_budget_bytes: 1 << 20,
-                chunk_bytes: 1 << 20,
-                max_in_flight: 2,
-            },
-        )
-        .unwrap();
+        let swap = engine(&cache, 1 << 20);
         let tpp = cache.tokens_per_page().unwrap();
-        let prompt = ids(2 * tpp + 7, 0);
-        let a = cache.alloc_slot().unwrap();
-        cache.ensure(a, prompt.len()).unwrap();
-        write(&cache, a, 1, 0, prompt.len());
-        cache.publish(a, &prompt, NS).unwrap();
-        let mut b_ids = prompt[..2 * tpp].to_vec();
-        b_ids.extend(ids(20, 5000));
-        let hit = cache.alloc_slot_with_prefix(&b_ids, NS).unwrap();
-        assert_eq!(hit.tokens, 2 * tpp);
-        let b_len = b_ids.len();
-        cache.ensure(hit.slot, b_len).unwrap();
-        write(&cache, hit.slot, 2, hit.tokens, b_len);
+        let (a, mut a_len, b, _, b_len) = publisher_and_sharer(&cache, 20);
         let refs = cache.stats().pool.references;
 
         // B goes to host while A keeps decoding.
-        let out = swap.swap_out(hit.slot).unwrap();
-        let mut a_len = prompt.len();
+        let out = swap.swap_out(b).unwrap();
         for _ in 0..3 {
             a_len += 1;
             cache.step(&[(a, a_len)]).unwrap();
@@ -364,7 +393,7 @@ fn swapping_a_sharer_leaves_the_others_intact() {
         }
         out.wait().unwrap();
         swap.quiesce();
-        assert!(!cache.is_allocated(hit.slot));
+        assert!(!cache.is_allocated(b));
         assert!(
             cache.stats().pool.references < refs,
             "B's references dropped"
@@ -438,5 +467,50 @@ fn eviction_takes_lru_tails_and_never_live_pages() {
         assert_eq!(cache.stats().pool.in_use, before.in_use);
         check(&cache, hx.slot, 1, 0, hx.tokens);
         census_ok(&cache);
+    }
+}
+
+/// A sharer's swap-out that fails after its first pages were released early maps them back as
+/// they were: the shared prefix read-only (mapped back writable, a write through the sharer
+/// would change the publisher's KV).
+#[test]
+fn a_failed_swap_out_maps_shared_pages_back_read_only() {
+    use kvvm::vmm::faulty::{CopyFault, FaultyBackend};
+    for layout in LAYOUTS {
+        let page = os_page_size();
+        let host = host_backend();
+        let faulty = Arc::new(FaultyBackend::new(host.clone()));
+        let cache = cache_on(layout, 64, faulty.clone());
+        let swap = engine(&cache, page);
+        let tpp = cache.tokens_per_page().unwrap();
+        let (a, a_len, b, _, b_len) = publisher_and_sharer(&cache, 3 * tpp);
+        let prefix_addr = cache.slot_ranges(b, b_len).unwrap()[0].addr;
+        assert_eq!(prot_at(prefix_addr).as_deref().map(|p| &p[..2]), Some("r-"));
+        // The last chunk of the swap-out fails, after the pages under the first ones went.
+        let chunks = cache
+            .slot_ranges(b, b_len)
+            .unwrap()
+            .iter()
+            .map(|r| r.len.div_ceil(page))
+            .sum::<usize>() as u64;
+        let unmaps = faulty.calls(BackendOp::Unmap);
+        faulty.fail_nth_copy(chunks, CopyFault::AtCompletion);
+        assert!(swap.swap_out(b).unwrap().wait().is_err(), "{layout:?}");
+        assert!(
+            faulty.calls(BackendOp::Unmap) > unmaps,
+            "{layout:?}: nothing was released before the failure"
+        );
+        assert_eq!(cache.read_only_tokens(b).unwrap(), 2 * tpp, "{layout:?}");
+        let prot = prot_at(prefix_addr).unwrap_or_default();
+        assert!(
+            prot.starts_with("r-"),
+            "{layout:?}: the shared prefix came back as {prot}"
+        );
+        check(&cache, b, 1, 0, 2 * tpp);
+        check(&cache, b, 2, 2 * tpp, b_len);
+        check(&cache, a, 1, 0, a_len);
+        drop(swap);
+        drop(cache);
+        assert_eq!(host.live_pages(), 0);
     }
 }

@@ -1224,6 +1224,351 @@ fn failure_in_the_middle_of_a_chunked_swap_in() {
     }
 }
 
+/// A backend that tracks which pages are mapped, checks that every copy reads and writes mapped
+/// pages only, and can hold the completion of the copy that reads a chosen address.
+#[derive(Debug)]
+struct Watch {
+    inner: Arc<dyn Backend>,
+    page: usize,
+    /// Addresses of the mapped pages.
+    mapped: std::sync::Mutex<std::collections::BTreeSet<u64>>,
+    /// Every unmap, (address, length), in call order.
+    unmaps: std::sync::Mutex<Vec<(u64, usize)>>,
+    /// Copies that touched an unmapped page.
+    violations: std::sync::Mutex<Vec<String>>,
+    /// Per host-to-device copy: (its first destination, pages mapped when it was submitted).
+    h2d: std::sync::Mutex<Vec<(u64, usize)>>,
+    /// The copy whose regions include this source address completes only once the gate opens.
+    hold_src: std::sync::Mutex<Option<u64>>,
+    gate: Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
+}
+
+impl Watch {
+    fn new(inner: Arc<dyn Backend>) -> Watch {
+        Watch {
+            page: inner.granularity(),
+            inner,
+            mapped: Default::default(),
+            unmaps: Default::default(),
+            violations: Default::default(),
+            h2d: Default::default(),
+            hold_src: Default::default(),
+            gate: Arc::new((std::sync::Mutex::new(true), std::sync::Condvar::new())),
+        }
+    }
+    fn pages_of(&self, addr: u64, len: usize) -> impl Iterator<Item = u64> {
+        let p = self.page as u64;
+        let first = addr / p * p;
+        let end = addr + len as u64;
+        (first..end).step_by(self.page)
+    }
+    fn is_mapped(&self, addr: u64, len: usize) -> bool {
+        let m = self.mapped.lock().unwrap();
+        self.pages_of(addr, len).all(|pg| m.contains(&pg))
+    }
+    fn any_mapped(&self, addr: u64, len: usize) -> bool {
+        let m = self.mapped.lock().unwrap();
+        self.pages_of(addr, len).any(|pg| m.contains(&pg))
+    }
+    fn set_gate(&self, open: bool) {
+        *self.gate.0.lock().unwrap() = open;
+        self.gate.1.notify_all();
+    }
+}
+
+impl Backend for Watch {
+    fn info(&self) -> kvvm::vmm::BackendInfo {
+        self.inner.info()
+    }
+    fn kind(&self) -> kvvm::vmm::BackendKind {
+        self.inner.kind()
+    }
+    fn granularity(&self) -> usize {
+        self.inner.granularity()
+    }
+    fn reserve(&self, len: usize) -> kvvm::Result<kvvm::vmm::VaRange> {
+        self.inner.reserve(len)
+    }
+    fn free_reservation(&self, range: kvvm::vmm::VaRange) -> kvvm::Result<()> {
+        self.inner.free_reservation(range)
+    }
+    fn create_page(&self, size: usize) -> kvvm::Result<kvvm::vmm::PageHandle> {
+        self.inner.create_page(size)
+    }
+    fn release_page(
+        &self,
+        page: kvvm::vmm::PageHandle,
+    ) -> Result<(), (kvvm::vmm::PageHandle, Error)> {
+        self.inner.release_page(page)
+    }
+    fn map(&self, va: u64, pages: &[&kvvm::vmm::PageHandle]) -> kvvm::Result<()> {
+        self.inner.map(va, pages)?;
+        let len: usize = pages.iter().map(|p| p.size()).sum();
+        let all: Vec<u64> = self.pages_of(va, len).collect();
+        self.mapped.lock().unwrap().extend(all);
+        Ok(())
+    }
+    fn unmap(&self, va: u64, len: usize) -> kvvm::Result<()> {
+        // Recorded before the call, so that a copy racing the unmap is seen.
+        let mut m = self.mapped.lock().unwrap();
+        for pg in self.pages_of(va, len) {
+            m.remove(&pg);
+        }
+        drop(m);
+        self.unmaps.lock().unwrap().push((va, len));
+        let r = self.inner.unmap(va, len);
+        if r.is_err() {
+            // A failed unmap leaves the range mapped.
+            let all: Vec<u64> = self.pages_of(va, len).collect();
+            self.mapped.lock().unwrap().extend(all);
+        }
+        r
+    }
+    fn alloc_host(&self, len: usize) -> kvvm::Result<kvvm::vmm::HostBuffer> {
+        self.inner.alloc_host(len)
+    }
+    fn free_host(&self, buf: kvvm::vmm::HostBuffer) -> Result<(), (kvvm::vmm::HostBuffer, Error)> {
+        self.inner.free_host(buf)
+    }
+    unsafe fn copy_async(
+        &self,
+        kind: kvvm::vmm::CopyKind,
+        regions: &[kvvm::vmm::CopyRegion],
+    ) -> kvvm::Result<Box<dyn kvvm::vmm::Completion>> {
+        for r in regions {
+            let device = match kind {
+                kvvm::vmm::CopyKind::HostToDevice => r.dst,
+                _ => r.src,
+            };
+            if !self.is_mapped(device, r.len) {
+                let what = format!(
+                    "{kind:?} copy of {} bytes at {device:#x} touches an unmapped page",
+                    r.len
+                );
+                self.violations.lock().unwrap().push(what.clone());
+                // Not forwarded: a copy into an unmapped page would fault the process.
+                return Err(Error::InvalidArgument(what));
+            }
+        }
+        if kind == kvvm::vmm::CopyKind::HostToDevice {
+            let n = self.mapped.lock().unwrap().len();
+            self.h2d.lock().unwrap().push((regions[0].dst, n));
+        }
+        let held = self
+            .hold_src
+            .lock()
+            .unwrap()
+            .is_some_and(|a| regions.iter().any(|r| r.src == a));
+        // SAFETY: forwarded unchanged; the caller upholds `copy_async`'s contract until the
+        // returned completion (which completes no earlier than the inner one) reports done.
+        let inner = unsafe { self.inner.copy_async(kind, regions) }?;
+        if held {
+            return Ok(Box::new(GatedCompletion {
+                inner,
+                gate: self.gate.clone(),
+            }));
+        }
+        Ok(inner)
+    }
+    fn synchronize(&self) -> kvvm::Result<()> {
+        self.inner.synchronize()
+    }
+}
+
+/// Opens a [`Watch`]'s gate when dropped.
+struct OpenOnDrop(Arc<Watch>);
+
+impl Drop for OpenOnDrop {
+    fn drop(&mut self) {
+        self.0.set_gate(true);
+    }
+}
+
+/// A cache of 3 slots of 200 tokens (256 bytes a token, OS pages) on a [`Watch`] backend, and a
+/// swap engine with `chunk` byte chunks.
+fn watched(layout: Layout, chunk: usize) -> (Arc<Watch>, Arc<KvCache>, SwapEngine) {
+    let host: Arc<dyn Backend> = Arc::new(
+        HostBackend::new(HostConfig {
+            granularity: os_page_size(),
+            copy_threads: 2,
+            ..HostConfig::default()
+        })
+        .unwrap(),
+    );
+    let watch = Arc::new(Watch::new(host));
+    let cache = Arc::new(
+        KvCache::with_backend(
+            CacheConfig::new(2, 2, 8)
+                .with_dtype(DType::F32)
+                .with_max_slots(3)
+                .with_max_tokens(MAX_TOKENS)
+                .with_layout(layout)
+                .with_page_size(None)
+                .with_budget_bytes((64 * os_page_size()) as u64)
+                .with_backend(BackendConfig::default())
+                .with_lookahead_steps(0)
+                .with_create_all_pages(false),
+            watch.clone() as Arc<dyn Backend>,
+        )
+        .unwrap(),
+    );
+    let swap = SwapEngine::new(
+        cache.clone(),
+        SwapConfig {
+            chunk_bytes: chunk,
+            ..SwapConfig::default()
+        },
+    )
+    .unwrap();
+    (watch, cache, swap)
+}
+
+/// Swap-out releases pages chunk by chunk, never early: with the copy of one chunk held (a
+/// chunk that starts inside a page, so the page is shared with the chunk before), the pages
+/// wholly under the earlier chunks are unmapped while the transfer is still in flight, and no
+/// page under the held chunk is (its bytes still read back intact); once the copy completes the
+/// whole KV comes back.
+#[test]
+fn swap_out_releases_each_chunk_after_its_copy_and_not_before() {
+    let page = os_page_size();
+    // One and a half pages: every second chunk starts in the middle of a page.
+    let chunk = page + page / 2;
+    for layout in LAYOUTS {
+        let (watch, cache, swap) = watched(layout, chunk);
+        // Should an assertion fail with the copy held, the engine's drop must not wait forever.
+        let _open = OpenOnDrop(watch.clone());
+        let tokens = 190;
+        let a = cache.alloc_slot().unwrap();
+        cache.ensure(a, tokens).unwrap();
+        write_pattern(&cache, a, 7, 0, tokens).unwrap();
+        // The slot's first range (buffer 0), cut as the engine cuts it.
+        let r0 = cache.slot_ranges(a, tokens).unwrap()[0];
+        let chunks: Vec<(u64, usize)> = (0..r0.len)
+            .step_by(chunk)
+            .map(|off| (r0.addr + off as u64, (r0.len - off).min(chunk)))
+            .collect();
+        assert!(chunks.len() >= 2, "{layout:?}: {} chunks", chunks.len());
+        // The last chunk of buffer 0 that starts inside a page.
+        let (held_at, held_len) = *chunks
+            .iter()
+            .rev()
+            .find(|(addr, _)| addr % page as u64 != 0)
+            .unwrap();
+        *watch.hold_src.lock().unwrap() = Some(held_at);
+        watch.set_gate(false);
+        let t = swap.swap_out(a).unwrap();
+        // The pages wholly below the held chunk get unmapped while it is held.
+        let below = (held_at - r0.addr) as usize / page * page;
+        assert!(below > 0);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while watch.any_mapped(r0.addr, below) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{layout:?}: pages of completed chunks were not released while a later chunk copied"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        assert!(!t.poll().unwrap(), "{layout:?}: finished with a copy held");
+        // Nothing under the held chunk (nor after it) is unmapped, and its bytes are intact.
+        let held_end = held_at + held_len as u64;
+        let unmaps = watch.unmaps.lock().unwrap().clone();
+        for (va, len) in unmaps {
+            assert!(
+                va + len as u64 <= held_at / page as u64 * page as u64 || va >= held_end,
+                "{layout:?}: [{va:#x}, +{len:#x}) unmapped while the copy of [{held_at:#x}, {held_end:#x}) was in flight"
+            );
+        }
+        assert!(watch.is_mapped(held_at, held_len), "{layout:?}");
+        // SAFETY: the held chunk's pages are mapped (checked just above) and nothing writes them.
+        let held = unsafe { std::slice::from_raw_parts(held_at as usize as *const u8, held_len) };
+        assert!(
+            held.iter().any(|&b| b != 0),
+            "{layout:?}: held chunk reads zeros"
+        );
+        assert!(cache.is_allocated(a));
+        watch.set_gate(true);
+        t.wait().unwrap();
+        assert!(!cache.is_allocated(a));
+        assert!(!watch.is_mapped(r0.addr, r0.len));
+        let violations = watch.violations.lock().unwrap().clone();
+        assert!(violations.is_empty(), "{layout:?}: {violations:?}");
+        // Everything reached the host.
+        let c = cache.alloc_slot_for(tokens).unwrap();
+        swap.swap_in(t.copy(), c).unwrap().wait().unwrap();
+        verify_pattern(&cache, c, 7, tokens).unwrap();
+        drop(swap);
+    }
+}
+
+/// Swap-in maps each chunk's pages before that chunk's copy is submitted, and maps them
+/// progressively (pipelined with the copies), not all up front.
+#[test]
+fn swap_in_maps_each_chunk_before_its_copy() {
+    let page = os_page_size();
+    let chunk = page + page / 2;
+    for layout in LAYOUTS {
+        let (watch, cache, swap) = watched(layout, chunk);
+        let tokens = 190;
+        let a = cache.alloc_slot().unwrap();
+        cache.ensure(a, tokens).unwrap();
+        write_pattern(&cache, a, 9, 0, tokens).unwrap();
+        let t = swap.swap_out(a).unwrap();
+        t.wait().unwrap();
+        assert_eq!(watch.mapped.lock().unwrap().len(), 0, "{layout:?}");
+        let c = cache.alloc_slot_for(tokens).unwrap();
+        let mapped_before = watch.mapped.lock().unwrap().len();
+        swap.swap_in(t.copy(), c).unwrap().wait().unwrap();
+        verify_pattern(&cache, c, 9, tokens).unwrap();
+        let violations = watch.violations.lock().unwrap().clone();
+        assert!(violations.is_empty(), "{layout:?}: {violations:?}");
+        let h2d = watch.h2d.lock().unwrap().clone();
+        let total = watch.mapped.lock().unwrap().len();
+        assert!(h2d.len() >= 2, "{layout:?}: {} copies", h2d.len());
+        assert!(
+            h2d[0].1 < total && h2d[0].1 > mapped_before,
+            "{layout:?}: {} of {total} pages were mapped when the first chunk was submitted (expected some, not all)",
+            h2d[0].1
+        );
+        drop(swap);
+    }
+}
+
+/// A swap-out cut into chunks whose third copy fails at completion, after the pages under the
+/// first chunks were released: they are mapped back and the slot keeps every token.
+#[test]
+fn failure_after_early_release_restores_the_slot() {
+    for layout in LAYOUTS {
+        let rig = Rig::with(layout, 3, 96, 1 << 20, 0, 4096);
+        let a = rig.request(180, 4);
+        let unmaps = rig.faulty.calls(BackendOp::Unmap);
+        rig.faulty.fail_nth_copy(3, CopyFault::AtCompletion);
+        let r = rig.swap().swap_out(a).unwrap().wait();
+        assert!(
+            matches!(r, Err(Error::Injected { .. })),
+            "{layout:?}: {r:?}"
+        );
+        assert!(
+            rig.faulty.calls(BackendOp::Unmap) > unmaps,
+            "{layout:?}: nothing was released before the failure"
+        );
+        rig.check(a, 4, 180);
+        // The same, with the first attempt at mapping the released pages back failing too.
+        rig.faulty.fail_nth_copy(3, CopyFault::AtCompletion);
+        rig.faulty.fail_nth(BackendOp::Map, 1);
+        let r = rig.swap().swap_out(a).unwrap().wait();
+        assert!(
+            matches!(r, Err(Error::Injected { .. })),
+            "{layout:?}: {r:?}"
+        );
+        rig.check(a, 4, 180);
+        rig.faulty.clear();
+        let t = rig.swap().swap_out(a).unwrap();
+        t.wait().unwrap();
+        rig.resume(t.copy(), 4, 180);
+        rig.finish();
+    }
+}
+
 #[test]
 fn host_memory_reserved_up_front_is_used_by_later_swaps() {
     // `reserve_host` allocates the host arena before any swap (outside the engine's lock), so
@@ -1245,6 +1590,144 @@ fn host_memory_reserved_up_front_is_used_by_later_swaps() {
             "a swap allocated host memory"
         );
         assert_eq!(rig.swap().reserve_host(u64::MAX).unwrap(), held);
+        rig.finish();
+    }
+}
+
+/// A [`Watch`] over a [`FaultyBackend`] over the host backend, a cache of 3 slots of 200 tokens
+/// (256 bytes a token, OS pages) and a swap engine with `chunk` byte chunks.
+fn watched_faulty(
+    layout: Layout,
+    chunk: usize,
+) -> (
+    Arc<Watch>,
+    Arc<FaultyBackend>,
+    Arc<HostBackend>,
+    Arc<KvCache>,
+    SwapEngine,
+) {
+    let host = Arc::new(
+        HostBackend::new(HostConfig {
+            granularity: os_page_size(),
+            copy_threads: 2,
+            ..HostConfig::default()
+        })
+        .unwrap(),
+    );
+    let faulty = Arc::new(FaultyBackend::new(host.clone()));
+    let watch = Arc::new(Watch::new(faulty.clone()));
+    let cache = Arc::new(
+        KvCache::with_backend(
+            CacheConfig::new(2, 2, 8)
+                .with_dtype(DType::F32)
+                .with_max_slots(3)
+                .with_max_tokens(MAX_TOKENS)
+                .with_layout(layout)
+                .with_page_size(None)
+                .with_budget_bytes((64 * os_page_size()) as u64)
+                .with_backend(BackendConfig::default())
+                .with_lookahead_steps(0)
+                .with_create_all_pages(false),
+            watch.clone() as Arc<dyn Backend>,
+        )
+        .unwrap(),
+    );
+    let swap = SwapEngine::new(
+        cache.clone(),
+        SwapConfig {
+            chunk_bytes: chunk,
+            ..SwapConfig::default()
+        },
+    )
+    .unwrap();
+    (watch, faulty, host, cache, swap)
+}
+
+/// Waits up to 20 s for `cond`.
+fn eventually(what: &str, cond: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !cond() {
+        assert!(std::time::Instant::now() < deadline, "{what}");
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
+/// A swap-out whose first chunks' pages were released early, and then neither the unmap of the
+/// rest nor mapping the released pages back works: the swap-out still succeeds, but the slot
+/// (whose buffers are half unmapped) is not handed out again until the pages are released in
+/// the background; once the faults stop, they are, and the KV comes back intact. (Freeing the
+/// slot at once handed its half-unmapped pages to the next swap-in, which copied into an
+/// unmapped page: SIGSEGV in the copy thread.)
+#[test]
+fn a_swap_out_whose_final_unmap_and_remap_fail_keeps_the_slot_until_released() {
+    let page = os_page_size();
+    let chunk = page + page / 2;
+    for layout in LAYOUTS {
+        let (watch, faulty, host, cache, swap) = watched_faulty(layout, chunk);
+        let _open = OpenOnDrop(watch.clone());
+        let tokens = 190;
+        let a = cache.alloc_slot().unwrap();
+        cache.ensure(a, tokens).unwrap();
+        write_pattern(&cache, a, 5, 0, tokens).unwrap();
+        let r0 = cache.slot_ranges(a, tokens).unwrap()[0];
+        // Hold the last chunk of the first range; the pages below it go while it is held.
+        let last = r0.addr + ((r0.len - 1) / chunk * chunk) as u64;
+        assert!(last > r0.addr + page as u64, "{layout:?}");
+        *watch.hold_src.lock().unwrap() = Some(last);
+        watch.set_gate(false);
+        let t = swap.swap_out(a).unwrap();
+        eventually("no page was released early", || {
+            !watch.any_mapped(r0.addr, page)
+        });
+        // From now on every unmap and every map fails.
+        faulty.fail_from(BackendOp::Unmap, 1);
+        faulty.fail_from(BackendOp::Map, 1);
+        watch.set_gate(true);
+        t.wait().unwrap();
+        assert!(
+            cache.is_allocated(a),
+            "{layout:?}: the slot was freed with half of its pages unmapped"
+        );
+        // The next allocation gets another slot.
+        let b = cache.alloc_slot().unwrap();
+        assert_ne!(a, b, "{layout:?}");
+        cache.free_slot(b).unwrap();
+        faulty.clear();
+        eventually("the pages were never released", || !cache.is_allocated(a));
+        assert!(!watch.any_mapped(r0.addr, r0.len), "{layout:?}");
+        let c = cache.alloc_slot_for(tokens).unwrap();
+        swap.swap_in(t.copy(), c).unwrap().wait().unwrap();
+        verify_pattern(&cache, c, 5, tokens).unwrap();
+        let violations = watch.violations.lock().unwrap().clone();
+        assert!(violations.is_empty(), "{layout:?}: {violations:?}");
+        drop(swap);
+        drop(cache);
+        assert_eq!(host.live_pages(), 0, "{layout:?}: pages leaked");
+    }
+}
+
+/// A swap-out whose later chunk fails after the first chunks' pages were released, when those
+/// cannot be mapped back (every map fails): the failed chunks are copied again from their
+/// still-mapped pages and the swap-out succeeds with every token on the host. (Giving up left
+/// the slot with unmapped pages under live tokens: they read as zeros.)
+#[test]
+fn a_failed_swap_out_that_cannot_map_back_completes_by_copying_again() {
+    for layout in LAYOUTS {
+        let rig = Rig::with(layout, 3, 96, 1 << 20, 0, 4096);
+        let a = rig.request(180, 6);
+        let unmaps = rig.faulty.calls(BackendOp::Unmap);
+        rig.faulty.fail_nth_copy(3, CopyFault::AtCompletion);
+        rig.faulty.fail_from(BackendOp::Map, 1);
+        let t = rig.swap().swap_out(a).unwrap();
+        let r = t.wait();
+        assert!(
+            rig.faulty.calls(BackendOp::Unmap) > unmaps,
+            "{layout:?}: nothing was released before the failure"
+        );
+        assert!(r.is_ok(), "{layout:?}: {r:?}");
+        assert!(!rig.cache.is_allocated(a), "{layout:?}");
+        rig.faulty.clear();
+        rig.resume(t.copy(), 6, 180);
         rig.finish();
     }
 }

@@ -15,7 +15,7 @@ use clap::Args;
 use kvvm::vmm::{Backend, BackendKind, CopyKind, CopyRegion, HostBuffer};
 use kvvm::{ByteRange, CacheConfig, Kv, KvCache, Layout, SlotId};
 use kvvm::{Error, Result};
-use kvvm::{SwapConfig, SwapEngine, SwapTicket};
+use kvvm::{SwapConfig, SwapEngine, SwapStats, SwapTicket};
 
 use crate::BackendArgs;
 
@@ -222,8 +222,10 @@ impl Bench {
         Ok(gbps(self.total_bytes(), t0.elapsed().as_secs_f64()))
     }
 
-    /// Swaps every request out and back in through the engine; returns (out, in) GB/s.
-    fn coarse(&mut self, swap: &SwapEngine) -> Result<(f64, f64)> {
+    /// Swaps every request out and back in through the engine; returns (out, in) GB/s and the
+    /// time each phase took in each direction.
+    fn coarse(&mut self, swap: &SwapEngine) -> Result<(f64, f64, Phases, Phases)> {
+        let before = swap.stats();
         let t0 = Instant::now();
         let tickets: Vec<SwapTicket> = self
             .slots
@@ -233,7 +235,9 @@ impl Bench {
         for t in &tickets {
             t.wait()?;
         }
-        let out = gbps(self.total_bytes(), t0.elapsed().as_secs_f64());
+        let out_wall = t0.elapsed();
+        let out = gbps(self.total_bytes(), out_wall.as_secs_f64());
+        let mid = swap.stats();
         let copies: Vec<_> = tickets.iter().map(SwapTicket::copy).collect();
         let mut slots = Vec::with_capacity(copies.len());
         for _ in &copies {
@@ -248,12 +252,45 @@ impl Bench {
         for t in &tickets {
             t.wait()?;
         }
-        let inn = gbps(self.total_bytes(), t0.elapsed().as_secs_f64());
+        let in_wall = t0.elapsed();
+        let inn = gbps(self.total_bytes(), in_wall.as_secs_f64());
+        let after = swap.stats();
         for c in copies {
             swap.release(c)?;
         }
         self.slots = slots;
-        Ok((out, inn))
+        Ok((
+            out,
+            inn,
+            Phases::between(&before, &mid, out_wall),
+            Phases::between(&mid, &after, in_wall),
+        ))
+    }
+}
+
+/// Where one direction of a coarse round spent its time, in milliseconds: the engine's per-phase
+/// timers ([`SwapStats`]) over the round. `map`, `populate` and `unmap` are the time threads
+/// spent in them; `copy` is summed over transfers from submission to completion (transfers
+/// overlap, so it may exceed `wall`).
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+struct Phases {
+    wall_ms: f64,
+    map_ms: f64,
+    populate_ms: f64,
+    copy_ms: f64,
+    unmap_ms: f64,
+}
+
+impl Phases {
+    fn between(a: &SwapStats, b: &SwapStats, wall: std::time::Duration) -> Phases {
+        let ms = |x: u64, y: u64| y.saturating_sub(x) as f64 / 1e6;
+        Phases {
+            wall_ms: wall.as_secs_f64() * 1e3,
+            map_ms: ms(a.map_ns, b.map_ns),
+            populate_ms: ms(a.populate_ns, b.populate_ns),
+            copy_ms: ms(a.copy_ns, b.copy_ns),
+            unmap_ms: ms(a.unmap_ns, b.unmap_ns),
+        }
     }
 }
 
@@ -396,8 +433,16 @@ pub fn run(args: SwapArgs) -> Result<()> {
     // Warm-up: touches the host arena and the transfer paths.
     bench.coarse(&swap)?;
     let mut best = [0f64; 8];
+    // The phases of the rounds with the best coarse figures.
+    let (mut phases_out, mut phases_in) = (Phases::default(), Phases::default());
     for _ in 0..args.rounds {
-        let (o, i) = bench.coarse(&swap)?;
+        let (o, i, po, pi) = bench.coarse(&swap)?;
+        if o > best[0] {
+            phases_out = po;
+        }
+        if i > best[1] {
+            phases_in = pi;
+        }
         let figures = [
             o,
             i,
@@ -453,6 +498,12 @@ pub fn run(args: SwapArgs) -> Result<()> {
             "limit_gbps": limit,
             "coarse_vs_limit": coarse_vs_limit,
             "coarse_vs_fine": coarse_vs_fine,
+            "chunked_out_gbps": chunked_out,
+            "chunked_in_gbps": chunked_in,
+            "limit_out_gbps": limit_out,
+            "limit_in_gbps": limit_in,
+            "phases_out": phases_out,
+            "phases_in": phases_in,
             "verified_bytes": verified,
         });
         println!("{v}");
@@ -492,6 +543,12 @@ pub fn run(args: SwapArgs) -> Result<()> {
             coarse_in / limit_in
         );
         println!("coarse / fine  {coarse_vs_fine:.2}");
+        for (dir, p) in [("out", phases_out), ("in", phases_in)] {
+            println!(
+                "coarse {dir:<3} phases (ms): wall {:.1}, map {:.1}, populate {:.1}, copy {:.1} (summed over transfers), unmap {:.1}",
+                p.wall_ms, p.map_ms, p.populate_ms, p.copy_ms, p.unmap_ms
+            );
+        }
         println!(
             "transfers {}, reused {} bytes, host arena used {} bytes",
             stats.transfers, stats.reuse_saved_bytes, stats.host_bytes_used

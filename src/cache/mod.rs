@@ -20,6 +20,7 @@ pub use config::{
     MAX_VIRTUAL_BYTES, PRESETS,
 };
 use grow::{attach, MapFailure, Work};
+pub(crate) use hooks::PendingPages;
 pub use prefix::{page_key, prefix_keys, PrefixStats};
 pub use sharing::PrefixHit;
 use slot::Slot;
@@ -287,11 +288,10 @@ impl KvCache {
             let s = cache.shared.clone();
             cache.mapper = Some(Worker::spawn("kvvm-mapper", move || mapper::run(s))?);
         }
-        // Only backends with fences (CUDA) ever defer an unmap.
-        if info.kind == crate::vmm::BackendKind::Cuda {
-            let s = cache.shared.clone();
-            cache.unmapper = Some(Worker::spawn("kvvm-unmapper", move || unmapper::run(s))?);
-        }
+        // Backends with fences (CUDA) defer unmaps behind the caller's work; on every backend
+        // the unmapper finishes releasing a swap-out's pages that the swap could not.
+        let s = cache.shared.clone();
+        cache.unmapper = Some(Worker::spawn("kvvm-unmapper", move || unmapper::run(s))?);
         Ok(cache)
     }
 

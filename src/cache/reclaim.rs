@@ -1,7 +1,7 @@
 //! Reclamation: taking pages back from free slots and from pages mapped ahead, under pressure.
 
 use crate::error::{Error, Result};
-use crate::vmm::{Backend, PageHandle};
+use crate::vmm::{Access, Backend, PageHandle};
 
 use super::{Shared, State};
 
@@ -194,6 +194,71 @@ impl Shared {
             }
         }
         first_err.map_or(Ok(freed), Err)
+    }
+}
+
+impl Shared {
+    /// After a swap-out: unmaps pages `done..len` of buffer `b` of the busy slot `i` (pages
+    /// `..done` were unmapped while the copies ran) and gives every page of the buffer back to
+    /// the pool.
+    ///
+    /// # Errors
+    /// The backend's error; the buffer is then as it was.
+    pub(super) fn release_swapped(
+        &self,
+        i: usize,
+        b: usize,
+        done: usize,
+        len: usize,
+    ) -> Result<()> {
+        if len > done {
+            self.backend
+                .unmap(self.va(b, i, done), (len - done) * self.geometry.page_size)?;
+        }
+        let pages = {
+            let mut st = self.lock();
+            let s = &mut st.slots[i];
+            let all = std::mem::take(&mut s.pages[b]);
+            s.refresh();
+            s.ro = s.ro.min(s.pages.iter().map(Vec::len).max().unwrap_or(0));
+            all
+        };
+        self.pool.give_back(pages);
+        Ok(())
+    }
+
+    /// Maps the first `n` listed pages of buffer `b` of the busy slot `i` back where they were
+    /// (after an early unmap; page contents are kept), with their original access: the slot's
+    /// shared read-only prefix pages read-only.
+    ///
+    /// # Errors
+    /// The backend's error; nothing is mapped then.
+    pub(super) fn map_back(&self, i: usize, b: usize, n: usize) -> Result<()> {
+        let st = self.lock();
+        let s = &st.slots[i];
+        let n = n.min(s.pages[b].len());
+        let ro = s.ro.min(n);
+        // The slot is busy: nobody else changes its page list, and this one backend call under
+        // the lock (a rare path) only delays other threads briefly.
+        let refs: Vec<&PageHandle> = s.pages[b][..n].iter().collect();
+        if ro > 0 {
+            self.backend
+                .map_with_access(self.va(b, i, 0), &refs[..ro], Access::ReadOnly)?;
+        }
+        if n > ro {
+            if let Err(e) = self.backend.map(self.va(b, i, ro), &refs[ro..]) {
+                if ro > 0 {
+                    if let Err(u) = self
+                        .backend
+                        .unmap(self.va(b, i, 0), ro * self.geometry.page_size)
+                    {
+                        tracing::warn!("slot {i}: undoing a partial map-back failed: {u}");
+                    }
+                }
+                return Err(e);
+            }
+        }
+        Ok(())
     }
 }
 

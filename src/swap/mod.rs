@@ -8,17 +8,19 @@ mod ticket;
 use copies::HostCopy;
 use staging::{push_chunked, stage, submit, StageJob, Staged, StagedCompletion};
 pub use ticket::SwapTicket;
-use ticket::{Direction, Phase, Transfer};
+use ticket::{Direction, Phase, Release, Transfer};
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Instant;
 
 use arena::Arena;
 
 use crate::cache::{KvCache, SlotId};
 use crate::error::{Error, Result};
 use crate::fork::ForkGuard;
-use crate::vmm::{Backend, BackendKind, Completion, CopyKind, Fence};
+use crate::vmm::{Backend, BackendKind, Completion, CopyKind, CopyRegion, Fence};
 use crate::worker::Worker;
 
 /// Host copy ids, unique in the process (never 0).
@@ -87,6 +89,32 @@ pub struct SwapStats {
     pub copies_live: u64,
     /// Transfers submitted and not yet finished.
     pub in_flight: u64,
+    /// Nanoseconds spent mapping pages for swap-ins (summed over transfers).
+    pub map_ns: u64,
+    /// Nanoseconds spent populating the page tables of swap-in destinations (host backend).
+    pub populate_ns: u64,
+    /// Nanoseconds from each transfer's submission until its copies were seen complete, summed
+    /// over transfers (transfers run concurrently, and with pipelining this overlaps the page
+    /// management, so it can exceed the wall time).
+    pub copy_ns: u64,
+    /// Nanoseconds spent unmapping swapped-out pages and returning them to the pool.
+    pub unmap_ns: u64,
+}
+
+/// The per-phase timers behind [`SwapStats`]'s `*_ns` fields.
+#[derive(Debug, Default)]
+struct Timers {
+    map_ns: AtomicU64,
+    populate_ns: AtomicU64,
+    copy_ns: AtomicU64,
+    unmap_ns: AtomicU64,
+}
+
+impl Timers {
+    fn add(counter: &AtomicU64, since: Instant) {
+        let ns = u64::try_from(since.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        counter.fetch_add(ns, Ordering::Relaxed);
+    }
 }
 
 /// SwapEngine: asynchronous, coarse-grained KV swapping between device memory and pinned host
@@ -155,8 +183,16 @@ pub struct SwapStats {
 /// read once the ticket is complete, or, on CUDA, by work that a stream orders after
 /// [`SwapTicket::event`] with `cuStreamWaitEvent`.
 ///
-/// A transfer finishes when its copy completes: a swap-out then (and never before) unmaps the
-/// slot's pages, returns them to the pool and frees the slot; a swap-in gives the slot its tokens.
+/// Page management is pipelined with the copies. A swap-out submits one copy per chunk and, as
+/// the chunks complete in order (and after its fence), unmaps the pages wholly under the
+/// completed chunks while later chunks still copy; a page that a chunk boundary cuts is unmapped
+/// only once both chunks are done. When the last chunk completes, the rest is unmapped, every
+/// page returns to the pool and the slot is freed; until then the slot stays allocated and busy.
+/// If a later chunk fails, the pages released early are mapped back (their contents survive
+/// unmapping), so the slot is as it was. On the host backend a swap-in maps each chunk's pages
+/// on the staging thread just before populating and copying that chunk (the first chunk's in
+/// `swap_in` itself); elsewhere `swap_in` maps every page before submitting. A swap-in gives
+/// the slot its tokens when its last copy completes.
 /// The finishing work runs in whichever comes first of [`SwapTicket::poll`] / [`SwapTicket::wait`]
 /// and the engine's completion thread, so a caller that never polls leaks nothing; dropping the
 /// engine waits for every transfer in flight and finishes it.
@@ -166,7 +202,16 @@ pub struct SwapStats {
 /// A copy that fails (at submission or at completion) or pages that cannot be mapped leave the
 /// slot as it was (still allocated, every token intact; after a failed swap-in, still empty) and
 /// the host copy as it was; the error is returned by `swap_out` / `swap_in` (submission) or by the
-/// ticket (completion).
+/// ticket (completion; on the host backend also a swap-in whose later chunks' pages cannot be
+/// mapped, and after a failed swap-in the slot may hold some of those pages, without tokens).
+/// A swap-out whose later chunk fails after early-released pages went maps them back (shared
+/// prefix pages read-only, as they were); if that keeps failing, it copies the unfinished chunks
+/// again from their still-mapped pages and succeeds instead, alternating the two with a growing
+/// delay until one works, so no token is ever lost. A successful swap-out whose last unmap
+/// fails maps the released pages back (the buffer then stays mapped to the free slot, where
+/// reclamation finds it); if that fails too, the slot stays allocated and busy — its tokens are
+/// on the host and the ticket has completed — until the cache's unmapper thread has released
+/// the pages, retrying every 1 to 128 ms.
 ///
 /// # Host memory and KV reuse
 ///
@@ -220,6 +265,7 @@ struct Inner {
     state: Mutex<State>,
     /// Signalled when a transfer finishes (in-flight room, copies no longer busy).
     changed: Condvar,
+    timers: Timers,
 }
 
 impl Inner {
@@ -246,10 +292,61 @@ impl Inner {
         self.changed.notify_all();
     }
 
+    /// A swap-out whose copy failed after its first chunks' pages were unmapped (`released`
+    /// per buffer): maps them back (then returns `false`: the swap-out failed, the slot is as it
+    /// was), or, when that keeps failing, copies `unfinished` again, from pages that are still
+    /// mapped, and returns `true` once that succeeded (every token is then on the host and the
+    /// swap-out can commit). Alternates the two, waiting longer each round (up to 128 ms), until
+    /// one works: the slot's tokens are either in its pages or on the host, never lost.
+    fn recover_out(&self, t: &Transfer, released: &mut [usize], unfinished: &[CopyRegion]) -> bool {
+        let mut round = 0u32;
+        loop {
+            match self.cache.swap_out_restore(t.slot, released) {
+                Ok(()) => return false,
+                Err(e) => tracing::error!(
+                    "slot {}: mapping released pages back after a failed swap-out failed: {e}; copying the rest again",
+                    t.slot
+                ),
+            }
+            // SAFETY: as in `swap_out_fenced`: the sources are chunks of the slot's tokens in
+            // pages that are still mapped (a chunk's pages are unmapped only after it and every
+            // chunk before it completed; these did not), and the slot stays busy; the
+            // destinations lie in the transfer's extent, still busy. The swap-out's fence
+            // passed (pages were released behind it). The copy is waited for below.
+            let again = unsafe {
+                self.backend()
+                    .copy_async(CopyKind::DeviceToHost, unfinished)
+            };
+            match again.and_then(|c| c.wait()) {
+                Ok(()) => return true,
+                Err(e) => tracing::error!(
+                    "slot {}: copying a failed swap-out's rest again failed: {e}",
+                    t.slot
+                ),
+            }
+            round += 1;
+            std::thread::sleep(std::time::Duration::from_millis(1 << round.min(7)));
+        }
+    }
+
     /// The bookkeeping after a transfer's copy completed (`copied` is its outcome).
-    fn finish(&self, t: &Transfer, copied: Result<()>) -> Result<()> {
+    fn finish(&self, t: &Transfer, mut copied: Result<()>) -> Result<()> {
+        let (mut released, unfinished) = t.stop_release();
+        if copied.is_err() && t.dir == Direction::Out && released.iter().any(|&n| n > 0) {
+            // A later chunk failed after the first ones' pages went: put the slot back as it
+            // was, or else (mapping back keeps failing) finish the swap-out by copying again
+            // what the failed chunks did not (their pages are all still mapped).
+            if self.recover_out(t, &mut released, &unfinished) {
+                copied = Ok(());
+            }
+        }
         match (t.dir, &copied) {
-            (Direction::Out, Ok(())) => self.cache.swap_out_commit(t.slot, t.fence.clone()),
+            (Direction::Out, Ok(())) => {
+                let t0 = Instant::now();
+                self.cache
+                    .swap_out_commit(t.slot, t.fence.clone(), &released);
+                Timers::add(&self.timers.unmap_ns, t0);
+            }
             (Direction::In, Ok(())) => self.cache.swap_in_commit(t.slot, t.tokens),
             (_, Err(_)) => self.cache.swap_abort(t.slot),
         }
@@ -353,6 +450,7 @@ impl SwapEngine {
             config,
             state: Mutex::new(State::default()),
             changed: Condvar::new(),
+            timers: Timers::default(),
         });
         let (tx, rx) = crossbeam_channel::unbounded::<Arc<Transfer>>();
         let worker_inner = inner.clone();
@@ -372,8 +470,8 @@ impl SwapEngine {
         };
         if engine.inner.backend().kind() == BackendKind::Host {
             let (stage_tx, stage_rx) = crossbeam_channel::unbounded::<StageJob>();
-            let backend: Arc<dyn Backend> = engine.inner.cache.backend().clone();
-            let stager = Worker::spawn("kvvm-swap-stage", move || stage(backend, stage_rx))?;
+            let stage_inner = engine.inner.clone();
+            let stager = Worker::spawn("kvvm-swap-stage", move || stage(stage_inner, stage_rx))?;
             engine.stage_tx = Some(stage_tx);
             engine.stager = Some(stager);
         }
@@ -489,6 +587,7 @@ impl SwapEngine {
     /// # Errors
     /// As [`SwapEngine::swap_out`]; the driver's error for an invalid event.
     pub fn swap_out_after(&self, slot: SlotId, event: u64) -> Result<SwapTicket> {
+        self.inner.fork.check("swap engine")?;
         let fence = self.inner.backend().fence_after_event(event)?;
         self.swap_out_fenced(slot, Some(fence))
     }
@@ -631,11 +730,15 @@ impl SwapEngine {
             }
         }
         let mut regions = Vec::new();
+        // Per region: its buffer and where it ends, from the slot's start in that buffer.
+        let mut marks = Vec::new();
         if let Some(base) = dst_base {
             let buffers = inner.cache.buffers();
             for (b, r) in buffers.iter().enumerate() {
-                let src = r.addr + (slot.as_usize() * g.slot_bytes + from * tb) as u64;
+                let start = r.addr + (slot.as_usize() * g.slot_bytes) as u64;
+                let src = start + (from * tb) as u64;
                 let dst = base + (b * dst_cap * tb + from * tb) as u64;
+                let first = regions.len();
                 push_chunked(
                     &mut regions,
                     dst,
@@ -643,26 +746,52 @@ impl SwapEngine {
                     (tokens - from) * tb,
                     inner.config.chunk_bytes,
                 );
+                marks.extend(
+                    regions[first..]
+                        .iter()
+                        .map(|c| (b, (c.src - start) as usize + c.len)),
+                );
             }
         }
         let bytes: u64 = regions.iter().map(|r| r.len as u64).sum();
-        // SAFETY: the sources are the slot's first `tokens` tokens, mapped (a slot's tokens
-        // always lie in mapped pages) and kept mapped because the slot is busy until this
-        // transfer finishes; the destinations lie in copy `id`'s extent in the arena (host
-        // buffers of this backend), which nothing else reads, writes or frees while the copy is
-        // busy; destinations of distinct regions are disjoint.
-        let completions = match submit(
-            inner.backend(),
-            CopyKind::DeviceToHost,
-            &regions,
-            fence.as_deref(),
-        ) {
-            Ok(c) => c,
-            Err(e) => {
-                undo(&mut inner.lock());
-                return Err(e);
+        let submitted = Instant::now();
+        // One copy per chunk, so that each chunk's pages can be unmapped as soon as its copy
+        // completes while later chunks still copy (`Transfer::advance`).
+        let mut completions: Vec<Box<dyn Completion>> = Vec::with_capacity(regions.len());
+        for r in &regions {
+            // SAFETY: the sources are the slot's first `tokens` tokens, mapped (a slot's tokens
+            // always lie in mapped pages) and kept mapped until this chunk's copy completed:
+            // the slot is busy until this transfer finishes, and `Transfer::advance` unmaps a
+            // page only once every copy reading it completed. The destinations lie in copy
+            // `id`'s extent in the arena (host buffers of this backend), which nothing else
+            // reads, writes or frees while the copy is busy; destinations of distinct regions
+            // are disjoint.
+            match unsafe {
+                inner.backend().copy_async_after(
+                    CopyKind::DeviceToHost,
+                    std::slice::from_ref(r),
+                    fence.as_deref(),
+                )
+            } {
+                Ok(c) => completions.push(c),
+                Err(e) => {
+                    // The chunks already submitted read the slot and write the extent: they
+                    // must be done before the extent can be freed.
+                    let _ = ticket::wait_all(&completions);
+                    undo(&mut inner.lock());
+                    return Err(e);
+                }
             }
-        };
+        }
+        let release = (!completions.is_empty()).then(|| {
+            Mutex::new(Release {
+                marks,
+                regions: regions.clone(),
+                next: 0,
+                released: vec![0; g.buffers],
+                stopped: false,
+            })
+        });
         Ok(Transfer {
             dir: Direction::Out,
             slot,
@@ -675,6 +804,8 @@ impl SwapEngine {
             bytes,
             completions,
             fence,
+            release,
+            submitted,
             phase: Mutex::new(Phase::InFlight),
             done: Condvar::new(),
         })
@@ -688,7 +819,9 @@ impl SwapEngine {
     ///
     /// # Errors
     /// [`Error::InvalidArgument`] for an unknown, released or evicted copy, or a slot that is not
-    /// allocated or not empty; [`Error::Grow`] when the pages cannot be mapped; a backend error
+    /// allocated or not empty; [`Error::Grow`] when the pages cannot be mapped (on the host
+    /// backend, pages beyond the first chunk's are mapped later and such an error reaches the
+    /// ticket); a backend error
     /// when the copy cannot be submitted. The slot and the copy are then as they were.
     ///
     /// # Examples
@@ -739,28 +872,58 @@ impl SwapEngine {
             }
             inner.leave(st);
         };
-        let epoch = match inner.cache.swap_in_begin(slot, tokens) {
-            Ok(e) => e,
+        let submitted = Instant::now();
+        // On the host backend the staging thread maps each chunk's pages just before copying
+        // it (overlapping the copy of the previous chunk); elsewhere every page is mapped here.
+        let defer = self.stage_tx.is_some() && base.is_some() && tokens > 0;
+        let t0 = Instant::now();
+        let (epoch, mut pending) = match inner.cache.swap_in_begin_with(slot, tokens, defer) {
+            Ok(v) => v,
             Err(e) => {
                 unbusy(&mut inner.lock());
                 return Err(e);
             }
         };
+        Timers::add(&inner.timers.map_ns, t0);
         let g = inner.cache.geometry();
         let tb = g.token_bytes;
         let mut regions = Vec::new();
+        // Per region: its buffer and where it ends, from the slot's start in that buffer.
+        let mut marks = Vec::new();
         if let Some(base) = base {
             for (b, r) in inner.cache.buffers().iter().enumerate() {
+                let start = r.addr + (slot.as_usize() * g.slot_bytes) as u64;
+                let first = regions.len();
                 push_chunked(
                     &mut regions,
-                    r.addr + (slot.as_usize() * g.slot_bytes) as u64,
+                    start,
                     base + (b * cap * tb) as u64,
                     tokens * tb,
                     inner.config.chunk_bytes,
                 );
+                marks.extend(
+                    regions[first..]
+                        .iter()
+                        .map(|c| (b, (c.dst - start) as usize + c.len)),
+                );
             }
         }
         let bytes: u64 = regions.iter().map(|r| r.len as u64).sum();
+        // The first chunk's pages are mapped here, so that a slot that cannot be mapped at all
+        // fails the call rather than the ticket.
+        if let (Some(p), Some(&(b, end))) = (pending.as_mut(), marks.first()) {
+            let t0 = Instant::now();
+            let r = inner.cache.swap_in_map(p, b, end.div_ceil(g.page_size));
+            Timers::add(&inner.timers.map_ns, t0);
+            if let Err(e) = r {
+                if let Some(p) = pending.take() {
+                    inner.cache.swap_in_unused(p);
+                }
+                inner.cache.swap_abort(slot);
+                unbusy(&mut inner.lock());
+                return Err(e);
+            }
+        }
         // On the host backend, pages mapped just now have no page-table entries yet: the staging
         // thread populates each chunk's destination before submitting it (overlapping with the
         // copy of the previous chunk) instead of the copy taking a fault per OS page.
@@ -770,17 +933,37 @@ impl SwapEngine {
                 let job = StageJob {
                     staged: staged.clone(),
                     regions: regions.clone(),
+                    marks,
+                    pages: pending.take(),
                 };
-                tx.send(job).ok().map(|()| staged)
+                match tx.send(job) {
+                    Ok(()) => Some(staged),
+                    Err(crossbeam_channel::SendError(job)) => {
+                        // No staging thread (not reached while the engine lives): map the rest
+                        // here and copy directly.
+                        pending = job.pages;
+                        None
+                    }
+                }
             }
             _ => None,
         };
+        if let Some(mut p) = pending.take() {
+            let mapped = inner.cache.swap_in_map_all(&mut p);
+            inner.cache.swap_in_unused(p);
+            if let Err(e) = mapped {
+                inner.cache.swap_abort(slot);
+                unbusy(&mut inner.lock());
+                return Err(e);
+            }
+        }
         let completions: Vec<Box<dyn Completion>> = match staged {
             Some(staged) => vec![Box::new(StagedCompletion(staged))],
             // SAFETY: the destinations are the slot's first `tokens` tokens, whose pages
-            // `swap_in_begin` mapped; the slot stays busy (nobody else maps, unmaps or uses it)
-            // until this transfer finishes. The sources lie in the copy's extent, which stays
-            // allocated and unwritten while the copy is busy. Destinations are disjoint.
+            // `swap_in_begin_with` (or the mapping just above) mapped; the slot stays busy
+            // (nobody else maps, unmaps or uses it) until this transfer finishes. The sources
+            // lie in the copy's extent, which stays allocated and unwritten while the copy is
+            // busy. Destinations are disjoint.
             None => match submit(inner.backend(), CopyKind::HostToDevice, &regions, None) {
                 Ok(c) => c,
                 Err(e) => {
@@ -802,6 +985,8 @@ impl SwapEngine {
             bytes,
             completions,
             fence: None,
+            release: None,
+            submitted,
             phase: Mutex::new(Phase::InFlight),
             done: Condvar::new(),
         }))
@@ -815,6 +1000,10 @@ impl SwapEngine {
             host_budget_bytes: self.inner.config.host_budget_bytes,
             copies_live: st.copies.values().filter(|c| !c.doomed).count() as u64,
             in_flight: st.in_flight as u64,
+            map_ns: self.inner.timers.map_ns.load(Ordering::Relaxed),
+            populate_ns: self.inner.timers.populate_ns.load(Ordering::Relaxed),
+            copy_ns: self.inner.timers.copy_ns.load(Ordering::Relaxed),
+            unmap_ns: self.inner.timers.unmap_ns.load(Ordering::Relaxed),
             ..st.stats
         }
     }

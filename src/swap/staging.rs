@@ -2,9 +2,14 @@
 //! tables and submits a swap-in chunk by chunk so that `swap_in` returns at once.
 
 use std::sync::{Arc, Condvar, Mutex};
+use std::time::Instant;
+
+use crate::cache::PendingPages;
 
 use crate::error::{Error, Result};
 use crate::vmm::{Backend, Completion, CopyKind, CopyRegion, Fence};
+
+use super::{Inner, Timers};
 
 use super::ticket::wait_all;
 
@@ -108,19 +113,39 @@ impl Completion for StagedCompletion {
 pub(super) struct StageJob {
     pub(super) staged: Arc<Staged>,
     pub(super) regions: Vec<CopyRegion>,
+    /// Per region: the buffer it writes and where it ends, in bytes from the slot's start.
+    pub(super) marks: Vec<(usize, usize)>,
+    /// The slot's pages not mapped yet: each chunk's are mapped just before its copy.
+    pub(super) pages: Option<PendingPages>,
 }
 
-/// The staging thread: populates and submits each job's chunks in order.
-pub(super) fn stage(backend: Arc<dyn Backend>, rx: crossbeam_channel::Receiver<StageJob>) {
+/// The staging thread: maps, populates and submits each job's chunks in order.
+pub(super) fn stage(inner: Arc<Inner>, rx: crossbeam_channel::Receiver<StageJob>) {
+    let backend = inner.backend();
     backend.prepare_thread();
-    for job in rx {
+    let page = inner.cache.geometry().page_size;
+    for mut job in rx {
         let mut copies: Vec<Box<dyn Completion>> = Vec::with_capacity(job.regions.len());
         let mut error = None;
-        for r in &job.regions {
+        for (r, &(b, end)) in job.regions.iter().zip(&job.marks) {
+            if let Some(p) = job.pages.as_mut() {
+                // Every page under this chunk is mapped before its copy is submitted (chunks
+                // of a buffer come in address order, so those below it are mapped already).
+                let t0 = Instant::now();
+                let mapped = inner.cache.swap_in_map(p, b, end.div_ceil(page));
+                Timers::add(&inner.timers.map_ns, t0);
+                if let Err(e) = mapped {
+                    error = Some(e);
+                    break;
+                }
+            }
+            let t0 = Instant::now();
             prefault(r.dst, r.len);
+            Timers::add(&inner.timers.populate_ns, t0);
             // SAFETY: `swap_in` built these regions under `copy_async`'s contract: the slot
             // (destination) and the host copy (source) stay busy until the transfer finishes,
-            // which waits for this job's completion, hence for every copy submitted here.
+            // which waits for this job's completion, hence for every copy submitted here; the
+            // destination's pages were mapped just above (or by `swap_in`).
             match unsafe { backend.copy_async(CopyKind::HostToDevice, std::slice::from_ref(r)) } {
                 Ok(c) => copies.push(c),
                 Err(e) => {
@@ -128,6 +153,18 @@ pub(super) fn stage(backend: Arc<dyn Backend>, rx: crossbeam_channel::Receiver<S
                     break;
                 }
             }
+        }
+        if let Some(mut p) = job.pages.take() {
+            // Chunks cover every page the tokens need; map any left over all the same (the
+            // slot must hold the pages `swap_in_begin_with` promised), then return the unused.
+            if error.is_none() {
+                let t0 = Instant::now();
+                if let Err(e) = inner.cache.swap_in_map_all(&mut p) {
+                    error = Some(e);
+                }
+                Timers::add(&inner.timers.map_ns, t0);
+            }
+            inner.cache.swap_in_unused(p);
         }
         *job.staged.done.lock().unwrap_or_else(|p| p.into_inner()) =
             Some((Arc::new(copies), error));

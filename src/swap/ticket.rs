@@ -1,11 +1,13 @@
 //! Tickets and transfers: one swap-out or swap-in in flight, its completion and its result.
 
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, TryLockError, Weak};
+use std::time::Instant;
 
 use crate::cache::SlotId;
 use crate::error::{Error, Result};
 use crate::fork::ForkGuard;
-use crate::vmm::{Completion, Fence};
+use crate::vmm::{Completion, CopyRegion, Fence};
 
 use super::arena::Extent;
 use super::{HostCopyId, Inner};
@@ -47,6 +49,11 @@ impl SwapTicket {
     }
     /// On CUDA, the raw `CUevent` recorded after the copy, which a stream can wait on with
     /// `cuStreamWaitEvent`; `None` on the host backend or when nothing needed copying.
+    ///
+    /// A swap-in is one copy, and its event covers all of it. A swap-out is submitted chunk by
+    /// chunk (so that each chunk's pages can go as soon as it is copied), possibly on several
+    /// copy streams: its event is that of the last chunk only. To order a stream after a whole
+    /// swap-out, use [`SwapTicket::stream_wait`], which waits for every chunk's event.
     pub fn event(&self) -> Option<u64> {
         self.transfer.completions.last().and_then(|c| c.event())
     }
@@ -121,8 +128,30 @@ pub(super) struct Transfer {
     pub(super) completions: Vec<Box<dyn Completion>>,
     /// Swap-out: the fence of the caller's work the copies waited for.
     pub(super) fence: Option<Arc<dyn Fence>>,
+    /// Swap-out with copies: which pages the copies completed so far let go (see
+    /// [`Transfer::advance`]).
+    pub(super) release: Option<Mutex<Release>>,
+    /// When the transfer was submitted (for [`SwapStats::copy_ns`](super::SwapStats::copy_ns)).
+    pub(super) submitted: Instant,
     pub(super) phase: Mutex<Phase>,
     pub(super) done: Condvar,
+}
+
+/// A swap-out's early page release: as its copies complete, in submission order, the pages under
+/// them are unmapped while later chunks still copy.
+#[derive(Debug)]
+pub(super) struct Release {
+    /// Per completion: the buffer its copy reads and the end of what it reads, in bytes from
+    /// the slot's start in that buffer. A buffer's copies are submitted in address order.
+    pub(super) marks: Vec<(usize, usize)>,
+    /// Per completion: the chunk it copies (to copy again what a failed chunk did not).
+    pub(super) regions: Vec<CopyRegion>,
+    /// Completions `0..next` are complete and accounted for.
+    pub(super) next: usize,
+    /// Per buffer: pages unmapped so far, from the slot's start.
+    pub(super) released: Vec<usize>,
+    /// Nothing more is released (a copy or an unmap failed, or the transfer is finishing).
+    pub(super) stopped: bool,
 }
 
 impl Transfer {
@@ -160,6 +189,12 @@ impl Transfer {
                 Phase::InFlight => {}
             }
         }
+        // Swap-out: release the pages of the chunks that completed (with `block`, chunk by chunk
+        // as they complete) before looking at the whole transfer.
+        // A panic there (a backend's) must not keep the transfer from finishing: what was
+        // released is recorded only after each successful unmap.
+        let _ =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.advance(inner, block)));
         let copied = if block {
             wait_all(&self.completions)
         } else {
@@ -179,7 +214,11 @@ impl Transfer {
         {
             let mut ph = self.phase();
             match &*ph {
-                Phase::InFlight => *ph = Phase::Finishing,
+                Phase::InFlight => {
+                    *ph = Phase::Finishing;
+                    let ns = u64::try_from(self.submitted.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                    inner.timers.copy_ns.fetch_add(ns, Ordering::Relaxed);
+                }
                 Phase::Done(r) => return Some(r.clone()),
                 Phase::Finishing if block => return Some(self.wait_done(ph)),
                 Phase::Finishing => return None,
@@ -195,6 +234,102 @@ impl Transfer {
         *self.phase() = Phase::Done(r.clone());
         self.done.notify_all();
         Some(r)
+    }
+}
+
+impl Transfer {
+    /// Swap-out: unmaps the pages that the copies completed so far (in submission order) hold,
+    /// once the swap-out's fence has passed: a page is unmapped only when every copy reading
+    /// part of it is complete. With `block`, waits for each copy in turn and unmaps behind it;
+    /// without, only looks (and returns at once if another thread is at it). Stops for good at
+    /// the first failed copy, failed unmap, or once the transfer finishes.
+    pub(super) fn advance(&self, inner: &Inner, block: bool) {
+        let Some(rel) = &self.release else {
+            return;
+        };
+        let mut r = if block {
+            rel.lock().unwrap_or_else(|p| p.into_inner())
+        } else {
+            match rel.try_lock() {
+                Ok(g) => g,
+                Err(TryLockError::Poisoned(p)) => p.into_inner(),
+                Err(TryLockError::WouldBlock) => return,
+            }
+        };
+        if r.stopped || r.next >= self.completions.len() {
+            return;
+        }
+        // The copies were ordered after the fence, so a completed copy implies it; checked
+        // anyway, because unmapping before the caller's kernels finished would fault them.
+        if let Some(f) = &self.fence {
+            let passed = if block {
+                f.wait().map(|()| true)
+            } else {
+                f.poll()
+            };
+            match passed {
+                Ok(true) => {}
+                Ok(false) => return,
+                Err(_) => {
+                    r.stopped = true;
+                    return;
+                }
+            }
+        }
+        let page = inner.cache.geometry().page_size;
+        while r.next < self.completions.len() {
+            let c = &self.completions[r.next];
+            let done = if block {
+                c.wait().map(|()| true)
+            } else {
+                c.poll()
+            };
+            match done {
+                Ok(true) => {}
+                Ok(false) => return,
+                Err(_) => {
+                    r.stopped = true;
+                    return;
+                }
+            }
+            let (b, end) = r.marks[r.next];
+            r.next += 1;
+            // Pages wholly below `end`: every copy reading them is complete (earlier copies of
+            // this buffer completed before; bytes before the first copy were on the host already).
+            let upto = end / page;
+            let from = r.released[b];
+            if upto > from {
+                let t0 = Instant::now();
+                let res = inner.cache.swap_out_unmap(self.slot, b, from, upto);
+                let ns = u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                inner.timers.unmap_ns.fetch_add(ns, Ordering::Relaxed);
+                match res {
+                    Ok(()) => r.released[b] = upto,
+                    Err(e) => {
+                        tracing::warn!(
+                            "slot {}: an early unmap during swap-out failed (retried at the end): {e}",
+                            self.slot
+                        );
+                        r.stopped = true;
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Stops the early release and returns the pages it unmapped per buffer, and the chunks
+    /// not known to be copied (those after the last one released behind): their sources are all
+    /// still mapped.
+    pub(super) fn stop_release(&self) -> (Vec<usize>, Vec<CopyRegion>) {
+        match &self.release {
+            Some(rel) => {
+                let mut r = rel.lock().unwrap_or_else(|p| p.into_inner());
+                r.stopped = true;
+                (r.released.clone(), r.regions[r.next..].to_vec())
+            }
+            None => (Vec::new(), Vec::new()),
+        }
     }
 }
 
