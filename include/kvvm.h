@@ -1327,6 +1327,21 @@ kvvm_status kvvm_swap_create(struct kvvm_cache cache,
                              struct kvvm_swap *out_swap);
 
 /**
+ * Chooses what a swap-out of this engine does with the slot's pages once its copy completed,
+ * from the next `kvvm_swap_out` on. `keep` 0 (the default): they are unmapped while the copy runs
+ * and return to the pool, for others to use at once (preemption). Nonzero: they stay mapped to
+ * the freed slot, as `kvvm_cache_free_slot` leaves them, so that a later swap-in into that slot
+ * (`kvvm_cache_alloc_slot_for` prefers it) is a copy alone; reclamation takes them back when the
+ * pool runs short (offloading while device memory is plentiful).
+ *
+ * Thread-safe.
+ *
+ * # Errors
+ * `KVVM_STATUS_INVALID_HANDLE`.
+ */
+kvvm_status kvvm_swap_set_keep_pages(struct kvvm_swap swap, int32_t keep);
+
+/**
  * Frees a swap engine handle. Transfers in flight are finished first (this call may block
  * until they are); host copies are freed. Tickets of the engine stay valid handles (their
  * transfers are finished).

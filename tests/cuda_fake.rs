@@ -826,6 +826,7 @@ fn swap_round_trip(s: &Session, layout: Layout) {
             host_budget_bytes: 4 << 20,
             chunk_bytes: 1 << 20,
             max_in_flight: 4,
+            keep_pages: false,
         },
     )
     .unwrap();
@@ -1020,6 +1021,7 @@ fn concurrent_swaps_with_an_asynchronous_device() {
                 // Small chunks: many copies per transfer, interleaved across streams.
                 chunk_bytes: 16 << 10,
                 max_in_flight: 4,
+                keep_pages: false,
             },
         )
         .unwrap();
@@ -1155,6 +1157,7 @@ fn a_stream_waiting_on_a_swap_in_event_sees_every_token() {
                 host_budget_bytes: 4 << 20,
                 chunk_bytes: 16 << 10,
                 max_in_flight: 2,
+                keep_pages: false,
             },
         )
         .unwrap();

@@ -60,6 +60,7 @@ fn engine(cache: &Arc<KvCache>, chunk_bytes: usize) -> SwapEngine {
             host_budget_bytes: 1 << 20,
             chunk_bytes,
             max_in_flight: 2,
+            keep_pages: false,
         },
     )
     .unwrap()

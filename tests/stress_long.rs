@@ -371,6 +371,7 @@ fn run(layout: Layout, secs: u64, seed: u64, threads: usize) {
             host_budget_bytes: 4 << 20,
             chunk_bytes: 16 << 10,
             max_in_flight: 4,
+            keep_pages: false,
         },
     )
     .expect("swap engine");

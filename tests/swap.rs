@@ -96,6 +96,7 @@ impl Rig {
                 host_budget_bytes: host_budget,
                 chunk_bytes,
                 max_in_flight: 3,
+                keep_pages: false,
             },
         )
         .unwrap();
@@ -1728,6 +1729,64 @@ fn a_failed_swap_out_that_cannot_map_back_completes_by_copying_again() {
         assert!(!rig.cache.is_allocated(a), "{layout:?}");
         rig.faulty.clear();
         rig.resume(t.copy(), 6, 180);
+        rig.finish();
+    }
+}
+
+/// With `keep_pages`, a swap-out frees the slot but leaves its pages mapped (no unmap), a
+/// swap-in into that slot maps and populates nothing, and when another request needs the pages
+/// reclamation takes them back; every token survives each path. Switched at run time.
+#[test]
+fn kept_pages_make_the_swap_in_a_copy_alone_and_stay_reclaimable() {
+    for layout in LAYOUTS {
+        // Room for about one request of 180 tokens at a time (12 pages interleaved, 12 per-layer).
+        let rig = Rig::with(layout, 3, 14, 1 << 20, 0, 4096);
+        rig.swap().set_keep_pages(true);
+        assert!(rig.swap().keep_pages());
+        let a = rig.request(180, 8);
+        let (maps, unmaps) = (
+            rig.faulty.calls(BackendOp::Map),
+            rig.faulty.calls(BackendOp::Unmap),
+        );
+        let t = rig.swap().swap_out(a).unwrap();
+        t.wait().unwrap();
+        assert!(!rig.cache.is_allocated(a), "{layout:?}");
+        assert_eq!(
+            rig.faulty.calls(BackendOp::Unmap),
+            unmaps,
+            "{layout:?}: unmapped"
+        );
+        assert!(rig.cache.capacity(a).unwrap() >= 180, "{layout:?}");
+        // Back into the slot that kept its pages: no map, no page-table population.
+        let populate = rig.swap().stats().populate_ns;
+        let b = rig.cache.alloc_slot_for(180).unwrap();
+        assert_eq!(a, b, "{layout:?}");
+        rig.swap().swap_in(t.copy(), b).unwrap().wait().unwrap();
+        rig.check(b, 8, 180);
+        assert_eq!(rig.faulty.calls(BackendOp::Map), maps, "{layout:?}: mapped");
+        assert_eq!(rig.swap().stats().populate_ns, populate, "{layout:?}");
+        rig.swap().release(t.copy()).unwrap();
+        // Out again, then another request takes the kept pages (the budget holds one).
+        let c = rig.cache.alloc_slot().unwrap();
+        let t = rig.swap().swap_out(b).unwrap();
+        t.wait().unwrap();
+        rig.cache.ensure(c, 180).unwrap();
+        write_pattern(&rig.cache, c, 9, 0, 180).unwrap();
+        assert!(
+            rig.cache.capacity(b).unwrap() < 180,
+            "{layout:?}: not reclaimed"
+        );
+        rig.cache.free_slot(c).unwrap();
+        // Released mode again: the swap-out unmaps.
+        rig.swap().set_keep_pages(false);
+        let d = rig.resume(t.copy(), 8, 180);
+        rig.swap().release(t.copy()).unwrap();
+        let unmaps = rig.faulty.calls(BackendOp::Unmap);
+        let t = rig.swap().swap_out(d).unwrap();
+        t.wait().unwrap();
+        assert!(rig.faulty.calls(BackendOp::Unmap) > unmaps, "{layout:?}");
+        assert_eq!(rig.cache.capacity(d).unwrap(), 0, "{layout:?}");
+        rig.resume(t.copy(), 8, 180);
         rig.finish();
     }
 }

@@ -154,9 +154,29 @@ pub unsafe extern "C" fn kvvm_swap_create(
                 host_budget_bytes: cfg.host_budget_bytes,
                 chunk_bytes: chunk,
                 max_in_flight: cfg.max_in_flight as usize,
+                keep_pages: false,
             },
         )?;
         o.id = registry::insert(Object::Swap(Arc::new(engine)));
+        Ok(())
+    })
+}
+
+/// Chooses what a swap-out of this engine does with the slot's pages once its copy completed,
+/// from the next `kvvm_swap_out` on. `keep` 0 (the default): they are unmapped while the copy runs
+/// and return to the pool, for others to use at once (preemption). Nonzero: they stay mapped to
+/// the freed slot, as `kvvm_cache_free_slot` leaves them, so that a later swap-in into that slot
+/// (`kvvm_cache_alloc_slot_for` prefers it) is a copy alone; reclamation takes them back when the
+/// pool runs short (offloading while device memory is plentiful).
+///
+/// Thread-safe.
+///
+/// # Errors
+/// `KVVM_STATUS_INVALID_HANDLE`.
+#[no_mangle]
+pub extern "C" fn kvvm_swap_set_keep_pages(swap: kvvm_swap, keep: i32) -> kvvm_status {
+    guard(|| {
+        swap_of(swap)?.set_keep_pages(keep != 0);
         Ok(())
     })
 }

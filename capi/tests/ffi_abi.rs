@@ -329,3 +329,56 @@ fn stream_ordering_calls_on_the_host_backend() {
     assert_eq!(kvvm_swap_free(swap), kvvm_status::KVVM_STATUS_OK);
     assert_eq!(kvvm_cache_free(cache), kvvm_status::KVVM_STATUS_OK);
 }
+
+#[test]
+fn a_swap_engine_can_keep_the_pages_of_its_swap_outs() {
+    let c = small_config();
+    let cache = create(&c);
+    let mut swap = kvvm_swap::default();
+    // SAFETY: valid locals; a null config is the defaults.
+    unsafe {
+        assert_eq!(
+            kvvm_swap_create(cache, std::ptr::null(), &mut swap),
+            kvvm_status::KVVM_STATUS_OK
+        );
+    }
+    assert_eq!(
+        kvvm_swap_set_keep_pages(kvvm_swap::default(), 1),
+        kvvm_status::KVVM_STATUS_INVALID_HANDLE
+    );
+    let mut capacity = [0u64; 2];
+    for (keep, cap) in [1, 0].into_iter().zip(&mut capacity) {
+        assert_eq!(
+            kvvm_swap_set_keep_pages(swap, keep),
+            kvvm_status::KVVM_STATUS_OK
+        );
+        let mut slot = 0u32;
+        let mut t = kvvm_ticket::default();
+        // SAFETY: valid locals.
+        unsafe {
+            assert_eq!(
+                kvvm_cache_alloc_slot_for(cache, 40, &mut slot),
+                kvvm_status::KVVM_STATUS_OK
+            );
+            assert_eq!(
+                kvvm_cache_ensure(cache, slot, 40),
+                kvvm_status::KVVM_STATUS_OK
+            );
+            assert_eq!(
+                kvvm_swap_out(swap, slot, &mut t),
+                kvvm_status::KVVM_STATUS_OK
+            );
+            assert_eq!(kvvm_ticket_wait(t), kvvm_status::KVVM_STATUS_OK);
+            assert_eq!(kvvm_ticket_free(t), kvvm_status::KVVM_STATUS_OK);
+            assert_eq!(
+                kvvm_cache_capacity(cache, slot, cap),
+                kvvm_status::KVVM_STATUS_OK
+            );
+        }
+    }
+    // Kept: the freed slot still holds 40 tokens' pages; released: none.
+    assert!(capacity[0] >= 40, "{capacity:?}");
+    assert_eq!(capacity[1], 0, "{capacity:?}");
+    assert_eq!(kvvm_swap_free(swap), kvvm_status::KVVM_STATUS_OK);
+    assert_eq!(kvvm_cache_free(cache), kvvm_status::KVVM_STATUS_OK);
+}

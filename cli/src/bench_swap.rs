@@ -42,6 +42,10 @@ pub struct SwapArgs {
     /// Transfer chunk size in bytes.
     #[arg(long, default_value_t = 4 << 20)]
     chunk_bytes: usize,
+    /// Swap-outs keep the slots' pages mapped (`SwapConfig::keep_pages`): swap-ins into those
+    /// slots then map and populate nothing. Without it, pages are unmapped while the copies run.
+    #[arg(long)]
+    keep_pages: bool,
     /// Rounds per measurement; the best is reported (the figures are noisy on a shared machine).
     #[arg(long, default_value_t = 5)]
     rounds: usize,
@@ -388,6 +392,7 @@ pub fn run(args: SwapArgs) -> Result<()> {
             host_budget_bytes: request_bytes * args.requests as u64 + (64 << 20),
             chunk_bytes: args.chunk_bytes,
             max_in_flight: args.requests,
+            keep_pages: args.keep_pages,
         },
     )?;
     let host = backend.kind() == BackendKind::Host;
@@ -505,12 +510,13 @@ pub fn run(args: SwapArgs) -> Result<()> {
             "phases_out": phases_out,
             "phases_in": phases_in,
             "verified_bytes": verified,
+            "keep_pages": args.keep_pages,
         });
         println!("{v}");
     } else {
         let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
         println!(
-            "swap: {} × {} tokens of {} ({} layout, {} backend), {:.2} GiB each way, chunk {} KiB, best of {}",
+            "swap: {} × {} tokens of {} ({} layout, {} backend), {:.2} GiB each way, chunk {} KiB, {}, best of {}",
             args.requests,
             args.tokens,
             args.model,
@@ -518,6 +524,11 @@ pub fn run(args: SwapArgs) -> Result<()> {
             backend.kind(),
             gib(request_bytes * args.requests as u64),
             args.chunk_bytes >> 10,
+            if args.keep_pages {
+                "pages kept mapped"
+            } else {
+                "pages released"
+            },
             args.rounds
         );
         println!("{:<34} {:>10} {:>10}", "", "out GB/s", "in GB/s");

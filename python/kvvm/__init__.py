@@ -880,7 +880,10 @@ class SwapEngine(_Handle):
     _destroy_fn = "kvvm_swap_free"
 
     def __init__(self, cache: Cache, *, host_budget_bytes: int | None = None,
-                 chunk_bytes: int | None = None, max_in_flight: int | None = None):
+                 chunk_bytes: int | None = None, max_in_flight: int | None = None,
+                 keep_pages: bool = False):
+        if not isinstance(keep_pages, bool):
+            raise TypeError(f"keep_pages must be a bool, not {type(keep_pages).__name__}")
         lib = _lib.get()
         cfg = _lib.SwapConfig()
         _check(lib.kvvm_swap_config_init(ctypes.byref(cfg)))
@@ -894,6 +897,18 @@ class SwapEngine(_Handle):
         _check(lib.kvvm_swap_create(cache._h(), ctypes.byref(cfg), ctypes.byref(h)))
         self._handle = h
         self.cache = cache
+        if keep_pages:
+            self.set_keep_pages(True)
+
+    def set_keep_pages(self, keep: bool) -> None:
+        """What swap-outs submitted from now on do with the slot's pages. ``False`` (the
+        default): they are unmapped while the copy runs and go back to the pool (preemption).
+        ``True``: they stay mapped to the freed slot, so a swap-in into that slot
+        (``Cache.alloc_slot_for`` prefers it) is a copy alone; reclamation takes them back
+        when the pool runs short (offloading while device memory is plentiful)."""
+        if not isinstance(keep, bool):
+            raise TypeError(f"keep must be a bool, not {type(keep).__name__}")
+        _check(_lib.get().kvvm_swap_set_keep_pages(self._h(), int(keep)))
 
     def swap_out(self, slot: int) -> Ticket:
         """Starts copying ``slot`` to host memory; once the ticket completes the slot is free.

@@ -227,6 +227,7 @@ _SIGNATURES = {
     "kvvm_swap_config_init": (status, [P(SwapConfig)]),
     "kvvm_swap_create": (status, [CacheHandle, P(SwapConfig), P(SwapHandle)]),
     "kvvm_swap_free": (status, [SwapHandle]),
+    "kvvm_swap_set_keep_pages": (status, [SwapHandle, ctypes.c_int32]),
     "kvvm_swap_out": (status, [SwapHandle, c_u32, P(TicketHandle)]),
     "kvvm_swap_in": (status, [SwapHandle, c_u64, c_u32, P(TicketHandle)]),
     "kvvm_swap_release": (status, [SwapHandle, c_u64]),

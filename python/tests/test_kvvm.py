@@ -150,6 +150,33 @@ def test_errors_become_exceptions_with_the_message():
         kvvm._check(kvvm.library.kvvm_cache_free(stale))
 
 
+def test_swap_outs_can_keep_their_pages():
+    with make_cache() as cache, \
+            kvvm.SwapEngine(cache, host_budget_bytes=16 << 20, keep_pages=True) as swap:
+        s = cache.alloc_slot()
+        cache.ensure(s, 90)
+        np.from_dlpack(cache.view(1, "v", slot=s))[:] = pattern(3, 90, 1, True)
+        with swap.swap_out(s) as t:
+            t.wait()
+            copy = t.copy
+        # Freed, its pages still mapped: swapping back into it maps nothing.
+        assert cache.capacity(s) >= 90
+        s2 = cache.alloc_slot(90)
+        assert s2 == s
+        with swap.swap_in(copy, s2) as t:
+            t.wait()
+        np.testing.assert_array_equal(np.from_dlpack(cache.view(1, "v", slot=s2)),
+                                      pattern(3, 90, 1, True))
+        swap.set_keep_pages(False)
+        with swap.swap_out(s2) as t:
+            t.wait()
+        assert cache.capacity(s2) == 0
+        with pytest.raises(TypeError):
+            swap.set_keep_pages(1)
+        with pytest.raises(TypeError):
+            kvvm.SwapEngine(cache, keep_pages="yes")
+
+
 def test_swap_round_trip_keeps_the_bytes():
     with make_cache(layout="per-layer") as cache, \
             kvvm.SwapEngine(cache, host_budget_bytes=16 << 20) as swap:

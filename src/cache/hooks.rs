@@ -117,6 +117,23 @@ impl KvCache {
         sh.changed.notify_all();
     }
 
+    /// Ends a successful swap-out that keeps the pages ([`crate::SwapConfig::keep_pages`]): frees
+    /// the busy `slot` as [`KvCache::free_slot`] does, its pages mapped for the next occupant
+    /// or for reclamation, which waits for `fence` (the caller's work the copies waited for).
+    pub(crate) fn swap_out_keep(&self, slot: SlotId, fence: Option<Arc<dyn Fence>>) {
+        let sh = &*self.shared;
+        let mut st = sh.lock();
+        let s = &mut st.slots[slot.as_usize()];
+        s.allocated = false;
+        s.tokens = 0;
+        s.ahead = 0;
+        s.busy = false;
+        s.shrinking = false;
+        s.fence = fence;
+        drop(st);
+        sh.changed.notify_all();
+    }
+
     /// Swap-out pipelining: unmaps pages `from..to` of buffer `b` of the busy `slot` (whose data
     /// the host copy holds and which no work of the caller's can still read: the caller checks
     /// that the copies covering them completed and the swap-out's fence passed). The pages stay

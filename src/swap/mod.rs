@@ -39,6 +39,15 @@ pub struct SwapConfig {
     pub chunk_bytes: usize,
     /// Transfers in flight at once; a swap that would exceed it waits for the oldest.
     pub max_in_flight: usize,
+    /// A completed swap-out leaves the slot's pages mapped to the freed slot, as
+    /// [`KvCache::free_slot`] does, instead of unmapping them while the copy runs and returning
+    /// them to the pool. A later swap-in into that slot ([`KvCache::alloc_slot_for`] prefers a
+    /// slot with pages) then maps and populates nothing: it is a copy alone. The pages are not
+    /// lost to others: reclamation takes them back (unmapping them then) when the pool runs
+    /// short. Use it when device memory is plentiful (offloading finished turns of a chat); leave
+    /// it off to preempt, where the pages are wanted at once. Default `false`; changed later by
+    /// [`SwapEngine::set_keep_pages`].
+    pub keep_pages: bool,
 }
 
 impl Default for SwapConfig {
@@ -47,6 +56,7 @@ impl Default for SwapConfig {
             host_budget_bytes: 8 << 30,
             chunk_bytes: 4 << 20,
             max_in_flight: 16,
+            keep_pages: false,
         }
     }
 }
@@ -266,6 +276,8 @@ struct Inner {
     /// Signalled when a transfer finishes (in-flight room, copies no longer busy).
     changed: Condvar,
     timers: Timers,
+    /// [`SwapEngine::set_keep_pages`].
+    keep_pages: std::sync::atomic::AtomicBool,
 }
 
 impl Inner {
@@ -341,6 +353,9 @@ impl Inner {
             }
         }
         match (t.dir, &copied) {
+            (Direction::Out, Ok(())) if t.keep_pages => {
+                self.cache.swap_out_keep(t.slot, t.fence.clone());
+            }
             (Direction::Out, Ok(())) => {
                 let t0 = Instant::now();
                 self.cache
@@ -451,6 +466,7 @@ impl SwapEngine {
             state: Mutex::new(State::default()),
             changed: Condvar::new(),
             timers: Timers::default(),
+            keep_pages: config.keep_pages.into(),
         });
         let (tx, rx) = crossbeam_channel::unbounded::<Arc<Transfer>>();
         let worker_inner = inner.clone();
@@ -519,9 +535,45 @@ impl SwapEngine {
         &self.inner.cache
     }
 
-    /// The configuration.
+    /// The configuration it was created with (see [`SwapEngine::keep_pages`] for the current
+    /// page policy).
     pub fn config(&self) -> &SwapConfig {
         &self.inner.config
+    }
+
+    /// Sets [`SwapConfig::keep_pages`] for the swap-outs submitted from now on.
+    ///
+    /// # Examples
+    /// ```
+    /// # use std::sync::Arc;
+    /// # use kvvm::{CacheConfig, KvCache, SwapConfig, SwapEngine};
+    /// # use kvvm::vmm::{BackendChoice, BackendConfig};
+    /// # let host = BackendConfig { choice: BackendChoice::Host, host_granularity: 64 << 10, ..Default::default() };
+    /// # let cache = Arc::new(KvCache::new(CacheConfig::new(2, 2, 64).with_max_slots(4).with_max_tokens(1024)
+    /// #     .with_budget_bytes(16 << 20).with_backend(host))?);
+    /// let swap = SwapEngine::new(cache.clone(), SwapConfig { host_budget_bytes: 16 << 20, ..Default::default() })?;
+    /// let a = cache.alloc_slot_for(300)?;
+    /// cache.ensure(a, 300)?;
+    /// swap.set_keep_pages(true);
+    /// let t = swap.swap_out(a)?;
+    /// t.wait()?;
+    /// // The slot is free and still has its pages: swapping back into it maps nothing.
+    /// assert!(!cache.is_allocated(a));
+    /// assert!(cache.capacity(a)? >= 300);
+    /// let b = cache.alloc_slot_for(300)?;
+    /// assert_eq!(a, b);
+    /// swap.swap_in(t.copy(), b)?.wait()?;
+    /// assert_eq!(cache.tokens(b)?, 300);
+    /// # Ok::<(), kvvm::Error>(())
+    /// ```
+    pub fn set_keep_pages(&self, keep: bool) {
+        self.inner.keep_pages.store(keep, Ordering::Relaxed);
+    }
+
+    /// Whether swap-outs submitted now keep the slot's pages mapped
+    /// ([`SwapConfig::keep_pages`]).
+    pub fn keep_pages(&self) -> bool {
+        self.inner.keep_pages.load(Ordering::Relaxed)
     }
 
     /// Hands a submitted transfer to the completion thread and wraps it in a ticket.
@@ -783,7 +835,8 @@ impl SwapEngine {
                 }
             }
         }
-        let release = (!completions.is_empty()).then(|| {
+        let keep = inner.keep_pages.load(Ordering::Relaxed);
+        let release = (!keep && !completions.is_empty()).then(|| {
             Mutex::new(Release {
                 marks,
                 regions: regions.clone(),
@@ -805,6 +858,7 @@ impl SwapEngine {
             completions,
             fence,
             release,
+            keep_pages: keep,
             submitted,
             phase: Mutex::new(Phase::InFlight),
             done: Condvar::new(),
@@ -934,6 +988,7 @@ impl SwapEngine {
                     staged: staged.clone(),
                     regions: regions.clone(),
                     marks,
+                    populate: pending.is_some(),
                     pages: pending.take(),
                 };
                 match tx.send(job) {
@@ -986,6 +1041,7 @@ impl SwapEngine {
             completions,
             fence: None,
             release: None,
+            keep_pages: false,
             submitted,
             phase: Mutex::new(Phase::InFlight),
             done: Condvar::new(),

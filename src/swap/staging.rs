@@ -117,6 +117,9 @@ pub(super) struct StageJob {
     pub(super) marks: Vec<(usize, usize)>,
     /// The slot's pages not mapped yet: each chunk's are mapped just before its copy.
     pub(super) pages: Option<PendingPages>,
+    /// Populate each chunk's page tables before its copy: the swap-in mapped pages (a slot
+    /// whose pages were all mapped before, e.g. kept by a swap-out, has its tables already).
+    pub(super) populate: bool,
 }
 
 /// The staging thread: maps, populates and submits each job's chunks in order.
@@ -139,9 +142,11 @@ pub(super) fn stage(inner: Arc<Inner>, rx: crossbeam_channel::Receiver<StageJob>
                     break;
                 }
             }
-            let t0 = Instant::now();
-            prefault(r.dst, r.len);
-            Timers::add(&inner.timers.populate_ns, t0);
+            if job.populate {
+                let t0 = Instant::now();
+                prefault(r.dst, r.len);
+                Timers::add(&inner.timers.populate_ns, t0);
+            }
             // SAFETY: `swap_in` built these regions under `copy_async`'s contract: the slot
             // (destination) and the host copy (source) stay busy until the transfer finishes,
             // which waits for this job's completion, hence for every copy submitted here; the

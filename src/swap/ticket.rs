@@ -131,6 +131,8 @@ pub(super) struct Transfer {
     /// Swap-out with copies: which pages the copies completed so far let go (see
     /// [`Transfer::advance`]).
     pub(super) release: Option<Mutex<Release>>,
+    /// Swap-out: the slot keeps its pages mapped once done ([`super::SwapConfig::keep_pages`]).
+    pub(super) keep_pages: bool,
     /// When the transfer was submitted (for [`SwapStats::copy_ns`](super::SwapStats::copy_ns)).
     pub(super) submitted: Instant,
     pub(super) phase: Mutex<Phase>,
