@@ -123,7 +123,7 @@ fn calls(cache: &KvCache, op: BackendOp) -> u64 {
 /// create pages at any moment).
 fn foreground(cache: &KvCache, op: BackendOp) -> u64 {
     let c = cache.stats().calls(op);
-    c.calls - c.background_calls
+    c.calls.saturating_sub(c.background_calls)
 }
 
 /// Pool pages and references equal what slots and the index hold.

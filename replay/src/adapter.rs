@@ -547,7 +547,7 @@ impl KvAllocator for KvvmAllocator {
                 if background {
                     s.background_calls
                 } else {
-                    s.calls - s.background_calls
+                    s.calls.saturating_sub(s.background_calls)
                 }
             };
             VmmCalls {

@@ -28,7 +28,9 @@ fn on_background_thread() -> bool {
 
 #[derive(Debug, Default)]
 struct OpCounter {
-    calls: AtomicU64,
+    // A call counts in exactly one of the two: a snapshot never shows a background call as a
+    // foreground one, nor more background calls than calls.
+    foreground: AtomicU64,
     background: AtomicU64,
     nanos: AtomicU64,
     failures: AtomicU64,
@@ -72,9 +74,11 @@ impl MeteredBackend {
     /// Counters of one kind of call.
     pub fn op(&self, op: BackendOp) -> OpStats {
         let c = &self.ops[op as usize];
+        let background_calls = c.background.load(Ordering::Relaxed);
+        let foreground_calls = c.foreground.load(Ordering::Relaxed);
         OpStats {
-            calls: c.calls.load(Ordering::Relaxed),
-            background_calls: c.background.load(Ordering::Relaxed),
+            calls: foreground_calls + background_calls,
+            background_calls,
             failures: c.failures.load(Ordering::Relaxed),
             total_ns: c.nanos.load(Ordering::Relaxed),
         }
@@ -84,10 +88,7 @@ impl MeteredBackend {
     pub fn foreground_calls(&self) -> u64 {
         BackendOp::ALL
             .iter()
-            .map(|&o| {
-                let s = self.op(o);
-                s.calls - s.background_calls
-            })
+            .map(|&o| self.ops[o as usize].foreground.load(Ordering::Relaxed))
             .sum()
     }
 
@@ -100,9 +101,10 @@ impl MeteredBackend {
         let start = Instant::now();
         let r = f();
         let c = &self.ops[op as usize];
-        c.calls.fetch_add(1, Ordering::Relaxed);
         if on_background_thread() {
             c.background.fetch_add(1, Ordering::Relaxed);
+        } else {
+            c.foreground.fetch_add(1, Ordering::Relaxed);
         }
         if !ok(&r) {
             c.failures.fetch_add(1, Ordering::Relaxed);
@@ -218,5 +220,41 @@ impl Backend for MeteredBackend {
             // SAFETY: forwarded unchanged; the caller upholds `copy_async`'s contract.
             unsafe { self.inner.copy_async_after(kind, regions, after) }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vmm::host::{HostBackend, HostConfig};
+    use std::sync::atomic::AtomicBool;
+
+    #[test]
+    fn counters_read_while_background_threads_call_stay_consistent() {
+        let metered = Arc::new(MeteredBackend::new(Arc::new(
+            HostBackend::new(HostConfig::default()).unwrap(),
+        )));
+        let stop = Arc::new(AtomicBool::new(false));
+        let worker = {
+            let (metered, stop) = (metered.clone(), stop.clone());
+            std::thread::spawn(move || {
+                mark_background_thread();
+                while !stop.load(Ordering::Relaxed) {
+                    metered.synchronize().unwrap();
+                }
+            })
+        };
+        // Every call is a background call: no snapshot may show more background calls than
+        // calls (which made `foreground_calls` underflow).
+        let mut seen = 0;
+        for _ in 0..2_000_000 {
+            assert_eq!(metered.foreground_calls(), 0);
+            let s = metered.op(BackendOp::Synchronize);
+            assert!(s.background_calls <= s.calls);
+            seen = s.calls;
+        }
+        stop.store(true, Ordering::Relaxed);
+        worker.join().unwrap();
+        assert!(seen > 0, "the background thread made no calls");
     }
 }
