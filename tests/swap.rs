@@ -3,6 +3,7 @@
 //! reuse counters, host budget exhaustion and eviction, injected backend failures, and teardown
 //! without leaks.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use proptest::prelude::*;
@@ -1029,13 +1030,7 @@ fn concurrent_swaps_and_steps_keep_every_token() {
     }
 }
 
-/// A backend whose copies do not complete until the test opens a gate.
-#[derive(Debug)]
-struct Gated {
-    inner: Arc<dyn Backend>,
-    gate: Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
-}
-
+/// A completion that does not complete until the test opens its gate (see [`Watch`]).
 #[derive(Debug)]
 struct GatedCompletion {
     inner: Box<dyn kvvm::vmm::Completion>,
@@ -1059,61 +1054,6 @@ impl kvvm::vmm::Completion for GatedCompletion {
     }
 }
 
-impl Backend for Gated {
-    fn info(&self) -> kvvm::vmm::BackendInfo {
-        self.inner.info()
-    }
-    fn kind(&self) -> kvvm::vmm::BackendKind {
-        self.inner.kind()
-    }
-    fn granularity(&self) -> usize {
-        self.inner.granularity()
-    }
-    fn reserve(&self, len: usize) -> kvvm::Result<kvvm::vmm::VaRange> {
-        self.inner.reserve(len)
-    }
-    fn free_reservation(&self, range: kvvm::vmm::VaRange) -> kvvm::Result<()> {
-        self.inner.free_reservation(range)
-    }
-    fn create_page(&self, size: usize) -> kvvm::Result<kvvm::vmm::PageHandle> {
-        self.inner.create_page(size)
-    }
-    fn release_page(
-        &self,
-        page: kvvm::vmm::PageHandle,
-    ) -> Result<(), (kvvm::vmm::PageHandle, Error)> {
-        self.inner.release_page(page)
-    }
-    fn map(&self, va: u64, pages: &[&kvvm::vmm::PageHandle]) -> kvvm::Result<()> {
-        self.inner.map(va, pages)
-    }
-    fn unmap(&self, va: u64, len: usize) -> kvvm::Result<()> {
-        self.inner.unmap(va, len)
-    }
-    fn alloc_host(&self, len: usize) -> kvvm::Result<kvvm::vmm::HostBuffer> {
-        self.inner.alloc_host(len)
-    }
-    fn free_host(&self, buf: kvvm::vmm::HostBuffer) -> Result<(), (kvvm::vmm::HostBuffer, Error)> {
-        self.inner.free_host(buf)
-    }
-    unsafe fn copy_async(
-        &self,
-        kind: kvvm::vmm::CopyKind,
-        regions: &[kvvm::vmm::CopyRegion],
-    ) -> kvvm::Result<Box<dyn kvvm::vmm::Completion>> {
-        // SAFETY: forwarded unchanged; the caller upholds `copy_async`'s contract until the
-        // returned completion (which completes no earlier than the inner one) reports done.
-        let inner = unsafe { self.inner.copy_async(kind, regions) }?;
-        Ok(Box::new(GatedCompletion {
-            inner,
-            gate: self.gate.clone(),
-        }))
-    }
-    fn synchronize(&self) -> kvvm::Result<()> {
-        self.inner.synchronize()
-    }
-}
-
 /// While a swap-out's copy is in flight the slot keeps its pages and stays allocated, other slots
 /// step (and map pages) freely, and the ticket reports "not yet"; the slot is freed only after
 /// the copy completed. The same for a swap-in: the slot gets its tokens only at completion.
@@ -1128,11 +1068,9 @@ fn pages_stay_until_the_copy_completes_and_other_slots_step_meanwhile() {
             })
             .unwrap(),
         );
-        let gate = Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
-        let backend = Arc::new(Gated {
-            inner: host,
-            gate: gate.clone(),
-        });
+        let watch = Arc::new(Watch::new(host));
+        watch.hold_all.store(true, Ordering::Relaxed);
+        watch.set_gate(false);
         let cache = Arc::new(
             KvCache::with_backend(
                 CacheConfig::new(2, 2, 8)
@@ -1145,15 +1083,12 @@ fn pages_stay_until_the_copy_completes_and_other_slots_step_meanwhile() {
                     .with_backend(BackendConfig::default())
                     .with_lookahead_steps(0)
                     .with_create_all_pages(false),
-                backend,
+                watch.clone(),
             )
             .unwrap(),
         );
         let swap = SwapEngine::new(cache.clone(), SwapConfig::default()).unwrap();
-        let set_gate = |open: bool| {
-            *gate.0.lock().unwrap() = open;
-            gate.1.notify_all();
-        };
+        let set_gate = |open: bool| watch.set_gate(open);
         let a = cache.alloc_slot().unwrap();
         cache.ensure(a, 120).unwrap();
         write_pattern(&cache, a, 1, 0, 120).unwrap();
@@ -1241,6 +1176,8 @@ struct Watch {
     h2d: std::sync::Mutex<Vec<(u64, usize)>>,
     /// The copy whose regions include this source address completes only once the gate opens.
     hold_src: std::sync::Mutex<Option<u64>>,
+    /// Every copy completes only once the gate opens.
+    hold_all: std::sync::atomic::AtomicBool,
     gate: Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
 }
 
@@ -1254,6 +1191,7 @@ impl Watch {
             violations: Default::default(),
             h2d: Default::default(),
             hold_src: Default::default(),
+            hold_all: Default::default(),
             gate: Arc::new((std::sync::Mutex::new(true), std::sync::Condvar::new())),
         }
     }
@@ -1355,11 +1293,12 @@ impl Backend for Watch {
             let n = self.mapped.lock().unwrap().len();
             self.h2d.lock().unwrap().push((regions[0].dst, n));
         }
-        let held = self
-            .hold_src
-            .lock()
-            .unwrap()
-            .is_some_and(|a| regions.iter().any(|r| r.src == a));
+        let held = self.hold_all.load(Ordering::Relaxed)
+            || self
+                .hold_src
+                .lock()
+                .unwrap()
+                .is_some_and(|a| regions.iter().any(|r| r.src == a));
         // SAFETY: forwarded unchanged; the caller upholds `copy_async`'s contract until the
         // returned completion (which completes no earlier than the inner one) reports done.
         let inner = unsafe { self.inner.copy_async(kind, regions) }?;

@@ -106,24 +106,22 @@ impl KvCache {
                 return;
             }
         }
-        let mut st = sh.lock();
-        let s = &mut st.slots[i];
-        s.allocated = false;
-        s.tokens = 0;
-        s.ahead = 0;
-        s.busy = false;
-        s.shrinking = false;
-        drop(st);
-        sh.changed.notify_all();
+        self.free_swapped(i, None);
     }
 
     /// Ends a successful swap-out that keeps the pages ([`crate::SwapConfig::keep_pages`]): frees
     /// the busy `slot` as [`KvCache::free_slot`] does, its pages mapped for the next occupant
     /// or for reclamation, which waits for `fence` (the caller's work the copies waited for).
     pub(crate) fn swap_out_keep(&self, slot: SlotId, fence: Option<Arc<dyn Fence>>) {
+        self.free_swapped(slot.as_usize(), fence);
+    }
+
+    /// Frees the busy, swapped-out slot `i` with whatever pages it still has; reclamation of
+    /// them waits for `fence`.
+    fn free_swapped(&self, i: usize, fence: Option<Arc<dyn Fence>>) {
         let sh = &*self.shared;
         let mut st = sh.lock();
-        let s = &mut st.slots[slot.as_usize()];
+        let s = &mut st.slots[i];
         s.allocated = false;
         s.tokens = 0;
         s.ahead = 0;

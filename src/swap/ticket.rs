@@ -1,6 +1,5 @@
 //! Tickets and transfers: one swap-out or swap-in in flight, its completion and its result.
 
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, TryLockError, Weak};
 use std::time::Instant;
 
@@ -10,7 +9,7 @@ use crate::fork::ForkGuard;
 use crate::vmm::{Completion, CopyRegion, Fence};
 
 use super::arena::Extent;
-use super::{HostCopyId, Inner};
+use super::{HostCopyId, Inner, Timers};
 
 /// A transfer in flight: poll or wait for it. Dropping a ticket does not cancel the transfer; the
 /// engine finishes it in the background.
@@ -218,8 +217,7 @@ impl Transfer {
             match &*ph {
                 Phase::InFlight => {
                     *ph = Phase::Finishing;
-                    let ns = u64::try_from(self.submitted.elapsed().as_nanos()).unwrap_or(u64::MAX);
-                    inner.timers.copy_ns.fetch_add(ns, Ordering::Relaxed);
+                    Timers::add(&inner.timers.copy_ns, self.submitted);
                 }
                 Phase::Done(r) => return Some(r.clone()),
                 Phase::Finishing if block => return Some(self.wait_done(ph)),
@@ -264,12 +262,7 @@ impl Transfer {
         // The copies were ordered after the fence, so a completed copy implies it; checked
         // anyway, because unmapping before the caller's kernels finished would fault them.
         if let Some(f) = &self.fence {
-            let passed = if block {
-                f.wait().map(|()| true)
-            } else {
-                f.poll()
-            };
-            match passed {
+            match reached(block, || f.wait(), || f.poll()) {
                 Ok(true) => {}
                 Ok(false) => return,
                 Err(_) => {
@@ -281,12 +274,7 @@ impl Transfer {
         let page = inner.cache.geometry().page_size;
         while r.next < self.completions.len() {
             let c = &self.completions[r.next];
-            let done = if block {
-                c.wait().map(|()| true)
-            } else {
-                c.poll()
-            };
-            match done {
+            match reached(block, || c.wait(), || c.poll()) {
                 Ok(true) => {}
                 Ok(false) => return,
                 Err(_) => {
@@ -303,8 +291,7 @@ impl Transfer {
             if upto > from {
                 let t0 = Instant::now();
                 let res = inner.cache.swap_out_unmap(self.slot, b, from, upto);
-                let ns = u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX);
-                inner.timers.unmap_ns.fetch_add(ns, Ordering::Relaxed);
+                Timers::add(&inner.timers.unmap_ns, t0);
                 match res {
                     Ok(()) => r.released[b] = upto,
                     Err(e) => {
@@ -332,6 +319,19 @@ impl Transfer {
             }
             None => (Vec::new(), Vec::new()),
         }
+    }
+}
+
+/// Whether a copy or fence is done: with `block`, waits for it (`wait`), else looks (`poll`).
+fn reached(
+    block: bool,
+    wait: impl FnOnce() -> Result<()>,
+    poll: impl FnOnce() -> Result<bool>,
+) -> Result<bool> {
+    if block {
+        wait().map(|()| true)
+    } else {
+        poll()
     }
 }
 
