@@ -1178,6 +1178,9 @@ struct Watch {
     hold_src: std::sync::Mutex<Option<u64>>,
     /// Every copy completes only once the gate opens.
     hold_all: std::sync::atomic::AtomicBool,
+    /// When set, the fence every `record_fence` returns, and copies do not wait for the fence
+    /// they are ordered after (they start at once): what kvvm itself must then hold back is seen.
+    fence: std::sync::Mutex<Option<Arc<GateFence>>>,
     gate: Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
 }
 
@@ -1192,6 +1195,7 @@ impl Watch {
             h2d: Default::default(),
             hold_src: Default::default(),
             hold_all: Default::default(),
+            fence: Default::default(),
             gate: Arc::new((std::sync::Mutex::new(true), std::sync::Condvar::new())),
         }
     }
@@ -1313,14 +1317,72 @@ impl Backend for Watch {
     fn synchronize(&self) -> kvvm::Result<()> {
         self.inner.synchronize()
     }
+    fn record_fence(&self, stream: u64) -> kvvm::Result<Option<Arc<dyn kvvm::vmm::Fence>>> {
+        match &*self.fence.lock().unwrap() {
+            Some(f) => Ok(Some(f.clone())),
+            None => self.inner.record_fence(stream),
+        }
+    }
+    unsafe fn copy_async_after(
+        &self,
+        kind: kvvm::vmm::CopyKind,
+        regions: &[kvvm::vmm::CopyRegion],
+        after: Option<&dyn kvvm::vmm::Fence>,
+    ) -> kvvm::Result<Box<dyn kvvm::vmm::Completion>> {
+        if self.fence.lock().unwrap().is_some() {
+            // SAFETY: forwarded from this function's contract. Not waiting for `after` only lets
+            // the copy run before the fence: on this host backend nothing of a caller's runs
+            // behind it, and the copy reads mapped pages (checked by `copy_async`).
+            return unsafe { self.copy_async(kind, regions) };
+        }
+        if let Some(f) = after {
+            f.wait()?;
+        }
+        // SAFETY: forwarded from this function's contract, after the fence (as the provided
+        // method does), through this backend's checks.
+        unsafe { self.copy_async(kind, regions) }
+    }
 }
 
-/// Opens a [`Watch`]'s gate when dropped.
+/// A fence that completes once the test opens it.
+#[derive(Debug, Default)]
+struct GateFence {
+    open: std::sync::Mutex<bool>,
+    cv: std::sync::Condvar,
+}
+
+impl GateFence {
+    fn open(&self) {
+        *self.open.lock().unwrap() = true;
+        self.cv.notify_all();
+    }
+}
+
+impl kvvm::vmm::Fence for GateFence {
+    fn poll(&self) -> kvvm::Result<bool> {
+        Ok(*self.open.lock().unwrap())
+    }
+    fn wait(&self) -> kvvm::Result<()> {
+        let mut open = self.open.lock().unwrap();
+        while !*open {
+            open = self.cv.wait(open).unwrap();
+        }
+        Ok(())
+    }
+    fn event(&self) -> u64 {
+        0
+    }
+}
+
+/// Opens a [`Watch`]'s gate, and its fence if it has one, when dropped.
 struct OpenOnDrop(Arc<Watch>);
 
 impl Drop for OpenOnDrop {
     fn drop(&mut self) {
         self.0.set_gate(true);
+        if let Some(f) = &*self.0.fence.lock().unwrap() {
+            f.open();
+        }
     }
 }
 
@@ -1436,6 +1498,68 @@ fn swap_out_releases_each_chunk_after_its_copy_and_not_before() {
         let c = cache.alloc_slot_for(tokens).unwrap();
         swap.swap_in(t.copy(), c).unwrap().wait().unwrap();
         verify_pattern(&cache, c, 7, tokens).unwrap();
+        drop(swap);
+    }
+}
+
+/// A swap-out's pages are released only once its fence (the caller's work that may still read
+/// the slot) has passed, even when its copies complete before: here the backend does not order
+/// the copies after the fence, so only the engine's own check holds the unmaps back.
+#[test]
+fn swap_out_releases_no_page_before_its_fence() {
+    let page = os_page_size();
+    for layout in LAYOUTS {
+        let (watch, cache, swap) = watched(layout, page);
+        let fence = Arc::new(GateFence::default());
+        *watch.fence.lock().unwrap() = Some(fence.clone());
+        // Should an assertion fail with the fence closed, the engine's drop must not hang.
+        let _open = OpenOnDrop(watch.clone());
+        let tokens = 190;
+        let a = cache.alloc_slot().unwrap();
+        cache.ensure(a, tokens).unwrap();
+        write_pattern(&cache, a, 9, 0, tokens).unwrap();
+        let ranges = cache.slot_ranges(a, tokens).unwrap();
+        let t = swap.swap_out(a).unwrap();
+        // Every copy completes (they do not wait for the fence): the ticket finishes.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while !t.poll().unwrap() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{layout:?}: copies never completed"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        // Give the completion thread and the unmapper time to act on the completed copies.
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let unmaps = watch.unmaps.lock().unwrap().clone();
+        assert!(
+            unmaps.is_empty(),
+            "{layout:?}: unmapped before the swap-out's fence passed: {unmaps:?}"
+        );
+        for r in &ranges {
+            assert!(watch.is_mapped(r.addr, r.len), "{layout:?}");
+        }
+        assert!(
+            cache.is_allocated(a),
+            "{layout:?}: slot freed before its fence"
+        );
+        fence.open();
+        while cache.is_allocated(a) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{layout:?}: slot never freed"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        for r in &ranges {
+            assert!(!watch.any_mapped(r.addr, r.len), "{layout:?}");
+        }
+        let violations = watch.violations.lock().unwrap().clone();
+        assert!(violations.is_empty(), "{layout:?}: {violations:?}");
+        *watch.fence.lock().unwrap() = None;
+        let c = cache.alloc_slot_for(tokens).unwrap();
+        swap.swap_in(t.copy(), c).unwrap().wait().unwrap();
+        verify_pattern(&cache, c, 9, tokens).unwrap();
         drop(swap);
     }
 }

@@ -247,6 +247,17 @@ impl Transfer {
         let Some(rel) = &self.release else {
             return;
         };
+        // The copies were ordered after the fence, so a completed copy implies it; checked
+        // anyway, because unmapping before the caller's kernels finished would fault them. Waited
+        // for before taking the lock: a poller that finishes the transfer takes it too
+        // (`stop_release`), and must not wait for the fence there.
+        let fence = match &self.fence {
+            Some(f) => reached(block, || f.wait(), || f.poll()),
+            None => Ok(true),
+        };
+        if matches!(fence, Ok(false)) {
+            return;
+        }
         let mut r = if block {
             rel.lock().unwrap_or_else(|p| p.into_inner())
         } else {
@@ -259,17 +270,9 @@ impl Transfer {
         if r.stopped || r.next >= self.completions.len() {
             return;
         }
-        // The copies were ordered after the fence, so a completed copy implies it; checked
-        // anyway, because unmapping before the caller's kernels finished would fault them.
-        if let Some(f) = &self.fence {
-            match reached(block, || f.wait(), || f.poll()) {
-                Ok(true) => {}
-                Ok(false) => return,
-                Err(_) => {
-                    r.stopped = true;
-                    return;
-                }
-            }
+        if fence.is_err() {
+            r.stopped = true;
+            return;
         }
         let page = inner.cache.geometry().page_size;
         while r.next < self.completions.len() {
