@@ -1389,6 +1389,15 @@ impl Drop for OpenOnDrop {
 /// A cache of 3 slots of 200 tokens (256 bytes a token, OS pages) on a [`Watch`] backend, and a
 /// swap engine with `chunk` byte chunks.
 fn watched(layout: Layout, chunk: usize) -> (Arc<Watch>, Arc<KvCache>, SwapEngine) {
+    watched_with(layout, chunk, 64)
+}
+
+/// [`watched`] with a budget of `budget_pages` OS pages.
+fn watched_with(
+    layout: Layout,
+    chunk: usize,
+    budget_pages: usize,
+) -> (Arc<Watch>, Arc<KvCache>, SwapEngine) {
     let host: Arc<dyn Backend> = Arc::new(
         HostBackend::new(HostConfig {
             granularity: os_page_size(),
@@ -1406,7 +1415,7 @@ fn watched(layout: Layout, chunk: usize) -> (Arc<Watch>, Arc<KvCache>, SwapEngin
                 .with_max_tokens(MAX_TOKENS)
                 .with_layout(layout)
                 .with_page_size(None)
-                .with_budget_bytes((64 * os_page_size()) as u64)
+                .with_budget_bytes((budget_pages * os_page_size()) as u64)
                 .with_backend(BackendConfig::default())
                 .with_lookahead_steps(0)
                 .with_create_all_pages(false),
@@ -1560,6 +1569,64 @@ fn swap_out_releases_no_page_before_its_fence() {
         let c = cache.alloc_slot_for(tokens).unwrap();
         swap.swap_in(t.copy(), c).unwrap().wait().unwrap();
         verify_pattern(&cache, c, 9, tokens).unwrap();
+        drop(swap);
+    }
+}
+
+/// The pages a swap-out keeps ([`SwapConfig::keep_pages`]) stay with the freed slot behind the
+/// swap-out's fence: reclamation takes them for another slot only once the fence passed.
+#[test]
+fn kept_pages_are_reclaimed_only_after_the_swap_outs_fence() {
+    for layout in LAYOUTS {
+        // Room for one request of 180 tokens (12 pages interleaved, 8 per-layer), not two.
+        let (watch, cache, swap) = watched_with(layout, os_page_size(), 14);
+        swap.set_keep_pages(true);
+        let tokens = 180;
+        let a = cache.alloc_slot().unwrap();
+        let c = cache.alloc_slot().unwrap();
+        cache.ensure(a, tokens).unwrap();
+        write_pattern(&cache, a, 9, 0, tokens).unwrap();
+        let ranges = cache.slot_ranges(a, tokens).unwrap();
+        let fence = Arc::new(GateFence::default());
+        *watch.fence.lock().unwrap() = Some(fence.clone());
+        // Should an assertion fail with the fence closed, nothing may wait for it forever.
+        let _open = OpenOnDrop(watch.clone());
+        let t = swap.swap_out(a).unwrap();
+        t.wait().unwrap();
+        assert!(!cache.is_allocated(a), "{layout:?}");
+        let fence_waits = cache.stats().fence_waits;
+        // Another request needs the kept pages: it waits for the fence.
+        let grow = {
+            let cache = cache.clone();
+            std::thread::spawn(move || cache.ensure(c, tokens))
+        };
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        assert!(
+            !grow.is_finished(),
+            "{layout:?}: grew before the fence passed"
+        );
+        for r in &ranges {
+            assert!(
+                watch.is_mapped(r.addr, r.len),
+                "{layout:?}: kept pages unmapped before the fence passed"
+            );
+        }
+        fence.open();
+        grow.join().unwrap().unwrap();
+        assert!(cache.stats().fence_waits > fence_waits, "{layout:?}");
+        assert!(
+            cache.capacity(a).unwrap() < tokens,
+            "{layout:?}: not reclaimed"
+        );
+        write_pattern(&cache, c, 10, 0, tokens).unwrap();
+        verify_pattern(&cache, c, 10, tokens).unwrap();
+        cache.free_slot(c).unwrap();
+        *watch.fence.lock().unwrap() = None;
+        let d = cache.alloc_slot_for(tokens).unwrap();
+        swap.swap_in(t.copy(), d).unwrap().wait().unwrap();
+        verify_pattern(&cache, d, 9, tokens).unwrap();
+        let violations = watch.violations.lock().unwrap().clone();
+        assert!(violations.is_empty(), "{layout:?}: {violations:?}");
         drop(swap);
     }
 }
